@@ -1,0 +1,42 @@
+# Bilayer: `make run` starts the quick start, `make test` runs every test.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint crds golden bench-l4 bench-l7 bench-control clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# The quick start's backend is a static web server on 127.0.0.1:8081 (see
+# examples/quickstart/backend.yaml); it stops with bilayer.
+run: install
+	@$(BIN)/python -m http.server 8081 --bind 127.0.0.1 --directory examples/quickstart/site \
+		>/dev/null 2>&1 & backend=$$!; \
+	trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/bilayer run -f examples/quickstart --address 127.0.0.1
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check operator dataplane tests bench e2e
+	$(BIN)/ruff format --check operator dataplane tests bench e2e
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+crds: install
+	$(BIN)/bilayer crds --output crds
+	cp crds/*.yaml helm/bilayer/crds/
+
+golden: install
+	$(BIN)/python -m pytest -q tests/test_golden.py --update-golden
+
+clean:
+	rm -rf $(VENV) build *.egg-info

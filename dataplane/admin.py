@@ -1,0 +1,127 @@
+"""The admin API of a dataplane: push and read the table, health, readiness, metrics.
+
+Every path except /healthz and /readyz needs ``Authorization: Bearer <token>``. Without a
+token configured the API must be bound to loopback (the caller enforces that).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from .logs import fields
+from .metrics import DataplaneCollector
+from .runtime import Dataplane, GenerationConflict
+from .table import Table, TableError
+
+log = logging.getLogger("bilayer.admin")
+
+StatusProvider = Callable[[], dict[str, Any]]
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+MAX_TABLE_BYTES = 256 * 1024 * 1024
+
+
+def _json(body: dict[str, Any], status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=lambda v: json.dumps(v, indent=2) + "\n")
+
+
+def build_app(
+    dataplane: Dataplane,
+    token: str | None,
+    status_provider: StatusProvider | None = None,
+    on_push: Callable[[Table], Awaitable[None]] | None = None,
+) -> web.Application:
+    """The aiohttp application serving the admin API for dataplane."""
+
+    @web.middleware
+    async def require_token(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if token and request.path not in _OPEN_PATHS:
+            sent = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+                return _json({"error": "missing or wrong bearer token"}, status=401)
+        return await handler(request)
+
+    registry = CollectorRegistry()
+    registry.register(DataplaneCollector(dataplane))
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if dataplane.ready:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="no table loaded yet\n")
+
+    def table_summary() -> dict[str, Any]:
+        table = dataplane.table
+        listeners: dict[str, Any] = {}
+        if table is not None:
+            for port, listener in sorted(table.listeners.items()):
+                error = dataplane.listener_errors.get(port)
+                listeners[str(port)] = {
+                    "kind": "l4" if listener.l4 is not None else "l7",
+                    "state": "error" if error else "serving",
+                    **({"error": error} if error else {}),
+                }
+        return {
+            "version": table.version if table else None,
+            "generation": table.generation if table else None,
+            "listeners": listeners,
+        }
+
+    async def get_table(_: web.Request) -> web.Response:
+        return _json(table_summary())
+
+    async def put_table(request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            table = Table.parse(body)
+        except TableError as err:
+            dataplane.tables_refused += 1
+            log.warning("table refused", extra=fields(error=str(err), remote=request.remote))
+            return _json({"error": str(err)}, status=400)
+        try:
+            changed = await dataplane.apply(table)
+        except GenerationConflict as err:
+            return _json({"error": str(err), **table_summary()}, status=409)
+        if on_push is not None:
+            await on_push(table)
+        return _json({"changed": changed, **table_summary()})
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def status(_: web.Request) -> web.Response:
+        assert status_provider is not None
+        return _json(status_provider())
+
+    app = web.Application(middlewares=[require_token], client_max_size=MAX_TABLE_BYTES)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/table", get_table)
+    app.router.add_put("/v1/table", put_table)
+    app.router.add_get("/metrics", metrics)
+    if status_provider is not None:
+        app.router.add_get("/v1/status", status)
+    return app
+
+
+async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start app on host:port; returns the runner to clean up."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return runner
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")

@@ -1,0 +1,53 @@
+"""Prometheus metrics, read at scrape time.
+
+The forwarding paths count into plain integers on their own stats objects (no locks, no
+label lookups per request); this collector turns them into metric families when
+/metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .runtime import Dataplane
+
+
+class DataplaneCollector(Collector):
+    """Metrics of one dataplane: table, listeners, and what the listeners report."""
+
+    def __init__(self, dataplane: Dataplane) -> None:
+        self.dataplane = dataplane
+
+    def collect(self) -> Iterator[Metric]:
+        dp = self.dataplane
+        generation = GaugeMetricFamily("bilayer_table_generation", "Generation of the table being served.")
+        generation.add_metric([], dp.table.generation if dp.table else 0)
+        yield generation
+        applied = CounterMetricFamily("bilayer_table_applies", "Tables applied since start.")
+        applied.add_metric([], dp.tables_applied)
+        yield applied
+        refused = CounterMetricFamily(
+            "bilayer_table_refusals", "Tables refused (invalid or stale) since start."
+        )
+        refused.add_metric([], dp.tables_refused)
+        yield refused
+        up = GaugeMetricFamily(
+            "bilayer_listener_up",
+            "1 when the listener is accepting, 0 when it failed to bind.",
+            labels=["port", "kind"],
+        )
+        if dp.table is not None:
+            for port, listener in sorted(dp.table.listeners.items()):
+                kind = "l4" if listener.l4 is not None else "l7"
+                up.add_metric([str(port), kind], 0 if port in dp.listener_errors else 1)
+        yield up
+        for serving in dp.listeners.values():
+            collect = getattr(serving, "collect", None)
+            if collect is not None:
+                yield from collect()
+        yield from dp.health.collect()

@@ -1,0 +1,43 @@
+"""`bilayer dataplane`: a dataplane pod, programmed by the operator through its admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from .admin import build_app, is_loopback, serve
+from .logs import fields
+from .runtime import Dataplane, Settings
+
+log = logging.getLogger("bilayer.dataplane")
+
+
+async def run_dataplane(
+    settings: Settings,
+    admin_host: str,
+    admin_port: int,
+    token: str | None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until stop is set or SIGTERM; the saved table, if any, is served at once."""
+    if token is None and not is_loopback(admin_host):
+        raise SystemExit(
+            f"the admin API on {admin_host} needs a token: set BILAYER_ADMIN_TOKEN or --admin-token-file"
+        )
+    dataplane = Dataplane(settings)
+    await dataplane.load_persisted()
+    runner = await serve(build_app(dataplane, token), admin_host, admin_port)
+    log.info("dataplane started", extra=fields(admin=f"{admin_host}:{admin_port}", ready=dataplane.ready))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down", extra=fields(grace=settings.drain_grace))
+        await dataplane.close()
+        await runner.cleanup()

@@ -1,0 +1,311 @@
+"""The routing table: the dataplane's configuration API.
+
+One JSON document carries everything a dataplane serves. The control plane compiles it;
+the dataplane validates it completely (``Table.parse``) before swapping it in. Times are
+seconds (floats), lists are already in the order the dataplane uses, so serving needs
+no sorting:
+
+- ``clusters``: endpoints by cluster name (``namespace/service:port``), shared by listeners.
+- ``listeners``: by port, each ``l4`` or ``l7``.
+- an L7 listener indexes its match entries by host group (exact host, wildcard suffix,
+  any host), and within a group by path (exact map, regex list, prefix map); each list
+  is in precedence order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SCHEMA = "bilayer.dev/table/v1"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0, le=31_536_000)]
+
+
+class TableError(ValueError):
+    """The table is malformed; the message names the field and what is wrong."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Endpoint(_Model):
+    address: str
+    port: Port
+
+
+class Cluster(_Model):
+    endpoints: list[Endpoint] = Field(default_factory=list)
+
+
+class Backend(_Model):
+    """A weighted share of traffic; ``cluster`` None marks an unresolved reference."""
+
+    cluster: str | None
+    weight: Annotated[int, Field(ge=0)]
+
+
+class HealthCheck(_Model):
+    interval: Seconds
+    timeout: Seconds
+    unhealthyThreshold: Annotated[int, Field(ge=1)]
+    healthyThreshold: Annotated[int, Field(ge=1)]
+
+
+class L4Listener(_Model):
+    source: str
+    backends: list[Backend]
+    policy: Literal["RoundRobin", "LeastConnections", "Random", "ConsistentHash"] = "RoundRobin"
+    healthCheck: HealthCheck | None = None
+    connectTimeout: Seconds = 5.0
+    idleTimeout: Seconds = 3600.0
+    proxyProtocol: Literal["None", "V1", "V2"] = "None"
+    maxConnections: Annotated[int, Field(ge=1)] = 10000
+
+
+class ValueCondition(_Model):
+    """A header or query parameter condition; header names are lower case."""
+
+    name: str
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    value: str
+
+
+class PathCondition(_Model):
+    type: Literal["Exact", "PathPrefix", "RegularExpression"]
+    value: str
+
+
+class MatchEntry(_Model):
+    """One match of one rule, as placed in a host group."""
+
+    rule: Annotated[int, Field(ge=0)]
+    path: PathCondition
+    method: str | None = None
+    headers: list[ValueCondition] = Field(default_factory=list)
+    queryParams: list[ValueCondition] = Field(default_factory=list)
+
+
+class HostRoutes(_Model):
+    """Match entries of one host group, indexed by path; each list in precedence order."""
+
+    exact: dict[str, list[MatchEntry]] = Field(default_factory=dict)
+    regex: list[MatchEntry] = Field(default_factory=list)
+    # Keyed by the prefix without its trailing slash: "/" is stored as "".
+    prefix: dict[str, list[MatchEntry]] = Field(default_factory=dict)
+
+
+class HostIndex(_Model):
+    exact: dict[str, HostRoutes] = Field(default_factory=dict)
+    # Keyed by the suffix with its leading dot: "*.example.com" is ".example.com".
+    wildcard: dict[str, HostRoutes] = Field(default_factory=dict)
+    any: HostRoutes | None = None
+
+
+class HeaderValue(_Model):
+    name: str
+    value: str
+
+
+class HeaderOps(_Model):
+    set: list[HeaderValue] = Field(default_factory=list)
+    add: list[HeaderValue] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+
+class PathRewrite(_Model):
+    type: Literal["ReplaceFullPath", "ReplacePrefixMatch"]
+    value: str
+
+
+class Rewrite(_Model):
+    hostname: str | None = None
+    path: PathRewrite | None = None
+
+
+class Redirect(_Model):
+    scheme: Literal["http", "https"] | None = None
+    hostname: str | None = None
+    port: Port | None = None
+    path: PathRewrite | None = None
+    statusCode: Literal[301, 302] = 302
+
+
+class Retry(_Model):
+    attempts: Annotated[int, Field(ge=0, le=10)]
+    codes: list[int]
+    backoff: Seconds
+
+
+class RequestKey(_Model):
+    type: Literal["ClientIP", "Header"]
+    header: str | None = None
+
+
+class RateLimit(_Model):
+    rate: Annotated[float, Field(gt=0)]  # tokens per second
+    burst: Annotated[int, Field(ge=1)]
+    key: RequestKey
+
+
+class LoadBalancing(_Model):
+    policy: Literal["LeastRequest", "RoundRobin", "Random", "ConsistentHash"] = "LeastRequest"
+    key: RequestKey = RequestKey(type="ClientIP")
+
+
+class Rule(_Model):
+    route: str  # namespace/name of the L7Route
+    index: Annotated[int, Field(ge=0)]  # position of the rule in the route
+    name: str | None = None
+    backends: list[Backend] = Field(default_factory=list)
+    requestHeaders: HeaderOps | None = None
+    responseHeaders: HeaderOps | None = None
+    rewrite: Rewrite | None = None
+    redirect: Redirect | None = None
+    requestTimeout: Seconds | None = None
+    backendRequestTimeout: Seconds | None = None
+    retry: Retry | None = None
+    rateLimit: RateLimit | None = None
+    loadBalancing: LoadBalancing = LoadBalancing()
+    allowEncodedSlashes: bool = False
+
+
+class Certificate(_Model):
+    hostnames: list[str]
+    certPem: str
+    keyPem: str
+
+
+class TLS(_Model):
+    """Certificates chosen by SNI: exact name, then wildcard, then the first one."""
+
+    certificates: list[Certificate] = Field(min_length=1)
+
+
+class L7Listener(_Model):
+    rules: list[Rule] = Field(default_factory=list)
+    hosts: HostIndex = HostIndex()
+    tls: TLS | None = None
+
+
+class Listener(_Model):
+    l4: L4Listener | None = None
+    l7: L7Listener | None = None
+
+
+class Table(_Model):
+    schema_: Literal["bilayer.dev/table/v1"] = Field(default="bilayer.dev/table/v1", alias="schema")
+    version: str = ""
+    generation: Annotated[int, Field(ge=0)] = 0
+    clusters: dict[str, Cluster] = Field(default_factory=dict)
+    listeners: dict[int, Listener] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def content(self) -> dict[str, Any]:
+        """Everything that routes traffic: the table without version and generation."""
+        return self.model_dump(
+            mode="json", by_alias=True, exclude_defaults=True, exclude={"version", "generation"}
+        )
+
+    def content_version(self) -> str:
+        """A hash of the content: identical routing gives an identical version."""
+        canonical = json.dumps(self.content(), sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+    def stamped(self, generation: int) -> Table:
+        """This table with its version computed and the given generation."""
+        return self.model_copy(update={"version": self.content_version(), "generation": generation})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The document as JSON types; fields at their default are left out."""
+        return {"version": self.version, "generation": self.generation, **self.content()}
+
+    def to_json(self, *, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def parse(cls, data: str | bytes | dict[str, Any]) -> Table:
+        """Parse and validate completely; raises TableError naming the problem."""
+        try:
+            table = cls.model_validate(data) if isinstance(data, dict) else cls.model_validate_json(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "table"
+            more = f" (and {err.error_count() - 1} more problems)" if err.error_count() > 1 else ""
+            raise TableError(f"{where}: {first['msg']}{more}") from None
+        table.check()
+        return table
+
+    def check(self) -> None:
+        """Check what types alone cannot: references, patterns, addresses, the version."""
+        for name, cluster in self.clusters.items():
+            for i, endpoint in enumerate(cluster.endpoints):
+                try:
+                    ipaddress.ip_address(endpoint.address)
+                except ValueError:
+                    raise TableError(
+                        f"clusters.{name}.endpoints.{i}.address: {endpoint.address!r} is not an IP address"
+                    ) from None
+        for port, listener in self.listeners.items():
+            where = f"listeners.{port}"
+            if not 1 <= port <= 65535:
+                raise TableError(f"{where}: port must be 1-65535")
+            if (listener.l4 is None) == (listener.l7 is None):
+                raise TableError(f"{where}: set exactly one of l4 and l7")
+            if listener.l4 is not None:
+                self._check_backends(f"{where}.l4", listener.l4.backends)
+            if listener.l7 is not None:
+                self._check_l7(f"{where}.l7", listener.l7)
+        if self.version and self.version != self.content_version():
+            raise TableError(
+                f"version: {self.version} does not match the content ({self.content_version()}); "
+                "leave it empty to have it computed"
+            )
+
+    def _check_backends(self, where: str, backends: list[Backend]) -> None:
+        for i, backend in enumerate(backends):
+            if backend.cluster is not None and backend.cluster not in self.clusters:
+                raise TableError(f"{where}.backends.{i}.cluster: no cluster named {backend.cluster!r}")
+
+    def _check_l7(self, where: str, l7: L7Listener) -> None:
+        for i, rule in enumerate(l7.rules):
+            self._check_backends(f"{where}.rules.{i}", rule.backends)
+            if rule.rateLimit and rule.rateLimit.key.type == "Header" and not rule.rateLimit.key.header:
+                raise TableError(f"{where}.rules.{i}.rateLimit.key: type Header needs header")
+        groups = [(f"hosts.exact.{h}", g) for h, g in l7.hosts.exact.items()]
+        groups += [(f"hosts.wildcard.{s}", g) for s, g in l7.hosts.wildcard.items()]
+        if l7.hosts.any is not None:
+            groups.append(("hosts.any", l7.hosts.any))
+        for name, group in groups:
+            if name.startswith("hosts.wildcard.") and not name[len("hosts.wildcard.") :].startswith("."):
+                raise TableError(f"{where}.{name}: a wildcard key starts with '.'")
+            if name.lower() != name:
+                raise TableError(f"{where}.{name}: host keys are lower case")
+            entries = [e for es in group.exact.values() for e in es]
+            entries += group.regex + [e for es in group.prefix.values() for e in es]
+            for entry in entries:
+                self._check_entry(f"{where}.{name}", entry, len(l7.rules))
+
+    @staticmethod
+    def _check_entry(where: str, entry: MatchEntry, rule_count: int) -> None:
+        if entry.rule >= rule_count:
+            raise TableError(f"{where}: match refers to rule {entry.rule}, the listener has {rule_count}")
+        patterns = [c.value for c in entry.headers + entry.queryParams if c.type == "RegularExpression"]
+        if entry.path.type == "RegularExpression":
+            patterns.append(entry.path.value)
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise TableError(f"{where}: regular expression {pattern!r}: {err}") from None
+        for header in entry.headers:
+            if header.name != header.name.lower():
+                raise TableError(f"{where}: header name {header.name!r} must be lower case")

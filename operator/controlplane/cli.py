@@ -1,0 +1,278 @@
+"""The `bilayer` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from dataplane import eventloop, logs
+
+from . import crdgen
+from .compiler import Compiled, compile_snapshot
+from .files import FileSource
+
+DESCRIPTION = """\
+Bilayer programs L4 (TCP) and L7 (HTTP) proxies from two resources, L4Listener and
+L7Route. In a cluster the operator compiles them and pushes the routing table to the
+dataplane pods; without a cluster, `bilayer run -f DIR` does the same from YAML files.
+"""
+
+EPILOG = """\
+examples:
+  bilayer run -f examples/quickstart         serve the quick start; admin API on 127.0.0.1:9901
+  bilayer validate -f routes/                check files; exit 1 on an invalid object
+  bilayer explain -f routes/ --host api.example.com --path /v2/users --header x-canary=true
+  bilayer crds --output crds/                write the CustomResourceDefinitions
+"""
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if getattr(args, "admin_token_file", None):
+        return Path(args.admin_token_file).read_text().strip() or None
+    return os.environ.get("BILAYER_ADMIN_TOKEN") or None
+
+
+def _compile_dir(directory: str) -> tuple[FileSource, Compiled]:
+    source = FileSource(Path(directory))
+    source.reload()
+    return source, compile_snapshot(source.snapshot())
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    source, compiled = _compile_dir(args.file)
+    errors = list(source.problems)
+    warnings: list[str] = []
+    for key, conds in compiled.statuses.items():
+        for cond in conds:
+            if cond.status == "False":
+                line = f"{key}: {cond.type} {cond.reason}: {cond.message}"
+                (errors if cond.type == "Accepted" else warnings).append(line)
+    for line in errors:
+        print(f"error: {line}")
+    for line in warnings:
+        print(f"warning: {line}")
+    count = len(compiled.statuses)
+    if errors or (args.strict and warnings):
+        return 1
+    print(f"ok: {count} objects valid" + (f", {len(warnings)} warnings" if warnings else ""))
+    return 0
+
+
+def _redacted(document: dict[str, Any]) -> dict[str, Any]:
+    for listener in document.get("listeners", {}).values():
+        for cert in ((listener.get("l7") or {}).get("tls") or {}).get("certificates", []):
+            cert["keyPem"] = "<redacted: use --show-secrets>"
+    return document
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    source, compiled = _compile_dir(args.file)
+    for problem in source.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if args.statuses:
+        document: dict[str, Any] = {
+            str(key): [c.model_dump(exclude_none=True) for c in conds]
+            for key, conds in compiled.statuses.items()
+        }
+    else:
+        document = compiled.table.to_dict()
+        if not args.show_secrets:
+            document = _redacted(document)
+    print(json.dumps(document, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain
+
+    headers = {}
+    for item in args.header:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--header {item!r}: write it as name=value")
+        headers[name.strip().lower()] = value
+    _, compiled = _compile_dir(args.file)
+    answer = explain(
+        compiled.table, args.host, args.path, method=args.method, headers=headers, port=args.port
+    )
+    if args.json:
+        print(json.dumps(answer.__dict__, indent=2))
+    else:
+        print("\n".join(answer.lines()))
+    return 0
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    if args.output:
+        for path in crdgen.write(Path(args.output)):
+            print(f"wrote {path}")
+        return 0
+    print("---\n".join(crdgen.render(d) for d in crdgen.all_crds().values()), end="")
+    return 0
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from dataplane.runtime import Settings
+
+    return Settings(
+        address=args.address,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        drain_grace=args.drain_grace,
+        access_log=not args.no_access_log,
+        access_log_sample=args.access_log_sample,
+        connection_log=not args.no_access_log,
+        max_body_size=args.max_body_size,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .filemode import run_files
+
+    logs.setup(args.log_level)
+    eventloop.raise_fd_limit()
+    eventloop.run(
+        run_files(
+            Path(args.file),
+            _settings(args),
+            admin_host=args.admin_address,
+            admin_port=args.admin_port,
+            token=_token(args),
+        )
+    )
+    return 0
+
+
+def cmd_dataplane(args: argparse.Namespace) -> int:
+    from dataplane.server import run_dataplane
+
+    logs.setup(args.log_level)
+    eventloop.raise_fd_limit()
+    eventloop.run(
+        run_dataplane(
+            _settings(args), admin_host=args.admin_address, admin_port=args.admin_port, token=_token(args)
+        )
+    )
+    return 0
+
+
+def _add_serving_options(p: argparse.ArgumentParser, address: str, admin_address: str) -> None:
+    p.add_argument("--address", default=address, help=f"address the listeners bind (default {address})")
+    p.add_argument(
+        "--admin-address",
+        default=admin_address,
+        help=f"address of the admin API (default {admin_address})",
+    )
+    p.add_argument("--admin-port", type=int, default=9901, help="port of the admin API (default 9901)")
+    p.add_argument(
+        "--admin-token-file",
+        help="file holding the admin API bearer token (or set BILAYER_ADMIN_TOKEN); "
+        "required unless the admin API is bound to loopback",
+    )
+    p.add_argument("--state-dir", help="where the last good table is saved and loaded at start")
+    p.add_argument(
+        "--drain-grace",
+        type=float,
+        default=30.0,
+        help="seconds a removed listener's connections may drain before being closed (default 30)",
+    )
+    p.add_argument("--no-access-log", action="store_true", help="no per-request / per-connection log lines")
+    p.add_argument(
+        "--access-log-sample",
+        type=float,
+        default=1.0,
+        help="fraction of requests and connections logged (0-1)",
+    )
+    p.add_argument(
+        "--max-body-size",
+        type=int,
+        default=0,
+        help="largest request body in bytes, 413 above it (0: no limit)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="bilayer",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run",
+        help="serve the objects in a folder (the file provider)",
+        description="Compile every *.yaml, *.yml and *.json in DIR, serve the table, "
+        "and recompile within a second when a file changes.",
+    )
+    p.add_argument("-f", "--file", required=True, metavar="DIR", help="folder of Kubernetes objects")
+    _add_serving_options(p, address="0.0.0.0", admin_address="127.0.0.1")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "validate",
+        help="check the objects in a folder; exit 1 on errors",
+        description="Print one line per problem: the object, the field and what is allowed.",
+    )
+    p.add_argument("-f", "--file", required=True, metavar="DIR")
+    p.add_argument("--strict", action="store_true", help="also fail on warnings (unresolved references)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "compile",
+        help="print the routing table compiled from a folder",
+        description="Print the routing table as JSON (private keys redacted).",
+    )
+    p.add_argument("-f", "--file", required=True, metavar="DIR")
+    p.add_argument("--statuses", action="store_true", help="print every object's conditions instead")
+    p.add_argument("--show-secrets", action="store_true", help="include TLS private keys")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser(
+        "explain",
+        help="show which route and backend a request would take, and why",
+        description="Name the listener, route, rule and backend a request takes, and "
+        "the higher-precedence rules considered first with why each did not match.",
+    )
+    p.add_argument("-f", "--file", required=True, metavar="DIR")
+    p.add_argument("--host", required=True, help="Host header (port ignored)")
+    p.add_argument("--path", required=True, help="request target: path and optional ?query")
+    p.add_argument("--method", default="GET")
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a request header (repeatable)",
+    )
+    p.add_argument("--port", type=int, help="listener port (needed when several ports serve HTTP)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("crds", help="print or write the CustomResourceDefinitions")
+    p.add_argument("--output", metavar="DIR", help="write one file per CRD into DIR instead of printing")
+    p.set_defaults(func=cmd_crds)
+
+    p = sub.add_parser(
+        "dataplane",
+        help="run a dataplane that the operator programs through its admin API",
+        description="Serve tables pushed to PUT /v1/table; loads the saved table at start.",
+    )
+    _add_serving_options(p, address="0.0.0.0", admin_address="0.0.0.0")
+    p.set_defaults(func=cmd_dataplane)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

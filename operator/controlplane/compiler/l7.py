@@ -1,0 +1,203 @@
+"""Compile the L7Routes sharing a port into one HTTP listener with an indexed match table."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from dataplane import table
+
+from ..resources.common import HeaderKey, parse_duration
+from ..resources.l7route import Filter, HeaderModifier, L7Route, PathModifier, RouteRule
+from .backends import BackendResolver
+from .ports import Parsed
+from .precedence import EntryRank, prefix_key, rank, wildcard_key
+from .tls import SecretIndex
+
+_UNIT_SECONDS = {"Second": 1.0, "Minute": 60.0, "Hour": 3600.0}
+
+
+@dataclass
+class RouteRefs:
+    """What one route could not resolve, for its ResolvedRefs condition."""
+
+    problems: list[str] = field(default_factory=list)
+    not_permitted: bool = False
+    certificate_problem: str | None = None
+
+
+@dataclass
+class _Group:
+    """Match entries of one host group before sorting."""
+
+    exact: dict[str, list[tuple[EntryRank, table.MatchEntry]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    regex: list[tuple[EntryRank, table.MatchEntry]] = field(default_factory=list)
+    prefix: dict[str, list[tuple[EntryRank, table.MatchEntry]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+
+    def add(self, order: EntryRank, entry: table.MatchEntry) -> None:
+        if entry.path.type == "Exact":
+            self.exact[entry.path.value].append((order, entry))
+        elif entry.path.type == "RegularExpression":
+            self.regex.append((order, entry))
+        else:
+            self.prefix[prefix_key(entry.path.value)].append((order, entry))
+
+    def freeze(self) -> table.HostRoutes:
+        def ordered(items: list[tuple[EntryRank, table.MatchEntry]]) -> list[table.MatchEntry]:
+            return [entry for _, entry in sorted(items, key=lambda item: item[0])]
+
+        return table.HostRoutes(
+            exact={path: ordered(items) for path, items in sorted(self.exact.items())},
+            regex=ordered(self.regex),
+            prefix={path: ordered(items) for path, items in sorted(self.prefix.items())},
+        )
+
+
+def build_l7(
+    routes: list[Parsed], resolver: BackendResolver, secrets: SecretIndex
+) -> tuple[table.Listener | None, dict[str, RouteRefs]]:
+    """The listener for routes (oldest first) and each route's unresolved references.
+
+    Returns no listener for a TLS port none of whose routes has a usable certificate:
+    serving it would fail every handshake.
+    """
+    rules: list[table.Rule] = []
+    groups: dict[tuple[str, str], _Group] = defaultdict(_Group)
+    refs: dict[str, RouteRefs] = {}
+    certificates: list[table.Certificate] = []
+    for parsed in routes:
+        route = parsed.model
+        assert isinstance(route, L7Route)
+        namespace = parsed.key.namespace
+        found = refs[parsed.key.ref] = RouteRefs()
+        if route.spec.tls is not None:
+            cert, problem = secrets.certificate(namespace, route.spec.tls.secretName, route.spec.hostnames)
+            found.certificate_problem = problem
+            if cert is not None:
+                certificates.append(cert)
+        host_groups = _host_groups(route.spec.hostnames)
+        for rule_index, rule in enumerate(route.spec.rules):
+            resolution = resolver.resolve(
+                namespace, rule.backendRefs, f"spec.rules[{rule_index}].backendRefs"
+            )
+            found.problems += resolution.problems
+            found.not_permitted |= resolution.not_permitted
+            rules.append(_rule(parsed.key.ref, rule_index, rule, route, resolution.backends))
+            for match_index, match in enumerate(rule.matches):
+                entry = table.MatchEntry(
+                    rule=len(rules) - 1,
+                    path=table.PathCondition(type=match.path.type, value=match.path.value),
+                    method=match.method,
+                    headers=[
+                        table.ValueCondition(name=h.name.lower(), type=h.type, value=h.value)
+                        for h in match.headers
+                    ],
+                    queryParams=[
+                        table.ValueCondition(name=q.name, type=q.type, value=q.value)
+                        for q in match.queryParams
+                    ],
+                )
+                order = rank(match, parsed.age, rule_index, match_index)
+                for group in host_groups:
+                    groups[group].add(order, entry)
+    tls_port = any(isinstance(p.model, L7Route) and p.model.spec.tls for p in routes)
+    if tls_port and not certificates:
+        return None, refs
+    hosts = table.HostIndex(
+        exact={key: g.freeze() for (kind, key), g in sorted(groups.items()) if kind == "exact"},
+        wildcard={key: g.freeze() for (kind, key), g in sorted(groups.items()) if kind == "wildcard"},
+        any=groups[("any", "")].freeze() if ("any", "") in groups else None,
+    )
+    tls = table.TLS(certificates=certificates) if tls_port else None
+    return table.Listener(l7=table.L7Listener(rules=rules, hosts=hosts, tls=tls)), refs
+
+
+def _host_groups(hostnames: list[str]) -> list[tuple[str, str]]:
+    if not hostnames:
+        return [("any", "")]
+    return [("wildcard", wildcard_key(h)) if h.startswith("*.") else ("exact", h) for h in hostnames]
+
+
+def _rule(
+    source: str, index: int, rule: RouteRule, route: L7Route, backends: list[table.Backend]
+) -> table.Rule:
+    by_type: dict[str, Filter] = {f.type: f for f in rule.filters}
+    timeouts = rule.timeouts
+    return table.Rule(
+        route=source,
+        index=index,
+        name=rule.name,
+        backends=backends,
+        requestHeaders=_header_ops(by_type.get("RequestHeaderModifier"), "requestHeaderModifier"),
+        responseHeaders=_header_ops(by_type.get("ResponseHeaderModifier"), "responseHeaderModifier"),
+        rewrite=_rewrite(by_type.get("URLRewrite")),
+        redirect=_redirect(by_type.get("RequestRedirect")),
+        requestTimeout=parse_duration(timeouts.request) if timeouts and timeouts.request else None,
+        backendRequestTimeout=(
+            parse_duration(timeouts.backendRequest) if timeouts and timeouts.backendRequest else None
+        ),
+        retry=None
+        if rule.retry is None
+        else table.Retry(
+            attempts=rule.retry.attempts,
+            codes=sorted(set(rule.retry.codes)),
+            backoff=parse_duration(rule.retry.backoff),
+        ),
+        rateLimit=None
+        if rule.rateLimit is None
+        else table.RateLimit(
+            rate=rule.rateLimit.requests / _UNIT_SECONDS[rule.rateLimit.unit],
+            burst=rule.rateLimit.burst or rule.rateLimit.requests,
+            key=_key(rule.rateLimit.key),
+        ),
+        loadBalancing=table.LoadBalancing(policy=rule.loadBalancing.policy, key=_key(rule.loadBalancing.key)),
+        allowEncodedSlashes=route.spec.allowEncodedSlashes,
+    )
+
+
+def _key(key: str | HeaderKey) -> table.RequestKey:
+    if isinstance(key, HeaderKey):
+        return table.RequestKey(type="Header", header=key.header.lower())
+    return table.RequestKey(type="ClientIP")
+
+
+def _header_ops(f: Filter | None, field_name: str) -> table.HeaderOps | None:
+    modifier: HeaderModifier | None = getattr(f, field_name) if f else None
+    if modifier is None:
+        return None
+    return table.HeaderOps(
+        set=[table.HeaderValue(name=h.name, value=h.value) for h in modifier.set],
+        add=[table.HeaderValue(name=h.name, value=h.value) for h in modifier.add],
+        remove=list(modifier.remove),
+    )
+
+
+def _path(path: PathModifier | None) -> table.PathRewrite | None:
+    if path is None:
+        return None
+    value = path.replaceFullPath if path.type == "ReplaceFullPath" else path.replacePrefixMatch
+    assert value is not None  # the model guarantees the field of the type is set
+    return table.PathRewrite(type=path.type, value=value)
+
+
+def _rewrite(f: Filter | None) -> table.Rewrite | None:
+    if f is None or f.urlRewrite is None:
+        return None
+    return table.Rewrite(hostname=f.urlRewrite.hostname, path=_path(f.urlRewrite.path))
+
+
+def _redirect(f: Filter | None) -> table.Redirect | None:
+    if f is None or f.requestRedirect is None:
+        return None
+    r = f.requestRedirect
+    return table.Redirect(
+        scheme=r.scheme,
+        hostname=r.hostname,
+        port=r.port,
+        path=_path(r.path),
+        statusCode=r.statusCode,
+    )

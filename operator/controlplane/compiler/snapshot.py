@@ -1,0 +1,69 @@
+"""The compiler's input: every object it reads, as plain Kubernetes dicts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Object = Mapping[str, Any]
+
+# The kinds the compiler reads, by the name used in snapshots and statuses.
+ROUTE_KINDS = ("L4Listener", "L7Route")
+INPUT_KINDS = (*ROUTE_KINDS, "Service", "EndpointSlice", "Secret")
+
+
+@dataclass(frozen=True, order=True)
+class ObjectKey:
+    """Identifies an object: kind, namespace and name."""
+
+    kind: str
+    namespace: str
+    name: str
+
+    @classmethod
+    def of(cls, obj: Object) -> ObjectKey:
+        meta = obj.get("metadata") or {}
+        return cls(
+            str(obj.get("kind", "")),
+            str(meta.get("namespace") or "default"),
+            str(meta.get("name", "")),
+        )
+
+    @property
+    def ref(self) -> str:
+        """namespace/name, as the table and the logs name an object."""
+        return f"{self.namespace}/{self.name}"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """All objects of the kinds in INPUT_KINDS; order carries no meaning."""
+
+    objects: tuple[Object, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def of(cls, objects: Iterable[Object]) -> Snapshot:
+        return cls(tuple(o for o in objects if o.get("kind") in INPUT_KINDS))
+
+    def of_kind(self, kind: str) -> list[Object]:
+        return [o for o in self.objects if o.get("kind") == kind]
+
+
+def generation(obj: Object) -> int | None:
+    value = (obj.get("metadata") or {}).get("generation")
+    return int(value) if isinstance(value, int) else None
+
+
+def age_key(obj: Object) -> tuple[str, str, str]:
+    """Sorts oldest first: creationTimestamp, then namespace/name.
+
+    RFC 3339 timestamps in UTC sort as strings. Objects without one (files) count as
+    equally old, older than any stamped object, so ties go to namespace/name.
+    """
+    key = ObjectKey.of(obj)
+    stamp = str((obj.get("metadata") or {}).get("creationTimestamp") or "")
+    return (stamp, key.namespace, key.name)

@@ -1,0 +1,162 @@
+"""`bilayer run -f DIR`: the file provider programming an in-process dataplane."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from dataplane.admin import build_app, is_loopback, serve
+from dataplane.logs import fields
+from dataplane.runtime import Dataplane, GenerationConflict, Settings
+
+from . import status
+from .compiler import Compiled, ObjectKey
+from .files import FileSource
+from .loop import CompileLoop
+from .resources.common import Condition
+
+log = logging.getLogger("bilayer.run")
+
+POLL_INTERVAL = 0.25
+
+
+def now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class FileMode:
+    """Files in, compiled table out to the dataplane, conditions kept for /v1/status."""
+
+    def __init__(self, directory: Path, dataplane: Dataplane) -> None:
+        self.source = FileSource(directory)
+        self.dataplane = dataplane
+        self.loop = CompileLoop(self.source.snapshot, self.publish, holdoff=0.05, max_holdoff=0.5)
+        self.conditions: dict[ObjectKey, list[Condition]] = {}
+        self._reported: set[str] = set()
+
+    async def publish(self, compiled: Compiled) -> None:
+        try:
+            await self.dataplane.apply(compiled.table)
+        except GenerationConflict as err:
+            # The dataplane served a newer table (a manual push, or the saved one): move past it.
+            self.loop.advance_generation(err.current)
+            self.loop.version = ""
+            self.loop.mark_dirty()
+            return
+        now = now_rfc3339()
+        updated: dict[ObjectKey, list[Condition]] = {}
+        for key, conds in compiled.statuses.items():
+            port_error = self._port_error(compiled, key)
+            full = [*conds, status.programmed(compiled, key, 1, 1, port_error)]
+            updated[key] = status.merge(self.conditions.get(key, []), full, now)
+            if not status.same(self.conditions.get(key, []), full):
+                self._log_conditions(key, full)
+        self.conditions = updated
+        self._report_problems()
+
+    def _port_error(self, compiled: Compiled, key: ObjectKey) -> str | None:
+        for port, listener in compiled.table.listeners.items():
+            source = listener.l4.source if listener.l4 else None
+            routes = {r.route for r in listener.l7.rules} if listener.l7 else set()
+            if key.ref == source or key.ref in routes:
+                return self.dataplane.listener_errors.get(port)
+        return None
+
+    def _log_conditions(self, key: ObjectKey, conds: list[Condition]) -> None:
+        bad = [c for c in conds if c.status != "True"]
+        level = logging.WARNING if bad else logging.INFO
+        summary = {c.type: c.status for c in conds}
+        problems = {c.type: f"{c.reason}: {c.message}" for c in bad}
+        log.log(
+            level,
+            f"{key}: " + ("; ".join(problems.values()) or "ready"),
+            extra=fields(object=str(key), conditions=summary),
+        )
+
+    def _report_problems(self) -> None:
+        current = set(self.source.problems)
+        for problem in sorted(current - self._reported):
+            log.warning(problem, extra=fields(directory=str(self.source.directory)))
+        self._reported = current
+
+    def status_document(self) -> dict[str, Any]:
+        table = self.dataplane.table
+        return {
+            "directory": str(self.source.directory),
+            "version": table.version if table else None,
+            "generation": table.generation if table else None,
+            "problems": list(self.source.problems),
+            "objects": [
+                {
+                    "kind": key.kind,
+                    "namespace": key.namespace,
+                    "name": key.name,
+                    "conditions": [c.model_dump(exclude_none=True) for c in conds],
+                }
+                for key, conds in sorted(self.conditions.items())
+            ],
+        }
+
+    async def watch(self, interval: float = POLL_INTERVAL) -> None:
+        """Poll the folder; any change reloads the files and marks the loop dirty."""
+        seen = self.source.signature()
+        self.source.reload()
+        self.loop.mark_synced()
+        while True:
+            await asyncio.sleep(interval)
+            current = self.source.signature()
+            if current != seen:
+                seen = current
+                self.source.reload()
+                self.loop.mark_dirty()
+
+
+async def run_files(
+    directory: Path,
+    settings: Settings,
+    *,
+    admin_host: str,
+    admin_port: int,
+    token: str | None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve the objects in directory until stop is set (or SIGINT/SIGTERM)."""
+    if token is None and not is_loopback(admin_host):
+        raise SystemExit(
+            f"the admin API on {admin_host} needs a token: pass --admin-token-file, or bind it to 127.0.0.1"
+        )
+    dataplane = Dataplane(settings)
+    await dataplane.load_persisted()
+    mode = FileMode(directory, dataplane)
+    if dataplane.table is not None:
+        mode.loop.advance_generation(dataplane.table.generation)
+    app = build_app(dataplane, token, status_provider=mode.status_document)
+    runner = await serve(app, admin_host, admin_port)
+    log.info(
+        "bilayer run started",
+        extra=fields(
+            directory=str(directory),
+            admin=f"http://{admin_host}:{admin_port}",
+            address=settings.address,
+        ),
+    )
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    tasks = [asyncio.create_task(mode.watch()), asyncio.create_task(mode.loop.run())]
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down", extra=fields(grace=settings.drain_grace))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await dataplane.close()
+        await runner.cleanup()

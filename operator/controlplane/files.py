@@ -1,0 +1,130 @@
+"""The file provider: Kubernetes objects from YAML and JSON files in a folder.
+
+A file that fails to parse keeps its last good content, so a half-saved edit never takes
+routes away; the problem is reported until the file is fixed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .compiler.snapshot import INPUT_KINDS, ObjectKey, Snapshot
+
+SUFFIXES = (".yaml", ".yml", ".json")
+
+Signature = tuple[tuple[str, int, int], ...]
+
+
+@dataclass
+class _FileState:
+    signature: tuple[int, int]
+    objects: list[dict[str, Any]]
+    problem: str | None = None
+
+
+@dataclass
+class FileSource:
+    """Objects from every *.yaml, *.yml and *.json file directly in directory."""
+
+    directory: Path
+    _files: dict[Path, _FileState] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    _snapshot: Snapshot = field(default_factory=Snapshot)
+
+    def signature(self) -> Signature:
+        """Changes whenever a file is added, removed or written."""
+        entries = []
+        for path in self._paths():
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            entries.append((str(path), stat.st_mtime_ns, stat.st_size))
+        return tuple(entries)
+
+    def _paths(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if p.suffix in SUFFIXES and p.is_file())
+
+    def reload(self) -> None:
+        """Read the files whose size or mtime changed; keep the rest as they were."""
+        paths = self._paths()
+        for gone in set(self._files) - set(paths):
+            del self._files[gone]
+        for path in paths:
+            try:
+                stat = path.stat()
+                signature = (stat.st_mtime_ns, stat.st_size)
+                state = self._files.get(path)
+                if state is not None and state.signature == signature:
+                    continue
+                text = path.read_text()
+            except OSError as err:
+                self._keep_previous(path, (0, 0), f"{path.name}: cannot read: {err.strerror}")
+                continue
+            try:
+                self._files[path] = _FileState(signature, list(_documents(path, text)))
+            except ValueError as err:
+                self._keep_previous(path, signature, f"{path.name}: {err}; using its last good content")
+        self.problems = [s.problem for s in self._files.values() if s.problem]
+        if not self.directory.is_dir():
+            self.problems.insert(0, f"{self.directory}: not a folder")
+        self._snapshot = self._collect()
+
+    def _keep_previous(self, path: Path, signature: tuple[int, int], problem: str) -> None:
+        previous = self._files.get(path)
+        self._files[path] = _FileState(signature, previous.objects if previous else [], problem)
+
+    def snapshot(self) -> Snapshot:
+        """Every object read by the last reload."""
+        return self._snapshot
+
+    def _collect(self) -> Snapshot:
+        """Every object, first file (by name) first; a repeated object is reported and skipped."""
+        seen: dict[ObjectKey, str] = {}
+        objects: list[dict[str, Any]] = []
+        for path, state in sorted(self._files.items()):
+            for obj in state.objects:
+                key = ObjectKey.of(obj)
+                if key in seen:
+                    self.problems.append(
+                        f"{path.name}: {key} is also defined in {seen[key]}; ignoring this copy"
+                    )
+                    continue
+                seen[key] = path.name
+                objects.append(obj)
+        return Snapshot.of(objects)
+
+
+def _documents(path: Path, text: str) -> list[dict[str, Any]]:
+    try:
+        if path.suffix == ".json":
+            loaded = json.loads(text)
+            documents = loaded.get("items", [loaded]) if isinstance(loaded, dict) else loaded
+        else:
+            documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        raise ValueError(f"not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}") from None
+    objects: list[dict[str, Any]] = []
+    for index, doc in enumerate(documents):
+        where = f"document {index + 1}"
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where} is not a mapping")
+        if doc.get("kind") == "List":
+            objects.extend(item for item in doc.get("items", []) if isinstance(item, dict))
+            continue
+        if (
+            not doc.get("kind")
+            or not isinstance(doc.get("metadata"), dict)
+            or not doc["metadata"].get("name")
+        ):
+            raise ValueError(f"{where} needs kind and metadata.name")
+        if doc["kind"] in INPUT_KINDS:
+            objects.append(doc)
+    return objects

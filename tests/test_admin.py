@@ -1,0 +1,126 @@
+"""The dataplane admin API over real HTTP: token, table push, readiness, metrics, persistence."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from dataplane.admin import build_app, serve
+from dataplane.runtime import Dataplane, Settings
+from dataplane.table import Table
+
+from .golden import inputs
+from .helpers import free_port
+
+TOKEN = "s3cret-token"
+
+
+def table(case: str, generation: int = 1) -> Table:
+    from controlplane.compiler import Snapshot, compile_snapshot
+
+    return compile_snapshot(Snapshot.of(inputs(case)), generation).table
+
+
+class Admin:
+    def __init__(self, dataplane: Dataplane, url: str, session: aiohttp.ClientSession) -> None:
+        self.dataplane, self.url, self.session = dataplane, url, session
+
+    async def call(
+        self, method: str, path: str, body: str | None = None, token: str | None = TOKEN
+    ) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with self.session.request(method, self.url + path, data=body, headers=headers) as response:
+            return response.status, await response.text()
+
+
+@pytest.fixture
+async def admin(tmp_path: Path) -> AsyncIterator[Admin]:
+    # No listener implementations: these tests are about the admin API alone.
+    dataplane = Dataplane(Settings(address="127.0.0.1", state_dir=tmp_path), factories={})
+    port = free_port()
+    runner = await serve(build_app(dataplane, TOKEN), "127.0.0.1", port)
+    async with aiohttp.ClientSession() as session:
+        yield Admin(dataplane, f"http://127.0.0.1:{port}", session)
+    await runner.cleanup()
+    await dataplane.close()
+
+
+async def test_health_and_readiness_need_no_token(admin: Admin) -> None:
+    assert await admin.call("GET", "/healthz", token=None) == (200, "ok\n")
+    status, _ = await admin.call("GET", "/readyz", token=None)
+    assert status == 503
+    await admin.call("PUT", "/v1/table", table("l7-basic").to_json())
+    assert (await admin.call("GET", "/readyz", token=None))[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/table", "/metrics"])
+async def test_everything_else_needs_the_token(admin: Admin, path: str) -> None:
+    assert (await admin.call("GET", path, token=None))[0] == 401
+    assert (await admin.call("GET", path, token="wrong"))[0] == 401
+    assert (await admin.call("GET", path))[0] == 200
+
+
+async def test_push_then_read_back(admin: Admin) -> None:
+    pushed = table("shared-cluster", 3)
+    status, body = await admin.call("PUT", "/v1/table", pushed.to_json())
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["changed"] is True and answer["version"] == pushed.version and answer["generation"] == 3
+    status, body = await admin.call("GET", "/v1/table")
+    assert json.loads(body)["version"] == pushed.version
+
+
+async def test_bad_table_gets_400_and_changes_nothing(admin: Admin) -> None:
+    good = table("shared-cluster", 1)
+    await admin.call("PUT", "/v1/table", good.to_json())
+    document = json.loads(good.to_json())
+    document["generation"] = 2
+    document["version"] = ""
+    document["listeners"]["7000"]["l4"]["backends"][0]["cluster"] = "missing"
+    status, body = await admin.call("PUT", "/v1/table", json.dumps(document))
+    assert status == 400
+    assert "no cluster named 'missing'" in json.loads(body)["error"]
+    status, body = await admin.call("PUT", "/v1/table", "{not json")
+    assert status == 400
+    assert admin.dataplane.table == good
+
+
+async def test_same_version_is_a_no_op_and_older_generation_conflicts(admin: Admin) -> None:
+    await admin.call("PUT", "/v1/table", table("l7-basic", 5).to_json())
+    status, body = await admin.call("PUT", "/v1/table", table("l7-basic", 6).to_json())
+    assert status == 200 and json.loads(body)["changed"] is False
+    status, body = await admin.call("PUT", "/v1/table", table("l4-basic", 4).to_json())
+    assert status == 409
+    assert "not newer than the served generation 5" in json.loads(body)["error"]
+
+
+async def test_metrics_are_prometheus_text(admin: Admin) -> None:
+    await admin.call("PUT", "/v1/table", table("l7-basic", 2).to_json())
+    status, body = await admin.call("GET", "/metrics")
+    assert status == 200
+    assert "# TYPE bilayer_table_generation gauge" in body
+    assert "bilayer_table_generation 2.0" in body
+    assert "bilayer_table_applies_total 1.0" in body
+
+
+async def test_saved_table_is_served_after_restart(admin: Admin, tmp_path: Path) -> None:
+    pushed = table("l7-basic", 7)
+    await admin.call("PUT", "/v1/table", pushed.to_json())
+    saved = tmp_path / "table.json"
+    assert saved.exists() and oct(saved.stat().st_mode & 0o777) == "0o600"
+    restarted = Dataplane(Settings(address="127.0.0.1", state_dir=tmp_path), factories={})
+    assert await restarted.load_persisted()
+    assert restarted.ready and restarted.table is not None
+    assert restarted.table.version == pushed.version and restarted.table.generation == 7
+    await restarted.close()
+
+
+async def test_corrupt_saved_table_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "table.json").write_text('{"listeners": 5}')
+    dataplane = Dataplane(Settings(state_dir=tmp_path), factories={})
+    assert not await dataplane.load_persisted()
+    assert not dataplane.ready

@@ -1,0 +1,100 @@
+"""The bilayer command: validate, compile, explain, crds, --help."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from controlplane.cli import main
+
+from .golden import GOLDEN
+
+ROOT = Path(__file__).parent.parent
+
+
+def golden_dir(tmp_path: Path, *cases: str) -> Path:
+    for case in cases:
+        shutil.copy(GOLDEN / f"{case}.in.yaml", tmp_path / f"{case}.yaml")
+    shutil.copy(GOLDEN / "_backends.yaml", tmp_path / "backends.yaml")
+    shutil.copy(GOLDEN / "_secrets.yaml", tmp_path / "secrets.yaml")
+    return tmp_path
+
+
+def test_validate_ok_on_the_quick_start(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "-f", str(ROOT / "examples/quickstart")]) == 0
+    assert capsys.readouterr().out.startswith("ok: 2 objects valid")
+
+
+def test_validate_names_object_field_and_allowed_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = golden_dir(tmp_path, "invalid-l4-port", "invalid-hostname", "l4-backend-not-found")
+    assert main(["validate", "-f", str(folder)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    expected = "spec.port: Input should be less than or equal to 65535 (got 70000)"
+    assert f"error: L4Listener shop/bad: Accepted Invalid: {expected}" in out
+    assert any(line.startswith("error: L7Route shop/loud") and "spec.hostnames[0]" in line for line in out)
+    assert any(
+        line.startswith("warning: L4Listener shop/redis: ResolvedRefs BackendNotFound") for line in out
+    )
+
+
+def test_validate_strict_fails_on_warnings(tmp_path: Path) -> None:
+    folder = golden_dir(tmp_path, "l4-backend-not-found")
+    assert main(["validate", "-f", str(folder)]) == 0
+    assert main(["validate", "-f", str(folder), "--strict"]) == 1
+
+
+def test_compile_prints_the_table_with_keys_redacted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = golden_dir(tmp_path, "tls-basic")
+    assert main(["compile", "-f", str(folder)]) == 0
+    table = json.loads(capsys.readouterr().out)
+    cert = table["listeners"]["8443"]["l7"]["tls"]["certificates"][0]
+    assert cert["keyPem"].startswith("<redacted")
+    assert cert["certPem"].startswith("-----BEGIN CERTIFICATE-----")
+    assert main(["compile", "-f", str(folder), "--show-secrets"]) == 0
+    assert "PRIVATE KEY" in capsys.readouterr().out
+
+
+def test_compile_statuses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = golden_dir(tmp_path, "l4-port-conflict-oldest-wins")
+    main(["compile", "-f", str(folder), "--statuses"])
+    statuses = json.loads(capsys.readouterr().out)
+    assert statuses["L4Listener shop/a-newer"][0]["reason"] == "PortConflict"
+
+
+def test_explain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = golden_dir(tmp_path, "l7-precedence-method-headers-query")
+    main(["explain", "-f", str(folder), "--host", "h", "--path", "/x?v=2", "--header", "x-canary=false"])
+    out = capsys.readouterr().out
+    assert "route:    L7Route shop/fine, rule 1 (one-query)" in out
+    assert "backend:  shop/api:80 weight 1: 2 endpoints" in out
+    assert "rule 4 [PathPrefix /x, method POST] on host *: method is GET, needs POST" in out
+    assert "header x-canary is 'false', needs 'true'" in out
+
+
+def test_explain_no_route_and_bad_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = golden_dir(tmp_path, "l7-hostnames")
+    main(["explain", "-f", str(folder), "--host", "nope.org", "--path", "/v1"])
+    assert "404 Not Found" in capsys.readouterr().out
+    main(["explain", "-f", str(folder), "--host", "api.example.com", "--path", "/../x"])
+    assert "400 Bad Request: the request path climbs above the root" in capsys.readouterr().out
+
+
+def test_crds_prints_both(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["crds"])
+    out = capsys.readouterr().out
+    assert "name: l4listeners.bilayer.dev" in out and "name: l7routes.bilayer.dev" in out
+
+
+@pytest.mark.parametrize("command", ["run", "validate", "compile", "explain", "crds", "dataplane"])
+def test_help_is_complete(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: bilayer" in capsys.readouterr().out

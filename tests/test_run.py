@@ -1,0 +1,97 @@
+"""`bilayer run -f DIR` as a process: status, live reload, bad input kept out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import BilayerRun, wait_for
+
+ROOT = Path(__file__).parent.parent
+
+EXTRA = """
+apiVersion: bilayer.dev/v1alpha1
+kind: L7Route
+metadata: {name: extra, namespace: demo}
+spec:
+  port: 18090
+  hostnames: [extra.example.com]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+"""
+
+
+def write(path: Path, text: str) -> None:
+    path.write_text(text)
+    st = path.stat()  # some filesystems keep whole-second mtimes: make the change visible
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    shutil.copy(ROOT / "examples/quickstart/backend.yaml", tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def run(folder: Path) -> Iterator[BilayerRun]:
+    process = BilayerRun(str(folder))
+    yield process
+    assert process.stop() == 0, process.output()
+
+
+def test_status_lists_objects_and_logs_are_json(folder: Path, run: BilayerRun) -> None:
+    write(folder / "extra.yaml", EXTRA)
+    conditions = wait_for(lambda: run.conditions("L7Route", "extra"), what="the new route in /v1/status")
+    assert conditions["Accepted"]["status"] == "True"
+    wait_for(lambda: run.get("/v1/table")[1]["listeners"].get("18090"), what="listener 18090 in the table")
+    for line in run.output().splitlines():
+        entry = json.loads(line)
+        assert {"time", "level", "logger", "msg"} <= set(entry)
+
+
+def test_reload_invalid_object_reported_and_others_kept(folder: Path, run: BilayerRun) -> None:
+    write(folder / "extra.yaml", EXTRA)
+    wait_for(lambda: run.conditions("L7Route", "extra"), what="extra route")
+    version = run.get("/v1/table")[1]["version"]
+    write(folder / "bad.yaml", EXTRA.replace("name: extra", "name: bad").replace("18090", "99999"))
+    bad = wait_for(lambda: run.conditions("L7Route", "bad"), what="the invalid route's conditions")
+    assert bad["Accepted"]["reason"] == "Invalid"
+    assert "spec.port" in bad["Accepted"]["message"]
+    assert bad["Programmed"]["status"] == "False"
+    assert run.get("/v1/table")[1]["version"] == version  # nothing else changed
+    assert run.conditions("L7Route", "extra")["Accepted"]["status"] == "True"
+    assert '"L7Route demo/bad: Invalid: spec.port' in run.output()
+
+
+def test_broken_yaml_keeps_serving_the_last_good_content(folder: Path, run: BilayerRun) -> None:
+    write(folder / "extra.yaml", EXTRA)
+    wait_for(lambda: run.conditions("L7Route", "extra"), what="extra route")
+    write(folder / "extra.yaml", EXTRA + "\n  oops: [unclosed\n")
+    wait_for(lambda: run.status()["problems"], what="the YAML problem to be reported")
+    assert "extra.yaml: not valid YAML" in run.status()["problems"][0]
+    assert run.conditions("L7Route", "extra")["Accepted"]["status"] == "True"
+    (folder / "extra.yaml").unlink()
+    wait_for(lambda: not run.conditions("L7Route", "extra"), what="the route to go with its file")
+    assert run.status()["problems"] == []
+
+
+def test_admin_api_off_loopback_needs_a_token(folder: Path) -> None:
+    import subprocess
+    import sys
+
+    bilayer = Path(sys.executable).with_name("bilayer")
+    result = subprocess.run(
+        [str(bilayer), "run", "-f", str(folder), "--admin-address", "0.0.0.0", "--admin-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "BILAYER_ADMIN_TOKEN"},
+    )
+    assert result.returncode != 0
+    assert "needs a token" in result.stderr
