@@ -7,7 +7,7 @@ label lookups per request); this collector turns them into metric families when
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -46,8 +46,11 @@ class DataplaneCollector(Collector):
                 kind = "l4" if listener.l4 is not None else "l7"
                 up.add_metric([str(port), kind], 0 if port in dp.listener_errors else 1)
         yield up
+        # Each listener class reports all of its instances in one set of metric families.
+        by_class: dict[type, list[object]] = {}
         for serving in dp.listeners.values():
-            collect = getattr(serving, "collect", None)
-            if collect is not None:
-                yield from collect()
+            by_class.setdefault(type(serving), []).append(serving)
+        for cls, group in by_class.items():
+            collect: Callable[[list[object]], Iterator[Metric]] = getattr(cls, "collect")  # noqa: B009
+            yield from collect(group)
         yield from dp.health.collect()

@@ -210,4 +210,6 @@ class Dataplane:
 
 def default_factories() -> dict[str, ListenerFactory]:
     """The L4 and L7 listener implementations."""
-    return {}
+    from .l4.listener import open_l4
+
+    return {"l4": open_l4}

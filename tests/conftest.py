@@ -16,3 +16,114 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-golden"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_loops: run this async test on uvloop and on asyncio's default loop"
+    )
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, object]:
+    """Async tests run on uvloop, as the dataplane does; `both_loops` tests also on asyncio's."""
+    import asyncio
+
+    import uvloop
+
+    factories: dict[str, object] = {"uvloop": uvloop.new_event_loop}
+    if item.get_closest_marker("both_loops"):
+        factories["asyncio"] = asyncio.new_event_loop
+    return factories
+
+
+def _wait_port(port: int, process: object, timeout: float = 15.0) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if getattr(process, "poll")() is not None:  # noqa: B009
+            raise RuntimeError(f"server on port {port} exited early")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def _require(binary: str, package: str) -> str:
+    import shutil
+
+    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if shutil.which(f"/usr/sbin/{binary}") else None)
+    if path is None:
+        pytest.fail(
+            f"{binary} is not installed: `apt-get install {package}` (.ci/run does it)", pytrace=False
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_port(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """A real redis-server from Debian on a free loopback port."""
+    import subprocess
+
+    from .helpers import free_port
+
+    binary = _require("redis-server", "redis-server")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_port(port, process)
+    yield port
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def haproxy_proxy_parser(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """HAProxy (Debian) accepting PROXY v1/v2 and answering with the source it parsed."""
+    import subprocess
+
+    from .helpers import free_port
+
+    binary = _require("haproxy", "haproxy")
+    port = free_port()
+    config = tmp_path_factory.mktemp("haproxy") / "parser.cfg"
+    answer = 'lf-string "%[src]:%[src_port] -> %[dst]:%[dst_port]\\n"'
+    config.write_text(
+        f"""global
+    log stderr format raw local0 err
+defaults
+    mode http
+    timeout client 5s
+    timeout server 5s
+    timeout connect 1s
+frontend parser
+    bind 127.0.0.1:{port} accept-proxy
+    http-request return status 200 content-type text/plain {answer}
+"""
+    )
+    process = subprocess.Popen(
+        [binary, "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _wait_port(port, process)
+    yield port
+    process.terminate()
+    process.wait(10)

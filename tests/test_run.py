@@ -95,3 +95,40 @@ def test_admin_api_off_loopback_needs_a_token(folder: Path) -> None:
     )
     assert result.returncode != 0
     assert "needs a token" in result.stderr
+
+
+def test_l4_listener_forwards_tcp(folder: Path) -> None:
+    import socket
+    import socketserver
+    import threading
+
+    class Echo(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while data := self.request.recv(65536):
+                self.request.sendall(data)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    from .helpers import free_port, service
+
+    port = free_port()
+    write(
+        folder / "tcp.yaml",
+        service("echo", 80, [("127.0.0.1", server.server_address[1])])
+        + f"""---
+apiVersion: bilayer.dev/v1alpha1
+kind: L4Listener
+metadata: {{name: echo, namespace: default}}
+spec: {{port: {port}, backendRefs: [{{name: echo, port: 80}}]}}
+""",
+    )
+    run = BilayerRun(str(folder))
+    try:
+        wait_for(lambda: run.conditions("L4Listener", "echo").get("Programmed", {}).get("status") == "True")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            conn.sendall(b"through bilayer\n")
+            assert conn.recv(100) == b"through bilayer\n"
+    finally:
+        assert run.stop() == 0
+        server.shutdown()

@@ -1,0 +1,1 @@
+"""L4: TCP forwarding with paired protocols."""
