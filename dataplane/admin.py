@@ -92,6 +92,9 @@ def build_app(
             changed = await dataplane.apply(table)
         except GenerationConflict as err:
             return _json({"error": str(err), **table_summary()}, status=409)
+        except TableError as err:  # found while preparing, e.g. a certificate that does not load
+            log.warning("table refused", extra=fields(error=str(err), remote=request.remote))
+            return _json({"error": str(err)}, status=400)
         if on_push is not None:
             await on_push(table)
         return _json({"changed": changed, **table_summary()})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .health import HealthRegistry
+from .l7.tls import Contexts, build_contexts
 from .logs import fields
 from .table import Listener, Table, TableError
 
@@ -68,6 +70,11 @@ class Settings:
     access_log_sample: float = 1.0
     connection_log: bool = True
     max_body_size: int = 0  # 0: no limit
+    header_timeout: float = 10.0  # from a request's first byte to its last header (slowloris)
+    keepalive_timeout: float = 60.0  # idle time between requests on a client connection
+    connect_timeout: float = 5.0  # L7 connects to endpoints
+    max_client_connections: int = 100_000  # per L7 listener; beyond it a fast 503
+    via: bool = False  # add "Via: 1.1 bilayer" to forwarded requests
 
 
 class Dataplane:
@@ -82,6 +89,8 @@ class Dataplane:
         self.listeners: dict[int, ServingListener] = {}
         self.listener_errors: dict[int, str] = {}
         self.health = HealthRegistry()
+        # SSL contexts by port, built from the table before it is swapped in.
+        self.tls_contexts: dict[int, Contexts] = {}
         self.tables_applied = 0
         self.tables_refused = 0
         self._lock = asyncio.Lock()
@@ -127,6 +136,7 @@ class Dataplane:
             if current is not None and table.generation <= current.generation:
                 self.tables_refused += 1
                 raise GenerationConflict(table.generation, current.generation)
+            self.tls_contexts = self._prepare_tls(table)
             await self._reconcile_listeners(table)
             self.health.retain(table)
             self.table = table
@@ -142,6 +152,20 @@ class Dataplane:
             ),
         )
         return True
+
+    def _prepare_tls(self, table: Table) -> dict[int, Contexts]:
+        """Load every certificate first: a bad one refuses the table, nothing changes."""
+        contexts = {}
+        for port, listener in table.listeners.items():
+            if listener.l7 is not None and listener.l7.tls is not None:
+                try:
+                    contexts[port] = build_contexts(listener.l7.tls)
+                except (ssl.SSLError, OSError, ValueError) as err:
+                    self.tables_refused += 1
+                    raise TableError(
+                        f"listeners.{port}.l7.tls: certificate or key does not load: {err}"
+                    ) from None
+        return contexts
 
     async def _reconcile_listeners(self, table: Table) -> None:
         for port in sorted(set(self.listeners) - set(table.listeners)):
@@ -211,5 +235,6 @@ class Dataplane:
 def default_factories() -> dict[str, ListenerFactory]:
     """The L4 and L7 listener implementations."""
     from .l4.listener import open_l4
+    from .l7.listener import open_l7
 
-    return {"l4": open_l4}
+    return {"l4": open_l4, "l7": open_l7}

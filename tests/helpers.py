@@ -89,13 +89,13 @@ endpoints:
 class BilayerRun:
     """`bilayer run -f DIR` as a real subprocess, with its admin API on a free port."""
 
-    def __init__(self, directory: str, *extra: str) -> None:
+    def __init__(self, directory: str, *extra: str, fixed_admin_port: int | None = None) -> None:
         import subprocess
         import sys
         import tempfile
         from pathlib import Path
 
-        self.admin_port = free_port()
+        self.admin_port = fixed_admin_port or free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="bilayer-run-", suffix=".log", delete=False)  # noqa: SIM115
         bilayer = Path(sys.executable).with_name("bilayer")
         self.process = subprocess.Popen(

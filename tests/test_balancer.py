@@ -7,8 +7,7 @@ from collections import Counter
 
 import pytest
 
-from dataplane.health import EndpointState
-from dataplane.l4.balancer import (
+from dataplane.balancer import (
     ConsistentHash,
     LeastConnections,
     Random,
@@ -16,6 +15,7 @@ from dataplane.l4.balancer import (
     maglev_table,
     next_prime,
 )
+from dataplane.health import EndpointState
 
 
 def endpoints(n: int, weights: list[float] | None = None) -> list[tuple[EndpointState, float]]:

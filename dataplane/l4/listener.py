@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .. import table
+from ..balancer import Balancer, build
 from ..health import EndpointState, HealthRegistry
-from .balancer import Balancer, build
 from .connection import ClientSide, Connection, log_connection
 
 if TYPE_CHECKING:

@@ -126,6 +126,10 @@ def _settings(args: argparse.Namespace) -> Any:
         access_log_sample=args.access_log_sample,
         connection_log=not args.no_access_log,
         max_body_size=args.max_body_size,
+        header_timeout=args.header_timeout,
+        keepalive_timeout=args.keepalive_timeout,
+        connect_timeout=args.connect_timeout,
+        via=args.via,
     )
 
 
@@ -192,6 +196,25 @@ def _add_serving_options(p: argparse.ArgumentParser, address: str, admin_address
         default=0,
         help="largest request body in bytes, 413 above it (0: no limit)",
     )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds from a request's first byte to its last header; 408 after (default 10)",
+    )
+    p.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=60.0,
+        help="seconds an idle client connection stays open between requests (default 60)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=5.0,
+        help="seconds to connect to an HTTP endpoint (default 5)",
+    )
+    p.add_argument("--via", action="store_true", help="add Via: 1.1 bilayer to forwarded requests")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 

@@ -1,7 +1,7 @@
-"""Choosing an endpoint for a new connection.
+"""Choosing an endpoint for a new connection (L4) or request (L7).
 
-A balancer is built once per table swap from the listener's weighted backends: each
-backend's weight is split evenly over its endpoints. Endpoints that are unhealthy or
+A balancer is built once per table swap from weighted endpoints (for L4, each backend's
+weight split evenly over its endpoints). Endpoints that are unhealthy or
 ejected are skipped; when none is available every endpoint is eligible again (Envoy's
 "panic mode": a health-check misconfiguration must not become an outage).
 """
@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 
-from ..health import EndpointState
+from .health import EndpointState
 
 Pick = Callable[[bytes, float, frozenset[EndpointState]], EndpointState | None]
 
@@ -93,6 +93,35 @@ class LeastConnections(Balancer):
             elif load == lowest:
                 best.append(i)
         return self.endpoints[random.choice(best)]
+
+
+class LeastRequest(Balancer):
+    """Power of two choices: of two random available endpoints, the less loaded one.
+
+    Nearly as good as scanning for the least loaded, at constant cost per request, and it
+    does not herd every request onto one endpoint that just became idle (Envoy's default).
+    """
+
+    def pick(
+        self, key: bytes, now: float, exclude: frozenset[EndpointState] = frozenset()
+    ) -> EndpointState | None:
+        endpoints = self.endpoints
+        n = len(endpoints)
+        if n == 0:
+            return None
+        if n > 1:
+            a, b = random.sample(range(n), 2)
+            first, second = endpoints[a], endpoints[b]
+            first_ok = first not in exclude and first.available(now)
+            second_ok = second not in exclude and second.available(now)
+            if first_ok and second_ok:
+                return first if first.active / self.weights[a] <= second.active / self.weights[b] else second
+            if first_ok or second_ok:
+                return first if first_ok else second
+        indexes = self._eligible(now, exclude)
+        if not indexes:
+            return None
+        return endpoints[min(indexes, key=lambda i: endpoints[i].active / self.weights[i])]
 
 
 class Random(Balancer):
@@ -212,7 +241,7 @@ class ConsistentHash(Balancer):
 POLICIES: dict[str, type[Balancer]] = {
     "RoundRobin": RoundRobin,
     "LeastConnections": LeastConnections,
-    "LeastRequest": LeastConnections,
+    "LeastRequest": LeastRequest,
     "Random": Random,
     "ConsistentHash": ConsistentHash,
 }

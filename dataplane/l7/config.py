@@ -1,0 +1,231 @@
+"""What an L7 listener needs per request, built once per table swap.
+
+Counters live in stats objects keyed by route rule and cluster name, kept by the listener
+across swaps, so metrics stay monotonic while the configuration changes under them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import random
+import ssl
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from .. import table
+from ..balancer import Balancer, build
+from ..health import EndpointState, HealthRegistry
+from .headers import Modifier
+from .router import Router
+
+# Latency histogram buckets (seconds), Prometheus style.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+MAX_RATE_KEYS = 100_000
+# Envoy's default retry budget: retries may add 20 % to active requests, at least 3.
+RETRY_BUDGET_SHARE = 0.2
+RETRY_BUDGET_MIN = 3
+
+
+@dataclass
+class RuleStats:
+    """Counters of one route rule."""
+
+    responses: list[int] = field(default_factory=lambda: [0] * 6)  # by status class 1xx..5xx, [0] unused
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    seconds: float = 0.0
+    retries: int = 0
+    rate_limited: int = 0
+
+    def observe(self, status: int, seconds: float) -> None:
+        self.responses[min(status // 100, 5)] += 1
+        self.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+        self.seconds += seconds
+
+
+@dataclass
+class ClusterStats:
+    requests: int = 0
+    connect_failures: int = 0
+    retries: int = 0
+    active_requests: int = 0
+    active_retries: int = 0
+
+    def may_retry(self) -> bool:
+        return self.active_retries < max(RETRY_BUDGET_MIN, RETRY_BUDGET_SHARE * self.active_requests)
+
+
+class Cluster:
+    """Endpoints of one backend Service port, with a balancer per policy used."""
+
+    __slots__ = ("_balancers", "endpoints", "name", "stats")
+
+    def __init__(self, name: str, endpoints: list[EndpointState], stats: ClusterStats) -> None:
+        self.name = name
+        self.endpoints = endpoints
+        self.stats = stats
+        self._balancers: dict[str, Balancer] = {}
+
+    def balancer(self, policy: str) -> Balancer:
+        found = self._balancers.get(policy)
+        if found is None:
+            found = self._balancers[policy] = build(policy, [(e, 1.0) for e in self.endpoints])
+        return found
+
+
+class TokenBuckets:
+    """A local rate limit: one token bucket per key, least recently used keys forgotten."""
+
+    def __init__(self, limit: table.RateLimit) -> None:
+        self.rate = limit.rate
+        self.burst = float(limit.burst)
+        self.key = limit.key
+        self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
+
+    def take(self, key: bytes, now: float) -> float:
+        """0 when allowed; otherwise seconds until a token is available."""
+        tokens, last = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            if len(self._buckets) > MAX_RATE_KEYS:
+                self._buckets.popitem(last=False)
+            return 0.0
+        self._buckets[key] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+
+class BackendChoice:
+    """Weighted choice among a rule's backends (smooth weighted round robin)."""
+
+    __slots__ = ("_current", "_single", "backends", "total", "weights")
+
+    def __init__(self, backends: list[tuple[Cluster | None, int]]) -> None:
+        positive = [(c, w) for c, w in backends if w > 0]
+        self.backends = [c for c, _ in positive]
+        self.weights = [w for _, w in positive]
+        self.total = sum(self.weights)
+        self._current = [0] * len(positive)
+        self._single = len(positive) == 1
+
+    def pick(self) -> tuple[bool, Cluster | None]:
+        """(any backend at all, the chosen cluster or None when unresolved)."""
+        if self._single:
+            return True, self.backends[0]
+        if not self.backends:
+            return False, None
+        best = 0
+        current = self._current
+        for i, weight in enumerate(self.weights):
+            current[i] += weight
+            if current[i] > current[best]:
+                best = i
+        current[best] -= self.total
+        return True, self.backends[best]
+
+
+class Rule:
+    """A route rule, ready to serve requests."""
+
+    __slots__ = (
+        "allow_encoded_slashes",
+        "backend_request_timeout",
+        "backends",
+        "index",
+        "key_header",
+        "limiter",
+        "policy",
+        "redirect",
+        "request_modifier",
+        "request_timeout",
+        "response_modifier",
+        "retry_attempts",
+        "retry_backoff",
+        "retry_codes",
+        "rewrite",
+        "route",
+        "stats",
+    )
+
+    def __init__(
+        self, rule: table.Rule, clusters: dict[str, Cluster], stats: RuleStats, limiter: TokenBuckets | None
+    ) -> None:
+        self.route = rule.route
+        self.index = rule.index
+        self.stats = stats
+        self.backends = BackendChoice(
+            [(clusters[b.cluster] if b.cluster is not None else None, b.weight) for b in rule.backends]
+        )
+        self.request_modifier = Modifier.of(rule.requestHeaders)
+        self.response_modifier = Modifier.of(rule.responseHeaders)
+        self.rewrite = rule.rewrite
+        self.redirect = rule.redirect
+        self.request_timeout = rule.requestTimeout
+        self.backend_request_timeout = rule.backendRequestTimeout
+        self.retry_attempts = rule.retry.attempts if rule.retry else 0
+        self.retry_codes = frozenset(rule.retry.codes) if rule.retry else frozenset()
+        self.retry_backoff = rule.retry.backoff if rule.retry else 0.0
+        self.limiter = limiter
+        self.policy = rule.loadBalancing.policy
+        key = rule.loadBalancing.key
+        self.key_header = key.header.encode() if key.type == "Header" and key.header else None
+        self.allow_encoded_slashes = rule.allowEncodedSlashes
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with full jitter: base x 2^(attempt-1), randomized."""
+        return random.uniform(0, self.retry_backoff * 2 ** (attempt - 1))
+
+
+@dataclass
+class L7Config:
+    router: Router
+    rules: list[Rule]
+    tls: list[tuple[list[str], ssl.SSLContext]] | None
+
+
+@dataclass
+class Memory:
+    """State kept by a listener across swaps: stats and rate-limit buckets."""
+
+    rules: dict[tuple[str, int], RuleStats] = field(default_factory=dict)
+    clusters: dict[str, ClusterStats] = field(default_factory=dict)
+    limiters: dict[tuple[str, int], tuple[table.RateLimit, TokenBuckets]] = field(default_factory=dict)
+
+
+def build_config(
+    listener: table.L7Listener,
+    tbl: table.Table,
+    health: HealthRegistry,
+    memory: Memory,
+    contexts: list[tuple[list[str], ssl.SSLContext]] | None,
+) -> L7Config:
+    clusters: dict[str, Cluster] = {}
+    for rule in listener.rules:
+        for backend in rule.backends:
+            name = backend.cluster
+            if name is not None and name not in clusters:
+                endpoints = [health.endpoint(e.address, e.port) for e in tbl.clusters[name].endpoints]
+                stats = memory.clusters.setdefault(name, ClusterStats())
+                clusters[name] = Cluster(name, endpoints, stats)
+    rules = []
+    for rule in listener.rules:
+        key = (rule.route, rule.index)
+        limiter = None
+        if rule.rateLimit is not None:
+            kept = memory.limiters.get(key)
+            if kept is not None and kept[0] == rule.rateLimit:
+                limiter = kept[1]  # same limit: keep the buckets' state
+            else:
+                limiter = TokenBuckets(rule.rateLimit)
+                memory.limiters[key] = (rule.rateLimit, limiter)
+        rules.append(Rule(rule, clusters, memory.rules.setdefault(key, RuleStats()), limiter))
+    return L7Config(router=Router(listener), rules=rules, tls=contexts)
+
+
+def retry_after(seconds: float) -> bytes:
+    return str(max(1, math.ceil(seconds))).encode()
+
+
+def now() -> float:
+    return time.monotonic()

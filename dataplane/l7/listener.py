@@ -1,0 +1,190 @@
+"""An L7 listener: accepts HTTP (or HTTPS) on a port and routes each request."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from .. import table
+from ..health import EndpointState
+from .client import ClientConnection
+from .config import BUCKETS, L7Config, Memory, build_config
+from .tls import Contexts, server_context
+from .upstream import Pool
+
+if TYPE_CHECKING:
+    from ..runtime import Dataplane
+    from .exchange import Exchange
+
+BACKLOG = 4096
+
+
+class ServingL7:
+    """A running HTTP listener."""
+
+    kind = "l7"
+
+    def __init__(self, dataplane: Dataplane, port: int, listener: table.Listener, tbl: table.Table) -> None:
+        self.dataplane = dataplane
+        self.port = port
+        self.settings = dataplane.settings
+        self.health = dataplane.health
+        self.memory = Memory()
+        self.pool = Pool()
+        self.connections: set[ClientConnection] = set()
+        self.server: asyncio.AbstractServer | None = None
+        self.tls = listener.l7 is not None and listener.l7.tls is not None
+        self.scheme = "https" if self.tls else "http"
+        self.requests = 0
+        self.rejected = 0
+        self.header_timeouts = 0
+        self.tunnels = 0
+        self.responses = [0] * 6
+        self._connects: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._source: table.L7Listener | None = None
+        self.config: L7Config
+        self.update(listener, tbl)
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.connections)
+
+    async def start(self, address: str) -> None:
+        loop = asyncio.get_running_loop()
+        context = server_context(self._contexts) if self.tls else None
+        self.server = await loop.create_server(
+            lambda: ClientConnection(self),
+            address,
+            self.port,
+            reuse_address=True,
+            backlog=BACKLOG,
+            ssl=context,
+        )
+
+    def _contexts(self) -> Contexts | None:
+        return self.config.tls
+
+    def update(self, listener: table.Listener, tbl: table.Table) -> None:
+        l7 = listener.l7
+        assert l7 is not None
+        contexts = self.dataplane.tls_contexts.get(self.port)
+        self.config = build_config(l7, tbl, self.health, self.memory, contexts)
+        self._source = l7
+
+    # --- bookkeeping called by connections and exchanges ---
+
+    def connect(self, exchange: Exchange, endpoint: EndpointState) -> None:
+        task = asyncio.get_running_loop().create_task(self._connect(exchange, endpoint))
+        self._connects.add(task)
+        task.add_done_callback(self._connects.discard)
+
+    async def _connect(self, exchange: Exchange, endpoint: EndpointState) -> None:
+        try:
+            upstream = await self.pool.connect(endpoint, limit=self.settings.connect_timeout)
+        except (OSError, TimeoutError) as err:
+            exchange.connect_failed(endpoint, str(err) or type(err).__name__)
+            return
+        exchange.connected(upstream)
+
+    def count_response(self, status: int) -> None:
+        self.responses[min(status // 100, 5)] += 1
+
+    def connection_closed(self) -> None:
+        if not self.connections:
+            self._idle.set()
+
+    # --- ServingListener ---
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def drain(self, grace: float) -> None:
+        # Idle keep-alive connections close now; busy ones finish their exchange first.
+        for conn in list(self.connections):
+            if conn.current is None and not conn.queue:
+                conn.close()
+            else:
+                conn.closing = True
+        if self.connections:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
+        for conn in list(self.connections):
+            conn.abort()
+        for task in list(self._connects):
+            task.cancel()
+        self.pool.close()
+
+    @staticmethod
+    def collect(listeners: list[ServingL7]) -> Iterator[Metric]:
+        port_labels = ["port"]
+        connections = GaugeMetricFamily(
+            "bilayer_l7_connections_active", "Open client connections.", labels=port_labels
+        )
+        responses = CounterMetricFamily(
+            "bilayer_l7_responses", "Responses by status class, all routes.", labels=[*port_labels, "code"]
+        )
+        rule_labels = ["port", "route", "rule"]
+        by_route = CounterMetricFamily(
+            "bilayer_l7_route_responses",
+            "Responses by route rule and status class.",
+            labels=[*rule_labels, "code"],
+        )
+        latency = HistogramMetricFamily(
+            "bilayer_l7_route_duration_seconds", "Request duration by route rule.", labels=rule_labels
+        )
+        retries = CounterMetricFamily(
+            "bilayer_l7_route_retries", "Retries by route rule.", labels=rule_labels
+        )
+        limited = CounterMetricFamily(
+            "bilayer_l7_route_rate_limited", "429s by route rule.", labels=rule_labels
+        )
+        cluster_labels = ["port", "cluster"]
+        cluster_requests = CounterMetricFamily(
+            "bilayer_l7_cluster_requests", "Requests sent.", labels=cluster_labels
+        )
+        cluster_failures = CounterMetricFamily(
+            "bilayer_l7_cluster_connect_failures", "Failed connects.", labels=cluster_labels
+        )
+        cluster_retries = CounterMetricFamily("bilayer_l7_cluster_retries", "Retries.", labels=cluster_labels)
+        timeouts = CounterMetricFamily(
+            "bilayer_l7_header_timeouts", "Connections cut for slow request headers.", labels=port_labels
+        )
+        for listener in listeners:
+            port = str(listener.port)
+            connections.add_metric([port], len(listener.connections))
+            timeouts.add_metric([port], listener.header_timeouts)
+            for code in range(1, 6):
+                responses.add_metric([port, f"{code}xx"], listener.responses[code])
+            for (route, index), stats in sorted(listener.memory.rules.items()):
+                labels = [port, route, str(index)]
+                for code in range(1, 6):
+                    by_route.add_metric([*labels, f"{code}xx"], stats.responses[code])
+                cumulative, buckets = 0, []
+                for bound, count in zip((*BUCKETS, float("inf")), stats.buckets, strict=True):
+                    cumulative += count
+                    buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+                latency.add_metric(labels, buckets, stats.seconds)
+                retries.add_metric(labels, stats.retries)
+                limited.add_metric(labels, stats.rate_limited)
+            for name, cstats in sorted(listener.memory.clusters.items()):
+                cluster_requests.add_metric([port, name], cstats.requests)
+                cluster_failures.add_metric([port, name], cstats.connect_failures)
+                cluster_retries.add_metric([port, name], cstats.retries)
+        yield from (connections, responses, by_route, latency, retries, limited)
+        yield from (cluster_requests, cluster_failures, cluster_retries, timeouts)
+
+
+async def open_l7(dataplane: Dataplane, port: int, listener: table.Listener, tbl: table.Table) -> ServingL7:
+    """The ListenerFactory for L7 listeners."""
+    serving = ServingL7(dataplane, port, listener, tbl)
+    await serving.start(dataplane.settings.address)
+    return serving

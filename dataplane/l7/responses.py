@@ -1,0 +1,35 @@
+"""Responses the proxy makes itself: short plain-text bodies, never a stack trace."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+def reason(status: int) -> bytes:
+    return _REASONS.get(status, "Unknown").encode()
+
+
+def local(
+    status: int,
+    message: str,
+    *,
+    close: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    head_only: bool = False,
+) -> bytes:
+    """A complete HTTP/1.1 response; message becomes the body (one line)."""
+    body = (message + "\n").encode()
+    lines = [
+        b"HTTP/1.1 %d %s\r\n" % (status, reason(status)),
+        b"content-type: text/plain; charset=utf-8\r\n",
+        b"content-length: %d\r\n" % len(body),
+    ]
+    lines.extend(b"%s: %s\r\n" % pair for pair in headers or [])
+    if close:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"\r\n")
+    if not head_only:
+        lines.append(body)
+    return b"".join(lines)
