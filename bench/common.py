@@ -89,7 +89,8 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         root {dir}/www;
-        location = / {{ return 200 "hello from nginx\\n"; }}
+        location = /big {{ }}
+        location / {{ return 200 "hello from nginx\\n"; }}
     }}
 }}
 """
@@ -129,7 +130,7 @@ def bilayer_run(directory: Path, manifests: str, ports: list[int]) -> Iterator[s
     args = [str(BILAYER), "run", "-f", str(folder), "--address", "127.0.0.1", "--admin-port", str(admin)]
     with process([*args, "--no-access-log", "--log-level", "warning"], admin) as proc:
         for port in ports:
-            wait_port(port)
+            wait_port(port, timeout=180)
         yield proc
 
 

@@ -107,6 +107,8 @@ class LeastRequest(Balancer):
     ) -> EndpointState | None:
         endpoints = self.endpoints
         n = len(endpoints)
+        if n == 1:  # the common single-endpoint case, panic mode included
+            return endpoints[0] if endpoints[0] not in exclude else None
         if n == 0:
             return None
         if n > 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import resource
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -19,8 +20,17 @@ def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
+def tune_gc() -> None:
+    """Fewer cyclic-GC passes: with 10,000 routes in memory, Python's default thresholds
+    (a young collection every 700 allocations) ran 13 full collections during one compile
+    and made it 2.6x slower (6.5 s against 2.5 s). Reference counting still frees
+    everything without cycles at once."""
+    gc.set_threshold(100_000, 50, 100)
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run on uvloop when available."""
+    tune_gc()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
 

@@ -5,8 +5,9 @@ while one waits, so a client cannot make the proxy buffer an unbounded pipeline.
 Reading also pauses while a request body has nowhere to go yet, and while the backend
 is not taking body bytes as fast as the client sends them.
 
-Timeouts are `call_later` handles: the idle keep-alive timeout between requests, and
-the header timeout from a request's first byte to its last header (slowloris).
+Timeouts are deadlines, not timers: the idle keep-alive timeout between requests and the
+header timeout from a request's first byte to its last header (slowloris). Setting a
+float costs nothing per request; the listener's sweep closes connections past theirs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from . import responses
-from .exchange import Exchange, RequestTooLarge
+from .exchange import MAX_HEADER_BYTES, MAX_HEADERS, MAX_URL, Exchange, RequestTooLarge
 
 if TYPE_CHECKING:
     from .listener import ServingL7
@@ -33,8 +34,8 @@ class ClientConnection(asyncio.Protocol):
         "client_ip",
         "closing",
         "current",
-        "header_timer",
-        "idle_timer",
+        "deadline",
+        "held",
         "listener",
         "parser",
         "parsing",
@@ -44,6 +45,7 @@ class ClientConnection(asyncio.Protocol):
         "transport",
         "tunnel",
         "upgrading",
+        "waiting",
     )
 
     def __init__(self, listener: ServingL7) -> None:
@@ -59,8 +61,9 @@ class ClientConnection(asyncio.Protocol):
         self.upgrading: Exchange | None = None
         self.broken: tuple[int, str] | None = None
         self.closing = False
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self.header_timer: asyncio.TimerHandle | None = None
+        self.held: list[bytes] | None = None  # writes collected while hold_writes is on
+        self.deadline = 0.0  # loop time at which `waiting` times out; 0: none
+        self.waiting = ""  # "idle" (for a request) or "header" (for the end of its headers)
         self.started = 0.0
 
     # --- asyncio.Protocol ---
@@ -78,9 +81,8 @@ class ClientConnection(asyncio.Protocol):
             return
         listener.connections.add(self)
         # A new connection must send its first request within the header timeout.
-        self.idle_timer = asyncio.get_running_loop().call_later(
-            listener.settings.header_timeout, self._idle_timeout
-        )
+        self.waiting = "idle"
+        self.deadline = listener.loop.time() + listener.settings.header_timeout
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -108,9 +110,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        for timer in (self.idle_timer, self.header_timer):
-            if timer is not None:
-                timer.cancel()
+        self.deadline = 0.0
         if self.tunnel is not None:
             self.tunnel.close()
         for exchange in (self.current, *self.queue):
@@ -135,28 +135,34 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.parsing = Exchange(self)
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
-        if self.header_timer is None:
-            self.header_timer = asyncio.get_running_loop().call_later(
-                self.listener.settings.header_timeout, self._header_timeout
-            )
+        if self.waiting != "header":
+            self.waiting = "header"
+            self.deadline = self.listener.loop.time() + self.listener.settings.header_timeout
 
     def on_url(self, url: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.add_url(url)
+        exchange = self.parsing
+        assert exchange is not None
+        exchange.url += url
+        if len(exchange.url) > MAX_URL:
+            raise RequestTooLarge(414, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.add_header(name, value)
+        # Inlined (called per header): limits on count and size, trailers dropped.
+        exchange = self.parsing
+        assert exchange is not None
+        if exchange.head_parsed:
+            return  # a trailer after a chunked body: not forwarded
+        exchange.header_bytes += len(name) + len(value) + 4
+        headers = exchange.headers
+        headers.append((name, value))
+        if len(headers) > MAX_HEADERS or exchange.header_bytes > MAX_HEADER_BYTES:
+            raise RequestTooLarge(431, "request headers too large")
 
     def on_headers_complete(self) -> None:
         exchange = self.parsing
         assert exchange is not None
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-            self.header_timer = None
+        self.waiting = ""
+        self.deadline = 0.0
         parser = self.parser
         exchange.head_complete(parser.get_method(), parser.get_http_version(), parser.should_keep_alive())
         self.listener.requests += 1
@@ -174,6 +180,26 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         assert self.parsing is not None
         self.parsing.request_complete()
+
+    # --- writing ---
+
+    def write(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held.append(data)
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def hold_writes(self) -> None:
+        """Collect writes until flush_writes: one system call instead of several."""
+        if self.held is None:
+            self.held = []
+
+    def flush_writes(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            self.write(held[0] if len(held) == 1 else b"".join(held))
 
     # --- flow control ---
 
@@ -211,10 +237,9 @@ class ClientConnection(asyncio.Protocol):
                 self._answer_and_close(status, message)
                 return
             self.resume("pipeline")
-            if self.idle_timer is None and self.header_timer is None:
-                self.idle_timer = asyncio.get_running_loop().call_later(
-                    self.listener.settings.keepalive_timeout, self._idle_timeout
-                )
+            if not self.waiting:
+                self.waiting = "idle"
+                self.deadline = self.listener.loop.time() + self.listener.settings.keepalive_timeout
 
     def start_tunnel(self, upstream: asyncio.Transport) -> None:
         self.tunnel = upstream
@@ -241,29 +266,30 @@ class ClientConnection(asyncio.Protocol):
 
     def _answer_and_close(self, status: int, message: str) -> None:
         self.listener.count_response(status)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(responses.local(status, message, close=True))
+        self.write(responses.local(status, message, close=True))
         self.close()
 
-    def _header_timeout(self) -> None:
-        self.header_timer = None
-        self.listener.header_timeouts += 1
-        if self.current is None:
-            self._answer_and_close(408, "request headers not received in time")
-        else:
-            self.broken = (408, "request headers not received in time")
-
-    def _idle_timeout(self) -> None:
-        self.idle_timer = None
-        if self.current is None and not self.queue:
+    def deadline_passed(self) -> None:
+        """Called by the listener's sweep once `deadline` is past."""
+        waiting, self.waiting, self.deadline = self.waiting, "", 0.0
+        if waiting == "header":
+            self.listener.header_timeouts += 1
+            if self.current is None:
+                self._answer_and_close(408, "request headers not received in time")
+            else:
+                self.broken = (408, "request headers not received in time")
+        elif waiting == "idle" and self.current is None and not self.queue:
             self.close()
 
     def close(self) -> None:
+        """Close after everything written so far, held writes included."""
         self.closing = True
+        self.flush_writes()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def abort(self) -> None:
         self.closing = True
+        self.held = None
         if self.transport is not None:
             self.transport.abort()

@@ -25,7 +25,7 @@ from ..logs import fields
 from ..table import PathRewrite
 from . import responses
 from .config import Cluster, Rule, retry_after
-from .headers import HOP_BY_HOP, Headers, connection_tokens, serialize, strip_hop_by_hop
+from .headers import HOP_BY_HOP, Headers, connection_tokens, serialize
 from .paths import BadPath, normalize, split_target
 from .router import normalize_host
 from .upstream import Upstream
@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("bilayer.access")
 
 KEEP_BODY = 64 * 1024
+# Request headers never forwarded as received: hop-by-hop ones, and those the proxy sets.
+REQUEST_DROP = HOP_BY_HOP | {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
+REQUEST_DROP_UPGRADE = REQUEST_DROP - {b"connection", b"upgrade"}
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 NO_BODY_STATUS = frozenset({204, 304})
 MAX_URL = 8 * 1024
@@ -55,109 +58,55 @@ class RequestTooLarge(Exception):
 class Exchange:
     """A request from the client and the response that goes back."""
 
-    __slots__ = (
-        "_query_values",
-        "attempt",
-        "body",
-        "body_expected",
-        "body_kept",
-        "body_size",
-        "bytes_out",
-        "chunked",
-        "close_after",
-        "cluster",
-        "conn",
-        "done",
-        "endpoint",
-        "entry_prefix",
-        "head_parsed",
-        "header_bytes",
-        "headers",
-        "host",
-        "keep_alive",
-        "method",
-        "path",
-        "qs",
-        "reject",
-        "request_done",
-        "request_timer",
-        "resp_chunked",
-        "resp_close_delimited",
-        "resp_headers",
-        "resp_started",
-        "resp_status",
-        "retries",
-        "rule",
-        "sent_head",
-        "started",
-        "status",
-        "tried",
-        "try_timer",
-        "tunnel_early",
-        "upgrade",
-        "upstream",
-        "url",
-        "version",
-    )
+    # Scalar state starts at these class-level defaults, so creating an exchange (once
+    # per request) sets only the few mutable fields.
+    url = b""
+    header_bytes = 0
+    head_parsed = False
+    body_expected = False
+    method = "GET"
+    version = "1.1"
+    keep_alive = True
+    host = b""
+    path = "/"
+    qs = ""
+    _query_values: dict[str, str] | None = None
+    reject: tuple[int, str] | None = None
+    chunked = False
+    upgrade = False
+    connection_named: frozenset[bytes] = frozenset()  # headers the client's Connection names
+    tunnel_early = b""
+    body_size = 0
+    body_kept = True
+    request_done = False
+    rule: Rule | None = None
+    entry_prefix = ""
+    cluster: Cluster | None = None
+    upstream: Upstream | None = None
+    endpoint: EndpointState | None = None
+    attempt = 0
+    retries = 0
+    sent_head = False
+    resp_status = 0
+    resp_started = False
+    resp_chunked = False
+    resp_close_delimited = False
+    close_after = False
+    done = False
+    status = 0
+    bytes_out = 0
+    started = 0.0
+    request_timer: asyncio.TimerHandle | None = None
+    try_timer: asyncio.TimerHandle | None = None
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
-        self.url = b""
         self.headers: Headers = []
-        self.header_bytes = 0
-        self.head_parsed = False
-        self.body_expected = False
-        self.method = "GET"
-        self.version = "1.1"
-        self.keep_alive = True
-        self.host = b""
-        self.path = "/"
-        self.qs = ""
-        self._query_values: dict[str, str] | None = None
-        self.reject: tuple[int, str] | None = None
-        self.chunked = False
-        self.upgrade = False
-        self.tunnel_early = b""
         self.body: list[bytes] = []
-        self.body_size = 0
-        self.body_kept = True
-        self.request_done = False
-        self.rule: Rule | None = None
-        self.entry_prefix = ""
-        self.cluster: Cluster | None = None
-        self.upstream: Upstream | None = None
-        self.endpoint: EndpointState | None = None
         self.tried: set[EndpointState] = set()
-        self.attempt = 0
-        self.retries = 0
-        self.sent_head = False
-        self.resp_status = 0
         self.resp_headers: Headers = []
-        self.resp_started = False
-        self.resp_chunked = False
-        self.resp_close_delimited = False
-        self.close_after = False
-        self.done = False
-        self.status = 0
-        self.bytes_out = 0
-        self.started = 0.0
-        self.request_timer: asyncio.TimerHandle | None = None
-        self.try_timer: asyncio.TimerHandle | None = None
 
     # --- receiving the request (parser callbacks, through the client connection) ---
-
-    def add_url(self, url: bytes) -> None:
-        self.url += url
-        if len(self.url) > MAX_URL:
-            raise RequestTooLarge(414, "request line too long")
-
-    def add_header(self, name: bytes, value: bytes) -> None:
-        if self.head_parsed:
-            return  # a trailer after a chunked body: not forwarded
-        self.header_bytes += len(name) + len(value) + 4
-        self.headers.append((name, value))
-        if len(self.headers) > MAX_HEADERS or self.header_bytes > MAX_HEADER_BYTES:
-            raise RequestTooLarge(431, "request headers too large")
 
     def head_complete(self, method: bytes, version: str, keep_alive: bool) -> None:
         self.head_parsed = True
@@ -184,9 +133,12 @@ class Exchange:
         self.host = hosts[0] if hosts else b""
         if not self.host and version == "1.1":
             self.reject = (400, "the Host header is missing")
-        self.upgrade = b"upgrade" in connection_tokens(connection) and any(
-            name.lower() == b"upgrade" for name, _ in self.headers
-        )
+        if connection:
+            tokens = connection_tokens(connection)
+            self.upgrade = b"upgrade" in tokens and any(
+                name.lower() == b"upgrade" for name, _ in self.headers
+            )
+            self.connection_named = tokens - HOP_BY_HOP
 
     def request_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
@@ -294,9 +246,8 @@ class Exchange:
         self.cluster = cluster
         cluster.stats.requests += 1
         cluster.stats.active_requests += 1
-        loop = asyncio.get_running_loop()
         if rule.request_timeout is not None:
-            self.request_timer = loop.call_later(rule.request_timeout, self._request_timed_out)
+            self.request_timer = conn.listener.loop.call_later(rule.request_timeout, self._request_timed_out)
         if not self.request_whole:
             conn.pause("waiting-upstream")
         self._attempt()
@@ -386,7 +337,7 @@ class Exchange:
     def connected(self, upstream: Upstream) -> None:
         """A new upstream connection for this exchange is ready."""
         if self.done:
-            self.conn.listener.pool.give(upstream)
+            self.conn.listener.pool.give(upstream, self.conn.listener.loop.time())
             return
         self._attach(upstream)
 
@@ -411,7 +362,7 @@ class Exchange:
         upstream.endpoint.active += 1
         upstream.endpoint.total += 1
         upstream.exchange = self
-        self.resp_headers = []
+        self.resp_headers = upstream.response_headers = []
         self.resp_status = 0
         head = self._request_head(rule)
         body = self.body
@@ -433,44 +384,44 @@ class Exchange:
         self.conn.resume("waiting-upstream")
 
     def _request_head(self, rule: Rule) -> bytes:
+        """The request line and headers for the backend, in one pass over the headers."""
         conn = self.conn
-        tokens: frozenset[bytes] = frozenset()
+        drop = REQUEST_DROP if not self.upgrade else REQUEST_DROP_UPGRADE
+        named = self.connection_named
+        kept: Headers = []
+        forwarded_for = b""
         for name, value in self.headers:
-            if name.lower() == b"connection":
-                tokens |= connection_tokens(value)
-        headers = strip_hop_by_hop(self.headers, tokens, keep_upgrade=self.upgrade)
+            lower = name.lower()
+            if lower in drop or lower in named:
+                if lower == b"x-forwarded-for":
+                    forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+                continue
+            kept.append((name, value))
+        client = conn.client_ip.encode()
+        kept.append((b"x-forwarded-for", forwarded_for + b", " + client if forwarded_for else client))
+        kept.append((b"x-forwarded-proto", conn.listener.scheme_bytes))
+        if self.host:
+            kept.append((b"x-forwarded-host", self.host))
+        if conn.listener.settings.via:
+            kept.append((b"via", b"1.1 bilayer"))
+        if rule.request_modifier is not None:
+            kept = rule.request_modifier.apply(kept)
+        if self.chunked:
+            kept.append((b"transfer-encoding", b"chunked"))
         rewrite = rule.rewrite
         host = self.host
-        if rewrite is not None and rewrite.hostname is not None:
-            host = rewrite.hostname.encode()
-        forwarded_for = [v for n, v in headers if n.lower() == b"x-forwarded-for"]
-        out = [
-            (n, v)
-            for n, v in headers
-            if n.lower() not in (b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
-        ]
-        client = conn.client_ip.encode()
-        out.append((b"x-forwarded-for", b", ".join([*forwarded_for, client])))
-        out.append((b"x-forwarded-proto", conn.listener.scheme.encode()))
-        if self.host:
-            out.append((b"x-forwarded-host", self.host))
-        if conn.listener.settings.via:
-            out.append((b"via", b"1.1 bilayer"))
-        if rule.request_modifier is not None:
-            out = rule.request_modifier.apply(out)
-        if self.chunked:
-            out.append((b"transfer-encoding", b"chunked"))
-        path = (
-            self._rewritten_path(rewrite.path)
-            if rewrite is not None and rewrite.path is not None
-            else self.path
-        )
-        target = path + (f"?{self.qs}" if self.qs else "")
+        path = self.path
+        if rewrite is not None:
+            if rewrite.hostname is not None:
+                host = rewrite.hostname.encode()
+            if rewrite.path is not None:
+                path = self._rewritten_path(rewrite.path)
+        target = path + "?" + self.qs if self.qs else path
         return b"%s %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (
             self.method.encode(),
             target.encode("latin-1"),
             host,
-            serialize(out),
+            serialize(kept),
         )
 
     def _replayable_method(self) -> bool:
@@ -521,16 +472,13 @@ class Exchange:
 
     # --- the response (upstream parser callbacks) ---
 
-    def response_header(self, name: bytes, value: bytes) -> None:
-        self.resp_headers.append((name, value))
-
     def response_headers_complete(self, status: int, version: str) -> None:
         self.resp_status = status
         if status < 200:
             if status != 101:
                 # Interim (100 Continue, 103): pass it on, the real response follows.
                 self._write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, responses.reason(status)))
-                self.resp_headers = []
+                self.resp_headers.clear()  # shared with the upstream, which appends the next ones
             return
         if self.try_timer is not None:
             self.try_timer.cancel()
@@ -554,18 +502,24 @@ class Exchange:
     def _send_response_head(self, status: int, version: str) -> None:
         rule = self.rule
         assert rule is not None
-        tokens: frozenset[bytes] = frozenset()
+        named: frozenset[bytes] = frozenset()
         length = False
         upstream_chunked = False
+        headers: Headers = []
         for name, value in self.resp_headers:
             lower = name.lower()
-            if lower == b"connection":
-                tokens |= connection_tokens(value)
-            elif lower == b"content-length":
+            if lower in HOP_BY_HOP:
+                if lower == b"connection":
+                    named |= connection_tokens(value)
+                elif lower == b"transfer-encoding":
+                    upstream_chunked = True
+                continue
+            if lower == b"content-length":
                 length = True
-            elif lower == b"transfer-encoding":
-                upstream_chunked = True
-        headers = strip_hop_by_hop(self.resp_headers, tokens)
+            headers.append((name, value))
+        named -= HOP_BY_HOP
+        if named:  # rare: the backend's Connection names further headers
+            headers = [(n, v) for n, v in headers if n.lower() not in named]
         if rule.response_modifier is not None:
             headers = rule.response_modifier.apply(headers)
         no_body = status in NO_BODY_STATUS or self.method == "HEAD"
@@ -603,7 +557,7 @@ class Exchange:
             upstream.endpoint.active -= 1
             self.upstream = None
             if self.request_whole and not self.upgrade:
-                self.conn.listener.pool.give(upstream)
+                self.conn.listener.pool.give(upstream, self.conn.listener.loop.time())
             else:
                 upstream.close()  # the request is not fully sent: this connection cannot be reused
                 self.close_after = self.close_after or not self.request_whole
@@ -627,7 +581,7 @@ class Exchange:
         upstream.exchange = None
         self.conn.start_tunnel(upstream.transport)
         if rest:
-            conn_transport.write(rest)
+            self.conn.write(rest)  # after the 101 head, which may still be held
         if self.tunnel_early:
             upstream.transport.write(self.tunnel_early)
         self.upstream = None
@@ -708,9 +662,7 @@ class Exchange:
     # --- ending ---
 
     def _write(self, data: bytes) -> None:
-        transport = self.conn.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
+        self.conn.write(data)
 
     def local(
         self,

@@ -22,14 +22,6 @@ def connection_tokens(value: bytes) -> frozenset[bytes]:
     return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
 
 
-def strip_hop_by_hop(headers: Headers, named: frozenset[bytes], keep_upgrade: bool = False) -> Headers:
-    """headers without hop-by-hop ones; with keep_upgrade, Connection and Upgrade stay."""
-    drop = HOP_BY_HOP | named
-    if keep_upgrade:
-        drop = drop - {b"upgrade", b"connection"}
-    return [(name, value) for name, value in headers if name.lower() not in drop]
-
-
 @dataclass(frozen=True)
 class Modifier:
     """A compiled RequestHeaderModifier / ResponseHeaderModifier."""
@@ -58,4 +50,7 @@ class Modifier:
 
 
 def serialize(headers: Headers) -> bytes:
-    return b"".join(b"%s: %s\r\n" % pair for pair in headers)
+    parts: list[bytes] = []
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    return b"".join(parts)

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from .exchange import Exchange
 
 BACKLOG = 4096
+# How often deadlines (header, keep-alive, pooled upstreams) are checked: they fire up
+# to this late, and no timer is created or cancelled per request.
+SWEEP_SECONDS = 0.25
 
 
 class ServingL7:
@@ -30,6 +33,7 @@ class ServingL7:
 
     def __init__(self, dataplane: Dataplane, port: int, listener: table.Listener, tbl: table.Table) -> None:
         self.dataplane = dataplane
+        self.loop = asyncio.get_running_loop()
         self.port = port
         self.settings = dataplane.settings
         self.health = dataplane.health
@@ -39,6 +43,7 @@ class ServingL7:
         self.server: asyncio.AbstractServer | None = None
         self.tls = listener.l7 is not None and listener.l7.tls is not None
         self.scheme = "https" if self.tls else "http"
+        self.scheme_bytes = self.scheme.encode()
         self.requests = 0
         self.rejected = 0
         self.header_timeouts = 0
@@ -48,6 +53,7 @@ class ServingL7:
         self._idle = asyncio.Event()
         self._idle.set()
         self._source: table.L7Listener | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
         self.config: L7Config
         self.update(listener, tbl)
 
@@ -66,6 +72,14 @@ class ServingL7:
             backlog=BACKLOG,
             ssl=context,
         )
+        self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for conn in [c for c in self.connections if c.deadline and c.deadline <= now]:
+            conn.deadline_passed()
+        self.pool.expire(now)
+        self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def _contexts(self) -> Contexts | None:
         return self.config.tls
@@ -80,7 +94,7 @@ class ServingL7:
     # --- bookkeeping called by connections and exchanges ---
 
     def connect(self, exchange: Exchange, endpoint: EndpointState) -> None:
-        task = asyncio.get_running_loop().create_task(self._connect(exchange, endpoint))
+        task = self.loop.create_task(self._connect(exchange, endpoint))
         self._connects.add(task)
         task.add_done_callback(self._connects.discard)
 
@@ -122,6 +136,8 @@ class ServingL7:
         for task in list(self._connects):
             task.cancel()
         self.pool.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
 
     @staticmethod
     def collect(listeners: list[ServingL7]) -> Iterator[Metric]:

@@ -27,10 +27,11 @@ class Upstream(asyncio.Protocol):
     __slots__ = (
         "endpoint",
         "exchange",
-        "idle_handle",
+        "idle_since",
         "keep_alive",
         "parser",
         "pool",
+        "response_headers",
         "reused",
         "transport",
         "tunnel",
@@ -42,9 +43,10 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # when it went back to the pool
         self.keep_alive = True
         self.reused = False
+        self.response_headers: list[tuple[bytes, bytes]] = []  # the exchange's list, shared
         self.tunnel: asyncio.Transport | None = None
 
     # asyncio.Protocol
@@ -61,17 +63,21 @@ class Upstream(asyncio.Protocol):
             # Bytes on an idle connection: the server broke the protocol. Drop it.
             self.close()
             return
+        # Everything this read produces for the client (head, body, chunk framing) leaves
+        # in one write: each write is a system call.
+        client = exchange.conn
+        client.hold_writes()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             exchange.upstream_upgraded(data[upgrade.args[0] :])
         except httptools.HttpParserError as err:
             exchange.upstream_failed("bad-response", str(err))
+        finally:
+            client.flush_writes()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.keep_alive = False
-        if self.idle_handle is not None:
-            self.idle_handle.cancel()
         self.pool.forget(self)
         if self.tunnel is not None:
             self.tunnel.close()
@@ -91,8 +97,7 @@ class Upstream(asyncio.Protocol):
     # httptools callbacks, forwarded to the exchange
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.response_header(name, value)
+        self.response_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.exchange is not None:
@@ -137,14 +142,11 @@ class Pool:
         while idle:
             upstream = idle.pop()
             if upstream.transport is not None and not upstream.transport.is_closing():
-                if upstream.idle_handle is not None:
-                    upstream.idle_handle.cancel()
-                    upstream.idle_handle = None
                 upstream.reused = True
                 return upstream
         return None
 
-    def give(self, upstream: Upstream) -> None:
+    def give(self, upstream: Upstream, now: float) -> None:
         upstream.exchange = None
         transport = upstream.transport
         if not upstream.keep_alive or transport is None or transport.is_closing():
@@ -154,9 +156,15 @@ class Pool:
         if len(idle) >= MAX_IDLE_PER_ENDPOINT:
             upstream.close()
             return
-        transport.resume_reading()
         idle.append(upstream)
-        upstream.idle_handle = asyncio.get_running_loop().call_later(IDLE_SECONDS, upstream.close)
+        upstream.idle_since = now
+
+    def expire(self, now: float) -> None:
+        """Close connections idle longer than IDLE_SECONDS (oldest first in each list)."""
+        cutoff = now - IDLE_SECONDS
+        for idle in self.idle.values():
+            while idle and idle[0].idle_since <= cutoff:
+                idle.pop(0).close()
 
     def forget(self, upstream: Upstream) -> None:
         idle = self.idle.get(upstream.endpoint)

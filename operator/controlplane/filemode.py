@@ -49,34 +49,46 @@ class FileMode:
             self.loop.mark_dirty()
             return
         now = now_rfc3339()
+        port_errors = self._port_errors(compiled)
         updated: dict[ObjectKey, list[Condition]] = {}
+        changed = problems = 0
         for key, conds in compiled.statuses.items():
-            port_error = self._port_error(compiled, key)
-            full = [*conds, status.programmed(compiled, key, 1, 1, port_error)]
+            full = [*conds, status.programmed(compiled, key, 1, 1, port_errors.get(key.ref))]
             updated[key] = status.merge(self.conditions.get(key, []), full, now)
+            bad = [c for c in full if c.status != "True"]
+            problems += bool(bad)
             if not status.same(self.conditions.get(key, []), full):
-                self._log_conditions(key, full)
+                changed += 1
+                if bad:  # one line per object with a problem; the healthy ones are summed up
+                    log.warning(
+                        f"{key}: " + "; ".join(f"{c.reason}: {c.message}" for c in bad),
+                        extra=fields(object=str(key), conditions={c.type: c.status for c in full}),
+                    )
         self.conditions = updated
+        if changed:
+            log.info(
+                "objects updated",
+                extra=fields(
+                    objects=len(updated),
+                    changed=changed,
+                    with_problems=problems,
+                    generation=self.loop.generation,
+                ),
+            )
         self._report_problems()
 
-    def _port_error(self, compiled: Compiled, key: ObjectKey) -> str | None:
-        for port, listener in compiled.table.listeners.items():
-            source = listener.l4.source if listener.l4 else None
-            routes = {r.route for r in listener.l7.rules} if listener.l7 else set()
-            if key.ref == source or key.ref in routes:
-                return self.dataplane.listener_errors.get(port)
-        return None
-
-    def _log_conditions(self, key: ObjectKey, conds: list[Condition]) -> None:
-        bad = [c for c in conds if c.status != "True"]
-        level = logging.WARNING if bad else logging.INFO
-        summary = {c.type: c.status for c in conds}
-        problems = {c.type: f"{c.reason}: {c.message}" for c in bad}
-        log.log(
-            level,
-            f"{key}: " + ("; ".join(problems.values()) or "ready"),
-            extra=fields(object=str(key), conditions=summary),
-        )
+    def _port_errors(self, compiled: Compiled) -> dict[str, str]:
+        """namespace/name -> why its listener failed to bind, for objects on failed ports."""
+        errors: dict[str, str] = {}
+        for port, error in self.dataplane.listener_errors.items():
+            listener = compiled.table.listeners.get(port)
+            if listener is None:
+                continue
+            if listener.l4 is not None:
+                errors[listener.l4.source] = error
+            elif listener.l7 is not None:
+                errors.update((rule.route, error) for rule in listener.l7.rules)
+        return errors
 
     def _report_problems(self) -> None:
         current = set(self.source.problems)
