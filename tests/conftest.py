@@ -30,6 +30,8 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> d
 
     import uvloop
 
+    if item.get_closest_marker("asyncio_loop") or item.get_closest_marker("looptime"):
+        return {"asyncio": asyncio.new_event_loop}
     factories: dict[str, object] = {"uvloop": uvloop.new_event_loop}
     if item.get_closest_marker("both_loops"):
         factories["asyncio"] = asyncio.new_event_loop

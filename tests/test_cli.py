@@ -92,7 +92,9 @@ def test_crds_prints_both(capsys: pytest.CaptureFixture[str]) -> None:
     assert "name: l4listeners.bilayer.dev" in out and "name: l7routes.bilayer.dev" in out
 
 
-@pytest.mark.parametrize("command", ["run", "validate", "compile", "explain", "crds", "dataplane"])
+@pytest.mark.parametrize(
+    "command", ["run", "validate", "compile", "explain", "crds", "dataplane", "operator"]
+)
 def test_help_is_complete(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -163,6 +163,30 @@ def cmd_dataplane(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_operator(args: argparse.Namespace) -> int:
+    from .cluster import OperatorSettings
+    from .main import run
+
+    logs.setup(args.log_level)
+    labels = dict(item.split("=", 1) for item in args.dataplane_selector.split(",") if "=" in item)
+    settings = OperatorSettings(
+        namespace=args.namespace,
+        watch_namespaces=[n for n in args.watch_namespaces.split(",") if n],
+        dataplane_labels=labels,
+        dataplane_service=args.dataplane_service,
+        admin_port=args.admin_port,
+        admin_token=_token(args),
+        resync=args.resync,
+        leader_election=not args.no_leader_election,
+    )
+    if settings.admin_token is None:
+        raise SystemExit(
+            "the operator needs the dataplanes' admin token: set BILAYER_ADMIN_TOKEN or --admin-token-file"
+        )
+    eventloop.run(run(settings, liveness=args.liveness))
+    return 0
+
+
 def _add_serving_options(p: argparse.ArgumentParser, address: str, admin_address: str) -> None:
     p.add_argument("--address", default=address, help=f"address the listeners bind (default {address})")
     p.add_argument(
@@ -280,6 +304,44 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("crds", help="print or write the CustomResourceDefinitions")
     p.add_argument("--output", metavar="DIR", help="write one file per CRD into DIR instead of printing")
     p.set_defaults(func=cmd_crds)
+
+    p = sub.add_parser(
+        "operator",
+        help="watch the cluster and program the dataplane pods",
+        description="Watch L4Listeners, L7Routes, Services, EndpointSlices and TLS Secrets; compile one "
+        "table; push it to every ready dataplane pod; write status. Two replicas: the Lease holder acts.",
+    )
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", "bilayer-system"),
+        help="namespace of the dataplane pods, their Service and the leader Lease "
+        "(default: $POD_NAMESPACE or bilayer-system)",
+    )
+    p.add_argument(
+        "--watch-namespaces", default="", metavar="NS,NS", help="watch only these namespaces (default: all)"
+    )
+    p.add_argument(
+        "--dataplane-selector",
+        default="app.kubernetes.io/name=bilayer,app.kubernetes.io/component=dataplane",
+        metavar="K=V,K=V",
+        help="labels of the dataplane pods",
+    )
+    p.add_argument(
+        "--dataplane-service", default="bilayer-dataplane", help="Service whose ports follow the listeners"
+    )
+    p.add_argument("--admin-port", type=int, default=9901, help="dataplane admin port when a pod names none")
+    p.add_argument(
+        "--admin-token-file", help="file with the dataplanes' admin token (or BILAYER_ADMIN_TOKEN)"
+    )
+    p.add_argument(
+        "--resync", type=float, default=60.0, help="seconds between checks of what each pod serves"
+    )
+    p.add_argument(
+        "--no-leader-election", action="store_true", help="act without holding the Lease (a single replica)"
+    )
+    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf's liveness endpoint")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser(
         "dataplane",

@@ -53,7 +53,12 @@ class FileMode:
         updated: dict[ObjectKey, list[Condition]] = {}
         changed = problems = 0
         for key, conds in compiled.statuses.items():
-            full = [*conds, status.programmed(compiled, key, 1, 1, port_errors.get(key.ref))]
+            full = [
+                *conds,
+                status.programmed(
+                    compiled, key, 1, 1, port_error=port_errors.get(key.ref), unit="in-process dataplane"
+                ),
+            ]
             updated[key] = status.merge(self.conditions.get(key, []), full, now)
             bad = [c for c in full if c.status != "True"]
             problems += bool(bad)

@@ -10,7 +10,13 @@ from .resources.common import Condition
 
 
 def programmed(
-    compiled: Compiled, key: ObjectKey, acked: int, total: int, port_error: str | None = None
+    compiled: Compiled,
+    key: ObjectKey,
+    acked: int,
+    total: int,
+    *,
+    port_error: str | None = None,
+    unit: str = "dataplane pods",
 ) -> Condition:
     """The Programmed condition of one object, given how many dataplanes acknowledged."""
     accepted = compiled.statuses[key][0]
@@ -20,8 +26,7 @@ def programmed(
         return c.condition(c.PROGRAMMED, False, reason, "not in the routing table: see Accepted", generation)
     if port_error:
         return c.condition(c.PROGRAMMED, False, "ListenerFailed", port_error, generation)
-    unit = "dataplane" if total == 1 else "dataplanes"
-    message = f"{acked}/{total} {unit} serve this generation"
+    message = f"{acked}/{total} {unit}"
     if total == 0:
         return c.condition(c.PROGRAMMED, False, "NoDataplanes", "no ready dataplane pods", generation)
     if acked < total:

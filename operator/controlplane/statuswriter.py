@@ -1,0 +1,120 @@
+"""Writing L4Listener and L7Route status, and the dataplane Service's ports.
+
+The operator is the only writer of these statuses. A status is patched only when its
+conditions differ from what the cluster has (ignoring transition times), so a write
+never causes another write, and a restarted operator writes nothing that is already true.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from dataplane.logs import fields
+from dataplane.table import Table
+
+from . import status
+from .compiler import ObjectKey
+from .kube import KubeClient, KubeError, resource_path
+from .resources.common import Condition
+from .store import BY_KIND, Store
+
+log = logging.getLogger("bilayer.status")
+
+
+def now_rfc3339() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def observed_conditions(raw: list[dict[str, Any]]) -> list[Condition]:
+    conditions = []
+    for item in raw:
+        try:
+            conditions.append(Condition.model_validate(item))
+        except ValueError:
+            continue  # someone else's malformed condition: ours replaces it
+    return conditions
+
+
+class StatusWriter:
+    """Patches .../status of route objects whose conditions changed."""
+
+    def __init__(self, client: KubeClient, store: Store, *, concurrency: int = 16) -> None:
+        self.client = client
+        self.store = store
+        self._limit = asyncio.Semaphore(concurrency)
+        self.writes = 0
+
+    async def write_all(self, desired: dict[ObjectKey, list[Condition]]) -> int:
+        """Write every changed status; returns how many were written."""
+        now = now_rfc3339()
+        pending = []
+        for key, conditions in desired.items():
+            observed = observed_conditions(self.store.status_of(key))
+            if status.same(observed, conditions):
+                continue
+            pending.append(self._write(key, status.merge(observed, conditions, now)))
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        return sum(1 for r in results if r is True)
+
+    async def _write(self, key: ObjectKey, conditions: list[Condition]) -> bool:
+        kind = BY_KIND[key.kind]
+        path = resource_path(kind.group, kind.version, kind.plural, key.namespace, key.name) + "/status"
+        body = {"status": {"conditions": [c.model_dump(exclude_none=True) for c in conditions]}}
+        async with self._limit:
+            try:
+                updated = await self.client.patch(path, body)
+            except KubeError as err:
+                if err.status != 404:  # 404: deleted meanwhile
+                    log.warning("status write failed", extra=fields(object=str(key), error=str(err)))
+                return False
+            except (OSError, TimeoutError) as err:
+                log.warning("status write failed", extra=fields(object=str(key), error=str(err)))
+                return False
+        self.writes += 1
+        # Remember what we wrote: the watch event that follows must not look like news.
+        current = self.store.objects.get(key)
+        if current is not None:
+            current["status"] = updated.get("status", body["status"])
+        return True
+
+
+def desired_ports(table: Table) -> list[dict[str, Any]]:
+    """The dataplane Service's ports: one per listener, named by protocol and port."""
+    ports = []
+    for port, listener in sorted(table.listeners.items()):
+        if listener.l4 is not None:
+            name = f"tcp-{port}"
+        else:
+            name = f"https-{port}" if listener.l7 is not None and listener.l7.tls else f"http-{port}"
+        ports.append({"name": name, "port": port, "targetPort": port, "protocol": "TCP"})
+    return ports
+
+
+async def reconcile_service_ports(client: KubeClient, namespace: str, name: str, table: Table) -> bool:
+    """Make the Service's ports equal the table's listeners; True when it was patched."""
+    path = resource_path("", "v1", "services", namespace, name)
+    service = await client.get(path)
+    if service is None:
+        log.warning("dataplane Service not found", extra=fields(service=f"{namespace}/{name}"))
+        return False
+    desired = desired_ports(table)
+    current = (service.get("spec") or {}).get("ports") or []
+    if not desired:
+        return False  # a Service needs a port: keep what it has until a listener is accepted
+    view = [{k: p.get(k) for k in ("name", "port", "targetPort", "protocol")} for p in current]
+    if view == desired:
+        return False
+    # Keep the node ports Kubernetes assigned to ports that stay (NodePort, LoadBalancer).
+    node_ports = {p.get("port"): p.get("nodePort") for p in current if p.get("nodePort")}
+    for port in desired:
+        if port["port"] in node_ports:
+            port["nodePort"] = node_ports[port["port"]]
+    await client.patch(path, {"spec": {"ports": desired}})
+    log.info(
+        "dataplane Service ports updated",
+        extra=fields(service=f"{namespace}/{name}", ports=[p["port"] for p in desired]),
+    )
+    return True

@@ -1,0 +1,291 @@
+"""A cluster on this machine: kmock's emulator, kopf in its own thread, real dataplane processes.
+
+Each dataplane "pod" is a `bilayer dataplane` process bound to its own loopback address
+(127.0.0.2, 127.0.0.3, ...), as pods have their own IPs; its Pod object in the emulator
+carries that address and the admin port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import kmock
+import kopf
+
+from controlplane.cluster import Operator, OperatorSettings
+from controlplane.kube import Credentials, KubeClient, resource_path
+from controlplane.main import run
+
+from .helpers import async_wait_for, wait_for
+from .kube_emulator import Emulator
+
+NAMESPACE = "bilayer-system"
+TOKEN = "operator-test-token"
+LABELS = {"app.kubernetes.io/name": "bilayer", "app.kubernetes.io/component": "dataplane"}
+ADMIN_PORT = 9911
+
+
+class DataplanePod:
+    """A real dataplane process playing one pod."""
+
+    def __init__(self, index: int, state_dir: Path | None = None) -> None:
+        self.address = f"127.0.0.{index + 2}"
+        self.name = f"dataplane-{index}"
+        self.uid = f"uid-{index}"
+        self.state_dir = state_dir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        bilayer = Path(sys.executable).with_name("bilayer")
+        args = [
+            str(bilayer),
+            "dataplane",
+            "--address",
+            self.address,
+            "--admin-address",
+            self.address,
+            "--admin-port",
+            str(ADMIN_PORT),
+            "--drain-grace",
+            "1",
+            "--no-access-log",
+        ]
+        if self.state_dir is not None:
+            args += ["--state-dir", str(self.state_dir)]
+        self.process = subprocess.Popen(
+            args,
+            env={**os.environ, "BILAYER_ADMIN_TOKEN": TOKEN},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._healthy, timeout=20, what=f"{self.name} to answer /healthz")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.address}:{ADMIN_PORT}/healthz", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(20)
+            self.process = None
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": self.name, "namespace": NAMESPACE, "uid": self.uid, "labels": LABELS},
+            "spec": {
+                "containers": [
+                    {"name": "dataplane", "ports": [{"name": "admin", "containerPort": ADMIN_PORT}]}
+                ]
+            },
+            "status": {
+                "phase": "Running",
+                "podIP": self.address,
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        }
+
+    def served(self) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"http://{self.address}:{ADMIN_PORT}/v1/table", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            import json
+
+            result: dict[str, Any] = json.loads(response.read())
+            return result
+
+
+class Cluster:
+    """The API (emulator), a client for the test, the operator, the dataplane pods."""
+
+    def __init__(self, emulator: Emulator, url: str, api: KubeClient) -> None:
+        self.emulator = emulator
+        self.url = url
+        self.api = api
+        self.pods: list[DataplanePod] = []
+        self.state: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def operator(self) -> Operator:
+        operator: Operator = self.state["operator"]
+        return operator
+
+    # --- objects ---
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        group_version = body["apiVersion"]
+        group, _, version = group_version.rpartition("/")
+        plural = _plural(body["kind"])
+        namespace = body.get("metadata", {}).get("namespace", "default")
+        return await self.api.create(resource_path(group, version, plural, namespace), body)
+
+    async def patch(
+        self, kind: str, namespace: str, name: str, body: dict[str, Any], group_version: str = ""
+    ) -> dict[str, Any]:
+        group, _, version = (group_version or _group_version(kind)).rpartition("/")
+        return await self.api.patch(resource_path(group, version, _plural(kind), namespace, name), body)
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        group, _, version = _group_version(kind).rpartition("/")
+        async with self.api.session.delete(
+            resource_path(group, version, _plural(kind), namespace, name)
+        ) as response:
+            assert response.status < 300, await response.text()
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        group, _, version = _group_version(kind).rpartition("/")
+        return await self.api.get(resource_path(group, version, _plural(kind), namespace, name))
+
+    async def conditions(self, kind: str, namespace: str, name: str) -> dict[str, dict[str, Any]]:
+        obj = await self.get(kind, namespace, name) or {}
+        return {c["type"]: c for c in (obj.get("status") or {}).get("conditions") or []}
+
+    async def wait_condition(
+        self,
+        kind: str,
+        name: str,
+        condition: str,
+        *,
+        status: str = "True",
+        namespace: str = "default",
+        generation: int | None = None,
+    ) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            found = (await self.conditions(kind, namespace, name)).get(condition)
+            if (
+                found
+                and found["status"] == status
+                and (generation is None or found.get("observedGeneration") == generation)
+            ):
+                return found
+            return None
+
+        result: dict[str, Any] = await async_wait_for(
+            check, deadline_s=30, what=f"{kind} {name} {condition}={status}"
+        )
+        return result
+
+    # --- dataplane pods ---
+
+    async def add_pod(self, state_dir: Path | None = None) -> DataplanePod:
+        pod = DataplanePod(len(self.pods), state_dir)
+        await asyncio.to_thread(pod.start)
+        self.pods.append(pod)
+        await self.create(pod.body())
+        return pod
+
+    # --- the operator ---
+
+    async def start_operator(self, **overrides: Any) -> None:
+        settings = OperatorSettings(
+            namespace=NAMESPACE,
+            identity="test-operator",
+            admin_port=ADMIN_PORT,
+            admin_token=TOKEN,
+            leader_election=False,
+            holdoff=0.02,
+            max_holdoff=0.2,
+            resync=2.0,
+            status_delay=0.05,
+            **overrides,
+        )
+        url = self.url
+
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=url, priority=100, insecure=True)
+
+        self._stop.clear()
+        self._ready.clear()
+        self.state = {}
+
+        def main() -> None:
+            asyncio.run(
+                run(settings, login=login, stop_flag=self._stop, ready_flag=self._ready, state=self.state)
+            )
+
+        self._thread = threading.Thread(target=main, name="kopf", daemon=True)
+        self._thread.start()
+        # Wait without blocking this loop: it serves the emulator the operator talks to.
+        if not await asyncio.to_thread(self._ready.wait, 30):
+            raise AssertionError("the operator did not start")
+
+    async def stop_operator(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    def call(self, fn: Any) -> Any:
+        """Run fn() in the operator's own event loop (its objects are not thread-safe)."""
+        loop = self.state["loop"]
+        return asyncio.run_coroutine_threadsafe(_call(fn), loop).result(10)
+
+
+async def _call(fn: Any) -> Any:
+    return fn()
+
+
+def _plural(kind: str) -> str:
+    return {
+        "L4Listener": "l4listeners",
+        "L7Route": "l7routes",
+        "Service": "services",
+        "EndpointSlice": "endpointslices",
+        "Secret": "secrets",
+        "Pod": "pods",
+    }[kind]
+
+
+def _group_version(kind: str) -> str:
+    return {
+        "L4Listener": "bilayer.dev/v1alpha1",
+        "L7Route": "bilayer.dev/v1alpha1",
+        "Service": "v1",
+        "EndpointSlice": "discovery.k8s.io/v1",
+        "Secret": "v1",
+        "Pod": "v1",
+    }[kind]
+
+
+@asynccontextmanager
+async def running_cluster() -> AsyncIterator[Cluster]:
+    async with Emulator() as emulator, kmock.Server(emulator) as server:
+        url = str(server.url).rstrip("/")
+        api = KubeClient(Credentials(server=url))
+        cluster = Cluster(emulator, url, api)
+        await cluster.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "bilayer-dataplane", "namespace": NAMESPACE},
+                "spec": {
+                    "type": "LoadBalancer",
+                    "ports": [{"name": "placeholder", "port": 80, "targetPort": 80}],
+                },
+            }
+        )
+        try:
+            yield cluster
+        finally:
+            await cluster.stop_operator()
+            for pod in cluster.pods:
+                await asyncio.to_thread(pod.stop)
+            await api.close()

@@ -1,0 +1,332 @@
+"""The operator on kmock's Kubernetes emulator, programming real dataplane processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+
+import pytest
+
+from .helpers import async_wait_for, free_port
+from .l7kit import HTTPBackend
+from .operator_kit import NAMESPACE, Cluster, running_cluster
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    async with running_cluster() as running:
+        yield running
+
+
+@pytest.fixture
+async def web() -> AsyncIterator[HTTPBackend]:
+    backend = await HTTPBackend("web").start()
+    yield backend
+    await backend.stop()
+
+
+def service_objects(name: str, port: int) -> list[dict[str, object]]:
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port}]},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": f"{name}-1",
+                "namespace": "default",
+                "labels": {"kubernetes.io/service-name": name},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": port}],
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
+        },
+    ]
+
+
+def l7route(name: str, port: int, path: str = "/", backend: str = "web") -> dict[str, object]:
+    return {
+        "apiVersion": "bilayer.dev/v1alpha1",
+        "kind": "L7Route",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "port": port,
+            "rules": [
+                {"matches": [{"path": {"value": path}}], "backendRefs": [{"name": backend, "port": 80}]}
+            ],
+        },
+    }
+
+
+def fetch(address: str, port: int, path: str = "/") -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{address}:{port}{path}", timeout=3) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+    except OSError:
+        return 0, ""
+
+
+async def serves(cluster: Cluster, port: int, path: str, status: int = 200) -> None:
+    for pod in cluster.pods:
+        await async_wait_for(
+            lambda pod=pod: asyncio.to_thread(fetch, pod.address, port, path),
+            deadline_s=30,
+            what=f"{pod.name} to serve {path} on {port}",
+        ) if status == 200 else None
+        got = await asyncio.to_thread(fetch, pod.address, port, path)
+        if status == 200:
+            assert got[0] == 200, got
+
+
+async def test_route_lifecycle_programs_every_pod(cluster: Cluster, web: HTTPBackend) -> None:
+    await cluster.add_pod()
+    await cluster.add_pod()
+    for obj in service_objects("web", web.port):
+        await cluster.create(obj)
+    await cluster.start_operator()
+    port = free_port()
+    await cluster.create(l7route("api", port, "/api"))
+    programmed = await cluster.wait_condition("L7Route", "api", "Programmed", generation=1)
+    assert programmed["message"] == "2/2 dataplane pods"
+    conditions = await cluster.conditions("L7Route", "default", "api")
+    assert conditions["Accepted"]["status"] == "True" and conditions["ResolvedRefs"]["status"] == "True"
+    for pod in cluster.pods:
+        status, body = await asyncio.to_thread(fetch, pod.address, port, "/api/x")
+        assert status == 200 and json.loads(body)["backend"] == "web"
+
+    # Update: a new generation, programmed again, traffic follows.
+    await cluster.patch(
+        "L7Route",
+        "default",
+        "api",
+        {
+            "spec": {
+                "rules": [
+                    {"matches": [{"path": {"value": "/v2"}}], "backendRefs": [{"name": "web", "port": 80}]}
+                ]
+            }
+        },
+    )
+    await cluster.wait_condition("L7Route", "api", "Programmed", generation=2)
+    for pod in cluster.pods:
+        assert (await asyncio.to_thread(fetch, pod.address, port, "/api/x"))[0] == 404
+        assert (await asyncio.to_thread(fetch, pod.address, port, "/v2/x"))[0] == 200
+
+    # Delete: the listener goes away on every pod.
+    await cluster.delete("L7Route", "default", "api")
+    for pod in cluster.pods:
+        await async_wait_for(
+            lambda pod=pod: str(port) not in pod.served()["listeners"], what="listener removed"
+        )
+
+
+def l4listener(name: str, port: int, backend: str = "web") -> dict[str, object]:
+    return {
+        "apiVersion": "bilayer.dev/v1alpha1",
+        "kind": "L4Listener",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"port": port, "backendRefs": [{"name": backend, "port": 80}]},
+    }
+
+
+async def dataplane_service_ports(cluster: Cluster) -> list[int]:
+    service = await cluster.get("Service", NAMESPACE, "bilayer-dataplane") or {}
+    return [p["port"] for p in service["spec"]["ports"]]
+
+
+async def test_l4_conflicts_and_service_ports(cluster: Cluster, web: HTTPBackend) -> None:
+    await cluster.add_pod()
+    for obj in service_objects("web", web.port):
+        await cluster.create(obj)
+    await cluster.start_operator()
+    tcp, http = free_port(), free_port()
+    await cluster.create(l4listener("first", tcp))
+    await cluster.wait_condition("L4Listener", "first", "Programmed")
+    await asyncio.sleep(1.1)  # creationTimestamp has one-second resolution: make "second" younger
+    await cluster.create(l4listener("second", tcp))
+    refused = await cluster.wait_condition("L4Listener", "second", "Accepted", status="False")
+    assert refused["reason"] == "PortConflict" and "default/first" in refused["message"]
+    programmed = await cluster.wait_condition("L4Listener", "second", "Programmed", status="False")
+    assert programmed["reason"] == "PortConflict"
+    await cluster.create(l7route("web", http))
+    await cluster.wait_condition("L7Route", "web", "Programmed")
+    await async_wait_for(lambda: dataplane_service_ports(cluster), what="service ports")
+    assert sorted(await dataplane_service_ports(cluster)) == sorted([tcp, http])
+    status, body = await asyncio.to_thread(fetch, cluster.pods[0].address, tcp, "/through-tcp")
+    assert status == 200 and json.loads(body)["path"] == "/through-tcp"
+    await cluster.delete("L4Listener", "default", "first")
+    # The port goes to the remaining listener, and the Service keeps both ports.
+    await cluster.wait_condition("L4Listener", "second", "Accepted")
+    await cluster.wait_condition("L4Listener", "second", "Programmed")
+    await cluster.delete("L7Route", "default", "web")
+
+    async def only_tcp() -> bool:
+        return await dataplane_service_ports(cluster) == [tcp]
+
+    await async_wait_for(only_tcp, what="the http port to leave the Service")
+
+
+async def test_endpoint_changes_move_traffic(cluster: Cluster, web: HTTPBackend) -> None:
+    other = await HTTPBackend("other").start()
+    try:
+        await cluster.add_pod()
+        for obj in service_objects("web", web.port):
+            await cluster.create(obj)
+        await cluster.start_operator()
+        port = free_port()
+        await cluster.create(l7route("api", port))
+        await cluster.wait_condition("L7Route", "api", "Programmed")
+        pod = cluster.pods[0]
+        assert json.loads((await asyncio.to_thread(fetch, pod.address, port, "/"))[1])["backend"] == "web"
+        await cluster.patch(
+            "EndpointSlice", "default", "web-1", {"ports": [{"name": "http", "port": other.port}]}
+        )
+
+        async def moved() -> bool:
+            status, body = await asyncio.to_thread(fetch, pod.address, port, "/")
+            return status == 200 and json.loads(body)["backend"] == "other"
+
+        await async_wait_for(moved, what="traffic to follow the endpoint change")
+    finally:
+        await other.stop()
+
+
+async def test_restarted_dataplane_is_pushed_again(cluster: Cluster, web: HTTPBackend) -> None:
+    pod = await cluster.add_pod()
+    for obj in service_objects("web", web.port):
+        await cluster.create(obj)
+    await cluster.start_operator()
+    port = free_port()
+    await cluster.create(l7route("api", port))
+    await cluster.wait_condition("L7Route", "api", "Programmed")
+    await asyncio.to_thread(pod.stop)
+    await asyncio.to_thread(pod.start)  # no saved table: it comes back empty
+    assert pod.served()["version"] is None
+    # Kubernetes reports a restarted container on the Pod: the operator checks at once.
+    await cluster.patch(
+        "Pod",
+        NAMESPACE,
+        pod.name,
+        {"status": {"containerStatuses": [{"name": "dataplane", "restartCount": 1}]}},
+    )
+
+    async def repushed() -> bool:
+        return pod.served()["version"] is not None
+
+    await async_wait_for(repushed, what="the restarted pod to be pushed again")
+    assert (await asyncio.to_thread(fetch, pod.address, port, "/"))[0] == 200
+
+
+async def test_drift_is_repaired_by_resync(cluster: Cluster, web: HTTPBackend) -> None:
+    pod = await cluster.add_pod()
+    for obj in service_objects("web", web.port):
+        await cluster.create(obj)
+    await cluster.start_operator()  # resync every 2 s in tests
+    port = free_port()
+    await cluster.create(l7route("api", port))
+    await cluster.wait_condition("L7Route", "api", "Programmed")
+    await asyncio.to_thread(pod.stop)
+    await asyncio.to_thread(pod.start)  # restarted, and no Pod event this time
+    await async_wait_for(lambda: pod.served()["version"] is not None, what="resync to repush")
+
+
+def weak_certificate() -> tuple[bytes, bytes]:
+    """A 1024-bit RSA certificate: a valid pair to the compiler, refused by OpenSSL's
+    default security level in the dataplane."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak.example.com")])
+    now = datetime.datetime.now(tz=datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+async def test_a_refused_table_is_reported_and_the_old_one_keeps_serving(
+    cluster: Cluster, web: HTTPBackend
+) -> None:
+    import base64
+
+    pod = await cluster.add_pod()
+    for obj in service_objects("web", web.port):
+        await cluster.create(obj)
+    await cluster.start_operator()
+    port, tls_port = free_port(), free_port()
+    await cluster.create(l7route("api", port))
+    await cluster.wait_condition("L7Route", "api", "Programmed")
+    served = pod.served()["version"]
+    cert, key = weak_certificate()
+    await cluster.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {"name": "weak", "namespace": "default"},
+            "data": {"tls.crt": base64.b64encode(cert).decode(), "tls.key": base64.b64encode(key).decode()},
+        }
+    )
+    route = l7route("secure", tls_port)
+    route["spec"]["hostnames"] = ["weak.example.com"]  # type: ignore[index]
+    route["spec"]["tls"] = {"secretName": "weak"}  # type: ignore[index]
+    await cluster.create(route)
+    refused = await cluster.wait_condition("L7Route", "secure", "Programmed", status="False")
+    assert refused["reason"] == "Refused" and "refused the table" in refused["message"]
+    assert pod.served()["version"] == served  # the pod kept its table
+    assert (await asyncio.to_thread(fetch, pod.address, port, "/"))[0] == 200
+
+
+async def test_unchanged_tables_are_not_pushed_and_restarts_change_nothing(
+    cluster: Cluster, web: HTTPBackend
+) -> None:
+    pod = await cluster.add_pod()
+    for obj in service_objects("web", web.port):
+        await cluster.create(obj)
+    await cluster.start_operator()
+    port = free_port()
+    await cluster.create(l7route("api", port))
+    await cluster.wait_condition("L7Route", "api", "Programmed")
+    operator = cluster.operator
+    state = next(iter(operator.publisher.pods.values()))
+    pushes, compiles, version = state.pushes, operator.loop.compiles, pod.served()["version"]
+    # An unrelated Service, and our own status writes: no compile, no push.
+    await cluster.create(service_objects("unrelated", 9)[0])
+    await cluster.patch("L7Route", "default", "api", {"status": {"conditions": []}})
+    await cluster.wait_condition("L7Route", "api", "Programmed")  # rewritten: we are the writer
+    await asyncio.sleep(0.5)  # give a wrong compile the chance to happen
+    assert operator.loop.compiles == compiles and state.pushes == pushes
+
+    await cluster.stop_operator()
+    await cluster.start_operator()
+    restarted = cluster.operator
+    await async_wait_for(lambda: restarted.latest is not None, what="the restarted operator to compile")
+    await asyncio.sleep(0.5)
+    assert pod.served()["version"] == version
+    assert all(s.pushes == 0 for s in restarted.publisher.pods.values())  # nothing to push
+    assert restarted.status.writes == 0  # status already true
