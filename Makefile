@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+HELM := $(BIN)/helm
 
 .PHONY: install run test lint crds golden bench-l4 bench-l7 bench-control clean
 
@@ -22,7 +23,10 @@ run: install
 	trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/bilayer run -f examples/quickstart --address 127.0.0.1
 
-test: install
+$(HELM): | $(STAMP)
+	PYTHON=$(BIN)/python scripts/fetch-helm $(BIN)
+
+test: install $(HELM)
 	$(BIN)/python -m pytest -q
 
 lint: install

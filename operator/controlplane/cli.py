@@ -178,6 +178,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         admin_token=_token(args),
         resync=args.resync,
         leader_election=not args.no_leader_election,
+        lease_name=args.lease_name,
     )
     if settings.admin_token is None:
         raise SystemExit(
@@ -339,6 +340,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-leader-election", action="store_true", help="act without holding the Lease (a single replica)"
     )
+    p.add_argument("--lease-name", default="bilayer-operator", help="the Lease whose holder acts")
     p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf's liveness endpoint")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_operator)

@@ -60,6 +60,7 @@ class OperatorSettings:
     resync: float = 60.0
     status_delay: float = 0.1  # batch acknowledgements into one status pass
     leader_election: bool = True
+    lease_name: str = "bilayer-operator"
 
 
 class Operator:
@@ -123,7 +124,11 @@ class Operator:
         ]
         if self.settings.leader_election:
             leader = Leader(
-                self.client, self.settings.namespace, self.settings.identity, on_change=self._leadership
+                self.client,
+                self.settings.namespace,
+                self.settings.identity,
+                name=self.settings.lease_name,
+                on_change=self._leadership,
             )
             self._tasks.append(spawn(leader.run()))
         else:

@@ -1,0 +1,58 @@
+{{/* Names and labels shared by every object. */}}
+{{- define "bilayer.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "bilayer.labels" -}}
+app.kubernetes.io/name: bilayer
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "bilayer.selector" -}}
+app.kubernetes.io/name: bilayer
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "bilayer.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "bilayer.tokenSecret" -}}{{ include "bilayer.fullname" . }}-admin-token{{- end -}}
+{{- define "bilayer.dataplaneService" -}}{{ include "bilayer.fullname" . }}-dataplane{{- end -}}
+
+{{/* Every container: non-root, read-only root filesystem, no capabilities. */}}
+{{- define "bilayer.containerSecurity" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: ["ALL"]
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{/* What the operator reads, cluster-wide or per watched namespace. */}}
+{{- define "bilayer.readRules" -}}
+- apiGroups: ["bilayer.dev"]
+  resources: ["l4listeners", "l7routes"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["bilayer.dev"]
+  resources: ["l4listeners/status", "l7routes/status"]
+  verbs: ["get", "patch"]
+- apiGroups: [""]
+  resources: ["services", "secrets"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "list", "watch"]
+{{- end -}}

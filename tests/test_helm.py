@@ -1,0 +1,259 @@
+"""The Helm chart, rendered by a real helm and checked against the Kubernetes schemas."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from .helpers import free_port, wait_for
+
+ROOT = Path(__file__).parent.parent
+CHART = ROOT / "helm" / "bilayer"
+HELM = Path(sys.executable).with_name("helm")
+KUBERNETES = "1.33"
+BUILT_IN = {"apps/v1", "v1", "policy/v1", "networking.k8s.io/v1", "rbac.authorization.k8s.io/v1"}
+
+NON_DEFAULT = [
+    "--set",
+    "operator.watchNamespaces={shop,payments}",
+    "--set",
+    "service.type=NodePort",
+    "--set",
+    "service.externalTrafficPolicy=Local",
+    "--set",
+    "metrics.serviceMonitor.enabled=true",
+    "--set",
+    "dataplane.accessLog=false",
+    "--set",
+    "dataplane.adminPort=19901",
+    "--set",
+    "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
+]
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    if not HELM.exists():
+        pytest.fail("helm is not installed: `make install` runs scripts/fetch-helm", pytrace=False)
+    return subprocess.run([str(HELM), *args], capture_output=True, text=True, check=False, timeout=60)
+
+
+def render(*values: str) -> list[dict[str, Any]]:
+    result = helm("template", "bilayer", str(CHART), "--namespace", "ingress", *values)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def containers(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [
+        (obj, container)
+        for obj in objects
+        if obj["kind"] == "Deployment"
+        for container in obj["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def test_helm_lint() -> None:
+    result = helm("lint", str(CHART))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("values", [[], NON_DEFAULT], ids=["defaults", "non-defaults"])
+def test_every_object_is_valid_kubernetes(values: list[str]) -> None:
+    objects = render(*values)
+    kinds = {obj["kind"] for obj in objects}
+    assert {
+        "Deployment",
+        "Service",
+        "Secret",
+        "ServiceAccount",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+    } <= kinds
+    for obj in objects:
+        if obj["apiVersion"] in BUILT_IN:
+            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    for crd in (CHART / "crds").glob("*.yaml"):
+        kubernetes_validate.validate(yaml.safe_load(crd.read_text()), KUBERNETES, strict=True)
+
+
+@pytest.mark.parametrize("values", [[], NON_DEFAULT], ids=["defaults", "non-defaults"])
+def test_pods_are_locked_down(values: list[str]) -> None:
+    for deployment, container in containers(render(*values)):
+        pod = deployment["spec"]["template"]["spec"]
+        security = container["securityContext"]
+        assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["securityContext"]["runAsNonRoot"]
+        assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+        if container["name"] == "dataplane":
+            assert {"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"} in pod["securityContext"][
+                "sysctls"
+            ]
+            assert pod["automountServiceAccountToken"] is False
+            assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+            assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            assert container["lifecycle"]["preStop"]
+            assert pod["terminationGracePeriodSeconds"] >= 35
+
+
+def test_rbac_is_least_privilege() -> None:
+    for values in ([], NON_DEFAULT):
+        for obj in render(*values):
+            if obj["kind"] not in ("Role", "ClusterRole"):
+                continue
+            for rule in obj["rules"]:
+                for field in ("apiGroups", "resources", "verbs"):
+                    assert "*" not in rule[field], (obj["metadata"]["name"], rule)
+                writes = set(rule["verbs"]) - {"get", "list", "watch"}
+                if writes == {"patch"} and not rule.get("resourceNames"):
+                    assert all(r.endswith("/status") for r in rule["resources"]), rule
+                if writes and not all(r.endswith("/status") for r in rule["resources"]):
+                    # Writes outside status: only the dataplane Service and the Lease, by name.
+                    assert rule.get("resourceNames") or rule["verbs"] == ["create"], rule
+                assert not {"delete", "update", "deletecollection", "escalate", "bind"} & set(rule["verbs"])
+    scoped = render(*NON_DEFAULT)
+    assert not [o for o in scoped if o["kind"] == "ClusterRole"]  # watchNamespaces: Roles only
+    assert {o["metadata"]["namespace"] for o in scoped if o["kind"] == "Role"} >= {"shop", "payments"}
+
+
+def test_network_policy_guards_only_the_admin_port() -> None:
+    policy = next(o for o in render(*NON_DEFAULT) if o["kind"] == "NetworkPolicy")
+    admin_rule, listeners_rule = policy["spec"]["ingress"]
+    assert admin_rule["ports"] == [{"protocol": "TCP", "port": 19901}]
+    assert admin_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert listeners_rule["ports"] == [
+        {"protocol": "TCP", "port": 1, "endPort": 19900},
+        {"protocol": "TCP", "port": 19902, "endPort": 65535},
+    ]
+    assert "from" not in listeners_rule
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (["--set", "service.type=Ingress"], "/service/type"),
+        (["--set", "dataplane.replicas=0"], "/dataplane/replicas"),
+        (["--set", "dataplane.adminPort=70000"], "/dataplane/adminPort"),
+        (["--set", "operator.watchNamespaces={Bad_Name}"], "/operator/watchNamespaces/0"),
+        (["--set", "surprise=true"], "surprise"),
+    ],
+)
+def test_schema_rejects_bad_values(values: list[str], message: str) -> None:
+    result = helm("template", "bilayer", str(CHART), *values)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_chart_crds_are_the_generated_ones() -> None:
+    for path in (ROOT / "crds").glob("*.yaml"):
+        assert (CHART / "crds" / path.name).read_text() == path.read_text()
+
+
+def _args(container: dict[str, Any]) -> list[str]:
+    return [str(a) for a in container["args"]]
+
+
+def test_the_dataplane_entry_point_starts_as_the_chart_runs_it(tmp_path: Path) -> None:
+    _, container = next((d, c) for d, c in containers(render()) if c["name"] == "dataplane")
+    port = free_port()
+    args = [
+        a
+        for a in _args(container)
+        if not a.startswith(("--state-dir", "--admin-port", "--address", "--admin-address"))
+    ]
+    args += [
+        f"--state-dir={tmp_path}",
+        f"--admin-port={port}",
+        "--address=127.0.0.1",
+        "--admin-address=127.0.0.1",
+    ]
+    bilayer = Path(sys.executable).with_name("bilayer")
+    process = subprocess.Popen(
+        [str(bilayer), *args],
+        env={**os.environ, "BILAYER_ADMIN_TOKEN": "t"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _status(f"http://127.0.0.1:{port}/healthz") == 200, what="/healthz")
+        assert _status(f"http://127.0.0.1:{port}/readyz") == 503  # no table yet
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
+
+
+async def test_the_operator_entry_point_starts_as_the_chart_runs_it(tmp_path: Path) -> None:
+    import asyncio
+
+    from .operator_kit import running_cluster
+
+    _, container = next((d, c) for d, c in containers(render()) if c["name"] == "operator")
+    health = free_port()
+    args = [
+        a if not a.startswith("--liveness") else f"--liveness=http://127.0.0.1:{health}/healthz"
+        for a in _args(container)
+    ]
+    async with running_cluster() as cluster:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "e",
+                    "clusters": [{"name": "e", "cluster": {"server": cluster.url}}],
+                    "users": [{"name": "e", "user": {"token": "x"}}],
+                    "contexts": [{"name": "e", "context": {"cluster": "e", "user": "e"}}],
+                }
+            )
+        )
+        bilayer = Path(sys.executable).with_name("bilayer")
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "BILAYER_ADMIN_TOKEN": "t",
+            "POD_NAME": "operator-0",
+        }
+        process = await asyncio.create_subprocess_exec(
+            str(bilayer), *args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+
+            async def alive() -> bool:
+                return await asyncio.to_thread(_status, f"http://127.0.0.1:{health}/healthz") == 200
+
+            from .helpers import async_wait_for
+
+            await async_wait_for(alive, deadline_s=30, what="the operator's liveness endpoint")
+
+            async def leading() -> bool:
+                lease = await cluster.api.get(
+                    "/apis/coordination.k8s.io/v1/namespaces/ingress/leases/bilayer-operator"
+                )
+                return lease is not None and lease["spec"]["holderIdentity"] == "operator-0"
+
+            await async_wait_for(leading, deadline_s=30, what="the operator to take the Lease")
+        finally:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 30)
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+    except OSError:
+        return 0
