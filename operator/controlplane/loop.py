@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from dataplane.logs import fields
 
-from .compiler import Compiled, Snapshot, compile_snapshot
+from .compiler import Compiled, ParseCache, Snapshot, compile_snapshot
 
 log = logging.getLogger("bilayer.loop")
 
@@ -47,6 +47,7 @@ class CompileLoop:
         self.version = ""
         self.compiles = 0
         self.last: Compiled | None = None
+        self._cache = ParseCache()  # unchanged objects are not validated again
 
     def mark_dirty(self) -> None:
         """Something that may change the table happened."""
@@ -84,9 +85,9 @@ class CompileLoop:
         snapshot = self._snapshot()
         started = time.perf_counter()
         if self._in_thread:
-            compiled = await asyncio.to_thread(compile_snapshot, snapshot, self.generation + 1)
+            compiled = await asyncio.to_thread(compile_snapshot, snapshot, self.generation + 1, self._cache)
         else:
-            compiled = compile_snapshot(snapshot, self.generation + 1)
+            compiled = compile_snapshot(snapshot, self.generation + 1, self._cache)
         took = time.perf_counter() - started
         self.compiles += 1
         if compiled.table.version == self.version:

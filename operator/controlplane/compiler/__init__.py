@@ -18,13 +18,14 @@ from ..resources.l4listener import L4Listener
 from ..resources.l7route import L7Route
 from . import conditions as c
 from .backends import BackendResolver, Resolution
+from .cache import ParseCache, fingerprint
 from .l4 import build_l4
 from .l7 import RouteRefs, build_l7
 from .ports import Parsed, claim_ports
 from .snapshot import ROUTE_KINDS, Object, ObjectKey, Snapshot, age_key, generation
 from .tls import SecretIndex
 
-__all__ = ["Compiled", "ObjectKey", "Snapshot", "compile_snapshot"]
+__all__ = ["Compiled", "ObjectKey", "ParseCache", "Snapshot", "compile_snapshot"]
 
 _MODELS: dict[str, type[L4Listener] | type[L7Route]] = {
     "L4Listener": L4Listener,
@@ -41,10 +42,15 @@ class Compiled:
     served: frozenset[ObjectKey] = field(default_factory=frozenset)
 
 
-def compile_snapshot(snapshot: Snapshot, generation_number: int = 1) -> Compiled:
-    """Compile every L4Listener and L7Route in snapshot into one table."""
+def compile_snapshot(
+    snapshot: Snapshot, generation_number: int = 1, cache: ParseCache | None = None
+) -> Compiled:
+    """Compile every L4Listener and L7Route in snapshot into one table.
+
+    cache, when given, remembers parses between calls; it changes speed, never results.
+    """
     statuses: dict[ObjectKey, list[Condition]] = {}
-    parsed = _parse_all(snapshot, statuses)
+    parsed = _parse_all(snapshot, statuses, cache or ParseCache())
     owners, refused = claim_ports(parsed)
     for p in parsed:
         if p.key in refused:
@@ -83,34 +89,43 @@ def compile_snapshot(snapshot: Snapshot, generation_number: int = 1) -> Compiled
         if listener is not None:
             listeners[port] = listener
 
-    compiled_table = table.Table(
+    # Built from parts that are valid by construction; the dataplane validates on receipt.
+    compiled_table = table.Table.build(
         clusters=dict(sorted(resolver.clusters.items())), listeners=listeners
     ).stamped(generation_number)
     return Compiled(compiled_table, dict(sorted(statuses.items())), frozenset(served))
 
 
-def _parse_all(snapshot: Snapshot, statuses: dict[ObjectKey, list[Condition]]) -> list[Parsed]:
+def _parse_all(
+    snapshot: Snapshot, statuses: dict[ObjectKey, list[Condition]], cache: ParseCache
+) -> list[Parsed]:
     """Valid route objects, oldest first; the invalid ones get Accepted=False."""
-    candidates = [o for kind in ROUTE_KINDS for o in snapshot.of_kind(kind)]
-    # Sorting by content too makes duplicates (same key twice) resolve the same way
-    # whatever the input order.
-    candidates.sort(
-        key=lambda o: (age_key(o), str(o.get("kind")), json.dumps(o, sort_keys=True, default=str))
-    )
+    by_key: dict[ObjectKey, list[Object]] = {}
+    for kind in ROUTE_KINDS:
+        for obj in snapshot.of_kind(kind):
+            by_key.setdefault(ObjectKey.of(obj), []).append(obj)
     parsed: list[Parsed] = []
-    seen: set[ObjectKey] = set()
-    for obj in candidates:
-        key = ObjectKey.of(obj)
-        if key in seen:
+    for key, copies in by_key.items():
+        # The same key twice (files): the choice must not depend on input order.
+        obj = (
+            copies[0]
+            if len(copies) == 1
+            else min(copies, key=lambda o: json.dumps(o, sort_keys=True, default=str))
+        )
+        print_ = fingerprint(obj)
+        result = cache.get(key, print_)
+        if result is None:
+            try:
+                result = _MODELS[key.kind].model_validate(_without_status(obj))
+            except ValidationError as err:
+                result = "; ".join(c.describe_validation_error(err))
+            cache.put(key, print_, result)
+        if isinstance(result, str):
+            statuses[key] = [c.condition(c.ACCEPTED, False, c.INVALID, result, generation(obj))]
             continue
-        seen.add(key)
-        try:
-            model = _MODELS[key.kind].model_validate(_without_status(obj))
-        except ValidationError as err:
-            message = "; ".join(c.describe_validation_error(err))
-            statuses[key] = [c.condition(c.ACCEPTED, False, c.INVALID, message, generation(obj))]
-            continue
-        parsed.append(Parsed(key=key, generation=generation(obj), age=age_key(obj), model=model))
+        parsed.append(Parsed(key=key, generation=generation(obj), age=age_key(obj), model=result))
+    cache.retain(set(by_key))
+    parsed.sort(key=lambda p: (p.age, p.key.kind))
     return parsed
 
 

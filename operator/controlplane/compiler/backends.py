@@ -62,12 +62,12 @@ class BackendResolver:
                     f"{where}: Service {ref.namespace}/{ref.name} is in another namespace; "
                     f"only Services in {namespace} may be referenced"
                 )
-                result.backends.append(table.Backend(cluster=None, weight=ref.weight))
+                result.backends.append(table.Backend.build(cluster=None, weight=ref.weight))
                 continue
             name, problem = self._cluster(namespace, ref)
             if problem:
                 result.problems.append(f"{where}: {problem}")
-            result.backends.append(table.Backend(cluster=name, weight=ref.weight))
+            result.backends.append(table.Backend.build(cluster=name, weight=ref.weight))
         return result
 
     def _cluster(self, namespace: str, ref: BackendRef) -> tuple[str | None, str | None]:
@@ -85,7 +85,7 @@ class BackendResolver:
             )
         name = cluster_name(namespace, ref.name, ref.port)
         if name not in self.clusters:
-            self.clusters[name] = table.Cluster(endpoints=self._endpoints(namespace, ref.name, port))
+            self.clusters[name] = table.Cluster.build(endpoints=self._endpoints(namespace, ref.name, port))
         return name, None
 
     def _endpoints(self, namespace: str, service: str, port: ServicePort) -> list[table.Endpoint]:
@@ -102,7 +102,7 @@ class BackendResolver:
                 for address in endpoint.addresses:
                     if _is_ip(address):
                         found.add((address, number))
-        return [table.Endpoint(address=a, port=p) for a, p in sorted(found)]
+        return [table.Endpoint.build(address=a, port=p) for a, p in sorted(found)]
 
 
 def _slice_port(endpoint_slice: EndpointSlice, port: ServicePort) -> int | None:

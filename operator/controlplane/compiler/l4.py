@@ -12,14 +12,14 @@ from .backends import Resolution
 def build_l4(listener: L4Listener, source: str, resolution: Resolution) -> table.Listener:
     spec = listener.spec
     check = spec.healthCheck
-    return table.Listener(
+    return table.Listener.build(
         l4=table.L4Listener(
             source=source,
             backends=resolution.backends,
             policy=spec.loadBalancing.policy,
             healthCheck=None
             if check is None
-            else table.HealthCheck(
+            else table.HealthCheck.build(
                 interval=parse_duration(check.interval),
                 timeout=parse_duration(check.timeout),
                 unhealthyThreshold=check.unhealthyThreshold,

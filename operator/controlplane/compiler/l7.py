@@ -50,7 +50,7 @@ class _Group:
         def ordered(items: list[tuple[EntryRank, table.MatchEntry]]) -> list[table.MatchEntry]:
             return [entry for _, entry in sorted(items, key=lambda item: item[0])]
 
-        return table.HostRoutes(
+        return table.HostRoutes.build(
             exact={path: ordered(items) for path, items in sorted(self.exact.items())},
             regex=ordered(self.regex),
             prefix={path: ordered(items) for path, items in sorted(self.prefix.items())},
@@ -88,16 +88,16 @@ def build_l7(
             found.not_permitted |= resolution.not_permitted
             rules.append(_rule(parsed.key.ref, rule_index, rule, route, resolution.backends))
             for match_index, match in enumerate(rule.matches):
-                entry = table.MatchEntry(
+                entry = table.MatchEntry.build(
                     rule=len(rules) - 1,
-                    path=table.PathCondition(type=match.path.type, value=match.path.value),
+                    path=table.PathCondition.build(type=match.path.type, value=match.path.value),
                     method=match.method,
                     headers=[
-                        table.ValueCondition(name=h.name.lower(), type=h.type, value=h.value)
+                        table.ValueCondition.build(name=h.name.lower(), type=h.type, value=h.value)
                         for h in match.headers
                     ],
                     queryParams=[
-                        table.ValueCondition(name=q.name, type=q.type, value=q.value)
+                        table.ValueCondition.build(name=q.name, type=q.type, value=q.value)
                         for q in match.queryParams
                     ],
                 )
@@ -107,13 +107,13 @@ def build_l7(
     tls_port = any(isinstance(p.model, L7Route) and p.model.spec.tls for p in routes)
     if tls_port and not certificates:
         return None, refs
-    hosts = table.HostIndex(
+    hosts = table.HostIndex.build(
         exact={key: g.freeze() for (kind, key), g in sorted(groups.items()) if kind == "exact"},
         wildcard={key: g.freeze() for (kind, key), g in sorted(groups.items()) if kind == "wildcard"},
         any=groups[("any", "")].freeze() if ("any", "") in groups else None,
     )
-    tls = table.TLS(certificates=certificates) if tls_port else None
-    return table.Listener(l7=table.L7Listener(rules=rules, hosts=hosts, tls=tls)), refs
+    tls = table.TLS.build(certificates=certificates) if tls_port else None
+    return table.Listener.build(l7=table.L7Listener(rules=rules, hosts=hosts, tls=tls)), refs
 
 
 def _host_groups(hostnames: list[str]) -> list[tuple[str, str]]:
@@ -127,7 +127,7 @@ def _rule(
 ) -> table.Rule:
     by_type: dict[str, Filter] = {f.type: f for f in rule.filters}
     timeouts = rule.timeouts
-    return table.Rule(
+    return table.Rule.build(
         route=source,
         index=index,
         name=rule.name,
@@ -142,36 +142,38 @@ def _rule(
         ),
         retry=None
         if rule.retry is None
-        else table.Retry(
+        else table.Retry.build(
             attempts=rule.retry.attempts,
             codes=sorted(set(rule.retry.codes)),
             backoff=parse_duration(rule.retry.backoff),
         ),
         rateLimit=None
         if rule.rateLimit is None
-        else table.RateLimit(
+        else table.RateLimit.build(
             rate=rule.rateLimit.requests / _UNIT_SECONDS[rule.rateLimit.unit],
             burst=rule.rateLimit.burst or rule.rateLimit.requests,
             key=_key(rule.rateLimit.key),
         ),
-        loadBalancing=table.LoadBalancing(policy=rule.loadBalancing.policy, key=_key(rule.loadBalancing.key)),
+        loadBalancing=table.LoadBalancing.build(
+            policy=rule.loadBalancing.policy, key=_key(rule.loadBalancing.key)
+        ),
         allowEncodedSlashes=route.spec.allowEncodedSlashes,
     )
 
 
 def _key(key: str | HeaderKey) -> table.RequestKey:
     if isinstance(key, HeaderKey):
-        return table.RequestKey(type="Header", header=key.header.lower())
-    return table.RequestKey(type="ClientIP")
+        return table.RequestKey.build(type="Header", header=key.header.lower())
+    return table.RequestKey.build(type="ClientIP")
 
 
 def _header_ops(f: Filter | None, field_name: str) -> table.HeaderOps | None:
     modifier: HeaderModifier | None = getattr(f, field_name) if f else None
     if modifier is None:
         return None
-    return table.HeaderOps(
-        set=[table.HeaderValue(name=h.name, value=h.value) for h in modifier.set],
-        add=[table.HeaderValue(name=h.name, value=h.value) for h in modifier.add],
+    return table.HeaderOps.build(
+        set=[table.HeaderValue.build(name=h.name, value=h.value) for h in modifier.set],
+        add=[table.HeaderValue.build(name=h.name, value=h.value) for h in modifier.add],
         remove=list(modifier.remove),
     )
 
@@ -181,20 +183,20 @@ def _path(path: PathModifier | None) -> table.PathRewrite | None:
         return None
     value = path.replaceFullPath if path.type == "ReplaceFullPath" else path.replacePrefixMatch
     assert value is not None  # the model guarantees the field of the type is set
-    return table.PathRewrite(type=path.type, value=value)
+    return table.PathRewrite.build(type=path.type, value=value)
 
 
 def _rewrite(f: Filter | None) -> table.Rewrite | None:
     if f is None or f.urlRewrite is None:
         return None
-    return table.Rewrite(hostname=f.urlRewrite.hostname, path=_path(f.urlRewrite.path))
+    return table.Rewrite.build(hostname=f.urlRewrite.hostname, path=_path(f.urlRewrite.path))
 
 
 def _redirect(f: Filter | None) -> table.Redirect | None:
     if f is None or f.requestRedirect is None:
         return None
     r = f.requestRedirect
-    return table.Redirect(
+    return table.Redirect.build(
         scheme=r.scheme,
         hostname=r.hostname,
         port=r.port,

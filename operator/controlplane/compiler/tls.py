@@ -46,7 +46,7 @@ class SecretIndex:
         problem = _check_pair(cert_pem, key_pem)
         if problem:
             return None, f"{where}: {problem}"
-        return table.Certificate(
+        return table.Certificate.build(
             hostnames=hostnames, certPem=cert_pem.decode(), keyPem=key_pem.decode()
         ), None
 
