@@ -195,18 +195,18 @@ class Cluster:
     # --- the operator ---
 
     async def start_operator(self, **overrides: Any) -> None:
-        settings = OperatorSettings(
-            namespace=NAMESPACE,
-            identity="test-operator",
-            admin_port=ADMIN_PORT,
-            admin_token=TOKEN,
-            leader_election=False,
-            holdoff=0.02,
-            max_holdoff=0.2,
-            resync=2.0,
-            status_delay=0.05,
-            **overrides,
-        )
+        defaults: dict[str, Any] = {
+            "namespace": NAMESPACE,
+            "identity": "test-operator",
+            "admin_port": ADMIN_PORT,
+            "admin_token": TOKEN,
+            "leader_election": False,
+            "holdoff": 0.02,
+            "max_holdoff": 0.2,
+            "resync": 2.0,
+            "status_delay": 0.05,
+        }
+        settings = OperatorSettings(**{**defaults, **overrides})
         url = self.url
 
         def login(**_: Any) -> kopf.ConnectionInfo:

@@ -330,3 +330,18 @@ async def test_unchanged_tables_are_not_pushed_and_restarts_change_nothing(
     assert pod.served()["version"] == version
     assert all(s.pushes == 0 for s in restarted.publisher.pods.values())  # nothing to push
     assert restarted.status.writes == 0  # status already true
+
+
+async def test_a_pod_with_another_token_is_retried_not_given_up(cluster: Cluster, web: HTTPBackend) -> None:
+    pod = await cluster.add_pod()
+    for obj in service_objects("web", web.port):
+        await cluster.create(obj)
+    await cluster.start_operator(admin_token="wrong-token")
+    port = free_port()
+    await cluster.create(l7route("api", port))
+    pending = await cluster.wait_condition("L7Route", "api", "Programmed", status="False")
+    assert pending["message"] == "0/1 dataplane pods"
+    state = next(iter(cluster.operator.publisher.pods.values()))
+    await async_wait_for(lambda: state.failures >= 2, what="retries")
+    assert state.refused_version is None and "answered 401" in (state.error or "")
+    assert pod.served()["version"] is None

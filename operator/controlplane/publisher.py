@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -194,6 +195,7 @@ class Publisher:
 
     async def _push(self, state: PodState, table: Table) -> bool:
         pod = state.pod
+        started = time.monotonic()
         try:
             async with self._client().put(
                 pod.url + "/v1/table", data=self._body, headers={"Content-Type": "application/json"}
@@ -215,7 +217,14 @@ class Publisher:
             state.acked_version = answer.get("version")
             state.acked_generation = answer.get("generation")
             log.info(
-                "table pushed", extra=fields(pod=pod.name, version=table.version, generation=table.generation)
+                "table pushed",
+                extra=fields(
+                    pod=pod.name,
+                    version=table.version,
+                    generation=table.generation,
+                    bytes=len(self._body),
+                    seconds=round(time.monotonic() - started, 3),
+                ),
             )
             self.on_change()
             return True
@@ -226,6 +235,16 @@ class Publisher:
                 self.on_conflict(served)
             state.error = answer.get("error")
             return True  # the loop restamps and publishes again
+        if status != 400:
+            # Not a verdict on the table (401: wrong admin token; 5xx): keep trying, say why.
+            state.failures += 1
+            state.error = f"pod {pod.name} answered {status}: {answer.get('error', '')}"
+            if state.failures in (1, 5) or state.failures % 20 == 0:
+                log.error(
+                    "push rejected", extra=fields(pod=pod.name, status=status, error=answer.get("error"))
+                )
+            self.on_change()
+            return False
         state.refused_version = table.version
         state.error = f"pod {pod.name} refused the table: {answer.get('error', status)}"
         log.error("table refused", extra=fields(pod=pod.name, status=status, error=answer.get("error")))

@@ -8,6 +8,7 @@ a certificate needs; their content is never logged.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,13 +65,36 @@ def _table_view(obj: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
+def _references(key: ObjectKey, obj: Mapping[str, Any]) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """The Services and Secrets a route object names, as (namespace, name)."""
+    services: set[tuple[str, str]] = set()
+    secrets: set[tuple[str, str]] = set()
+    spec = obj.get("spec") or {}
+    refs = list(spec.get("backendRefs") or [])
+    for rule in spec.get("rules") or []:
+        if isinstance(rule, dict):
+            refs += rule.get("backendRefs") or []
+    for ref in refs:
+        if isinstance(ref, dict) and ref.get("name"):
+            services.add((ref.get("namespace") or key.namespace, ref["name"]))
+    tls = spec.get("tls")
+    if isinstance(tls, dict) and tls.get("secretName"):
+        secrets.add((key.namespace, tls["secretName"]))
+    return services, secrets
+
+
 class Store:
-    """Objects by key, with the references that decide what matters."""
+    """Objects by key, with the references that decide what matters.
+
+    References are counted per route, so an event costs O(its own references), not a
+    pass over every route: at 10,000 routes the initial watch replay is 10,000 events.
+    """
 
     def __init__(self) -> None:
         self.objects: dict[ObjectKey, dict[str, Any]] = {}
-        self._services: set[tuple[str, str]] = set()  # (namespace, name) referenced by a route
-        self._secrets: set[tuple[str, str]] = set()
+        self._services: Counter[tuple[str, str]] = Counter()  # (namespace, name) -> routes naming it
+        self._secrets: Counter[tuple[str, str]] = Counter()
+        self._named: dict[ObjectKey, tuple[set[tuple[str, str]], set[tuple[str, str]]]] = {}
 
     def apply(self, kind: str, event: str | None, body: Mapping[str, Any]) -> bool:
         """Record a watch event; True when the table may change because of it."""
@@ -80,51 +104,46 @@ class Store:
         key = ObjectKey.of(obj)
         if event == "DELETED":
             old = self.objects.pop(key, None)
+            if key.kind in ROUTE_KINDS:
+                self._count(key, None)
             return old is not None and self._matters(key, obj)
         old = self.objects.get(key)
         self.objects[key] = obj
         if old is not None and _table_view(old) == _table_view(obj):
             return False  # e.g. our own status write coming back
+        if key.kind in ROUTE_KINDS:
+            self._count(key, obj)
         return self._matters(key, obj)
+
+    def _count(self, key: ObjectKey, obj: Mapping[str, Any] | None) -> None:
+        old_services, old_secrets = self._named.pop(key, (set(), set()))
+        self._services.subtract(old_services)
+        self._secrets.subtract(old_secrets)
+        if obj is not None:
+            services, secrets = self._named[key] = _references(key, obj)
+            self._services.update(services)
+            self._secrets.update(secrets)
 
     def replace_all(self, kind: str, bodies: Iterable[Mapping[str, Any]]) -> None:
         """The initial listing of one kind."""
         for key in [k for k in self.objects if k.kind == kind]:
             del self.objects[key]
+            if kind in ROUTE_KINDS:
+                self._count(key, None)
         for body in bodies:
             self.apply(kind, None, body)
-        self.recompute_references()
 
     def _matters(self, key: ObjectKey, obj: Mapping[str, Any]) -> bool:
         if key.kind in ROUTE_KINDS:
-            self.recompute_references()
             return True
         if key.kind == "Service":
-            return (key.namespace, key.name) in self._services
+            return self._services[(key.namespace, key.name)] > 0
         if key.kind == "EndpointSlice":
             service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
-            return (key.namespace, service) in self._services
+            return self._services[(key.namespace, str(service))] > 0
         if key.kind == "Secret":
-            return (key.namespace, key.name) in self._secrets
+            return self._secrets[(key.namespace, key.name)] > 0
         return False
-
-    def recompute_references(self) -> None:
-        services: set[tuple[str, str]] = set()
-        secrets: set[tuple[str, str]] = set()
-        for key, obj in self.objects.items():
-            if key.kind not in ROUTE_KINDS:
-                continue
-            spec = obj.get("spec") or {}
-            refs = list(spec.get("backendRefs") or [])
-            for rule in spec.get("rules") or []:
-                refs += rule.get("backendRefs") or [] if isinstance(rule, dict) else []
-            for ref in refs:
-                if isinstance(ref, dict) and ref.get("name"):
-                    services.add((ref.get("namespace") or key.namespace, ref["name"]))
-            tls = spec.get("tls")
-            if isinstance(tls, dict) and tls.get("secretName"):
-                secrets.add((key.namespace, tls["secretName"]))
-        self._services, self._secrets = services, secrets
 
     def snapshot(self) -> Snapshot:
         return Snapshot(tuple(self.objects.values()))

@@ -1,0 +1,279 @@
+"""Control-plane benchmark: the operator at 10,000 L7Routes and 1,000 L4Listeners.
+
+    .venv/bin/python bench/control.py [--routes 10000] [--listeners 1000] [--changes 200]
+
+kmock's emulator (with the subclass from tests/) holds the objects; `bilayer operator`
+runs as its own process (its RSS is measured); three `bilayer dataplane` processes on
+127.0.0.2-4 play the pods. Measured: initial sync (list, compile, push, all pods
+serving), compile time and table size (from the operator's log), operator RSS, and the
+propagation latency of new routes, from creation to a pod answering for the new host,
+while a background task keeps changing other routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
+
+import kmock  # noqa: E402
+
+from tests.kube_emulator import Emulator  # noqa: E402
+from tests.operator_kit import TOKEN, DataplanePod  # noqa: E402
+
+NAMESPACE = "bilayer-system"
+HTTP_PORT = 18080
+L4_BASE = 20000
+
+
+def stamp(obj: dict[str, Any], version: int) -> dict[str, Any]:
+    meta = obj["metadata"]
+    meta.update(
+        uid=f"uid-{version}",
+        resourceVersion=str(version),
+        generation=1,
+        creationTimestamp="2026-01-01T00:00:00Z",
+    )
+    return obj
+
+
+def route(i: int, host: str | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "bilayer.dev/v1alpha1",
+        "kind": "L7Route",
+        "metadata": {"name": f"r{i}", "namespace": "bench"},
+        "spec": {
+            "port": HTTP_PORT,
+            "hostnames": [host or f"h{i}.example.com"],
+            "rules": [{"matches": [{"path": {"value": "/"}}], "backendRefs": [{"name": "web", "port": 80}]}],
+        },
+    }
+
+
+def listener(i: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "bilayer.dev/v1alpha1",
+        "kind": "L4Listener",
+        "metadata": {"name": f"l{i}", "namespace": "bench"},
+        "spec": {"port": L4_BASE + i, "backendRefs": [{"name": "web", "port": 80}]},
+    }
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--routes", type=int, default=10000)
+    parser.add_argument("--listeners", type=int, default=1000)
+    parser.add_argument("--changes", type=int, default=200)
+    parser.add_argument("--pods", type=int, default=3)
+    args = parser.parse_args()
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", lambda request: web.Response(text="ok"))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    backend = web.TCPSite(runner, "127.0.0.1", 0)
+    await backend.start()
+    backend_port = backend._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async with Emulator() as emulator, kmock.Server(emulator) as server:
+        url = str(server.url).rstrip("/")
+        version = 1000
+        l7 = "bilayer.dev/v1alpha1/l7routes"
+        l4 = "bilayer.dev/v1alpha1/l4listeners"
+        for i in range(args.routes):
+            version += 1
+            emulator.objects[l7, "bench", f"r{i}"] = stamp(route(i), version)
+        for i in range(args.listeners):
+            version += 1
+            emulator.objects[l4, "bench", f"l{i}"] = stamp(listener(i), version)
+        emulator.objects["v1/services", "bench", "web"] = stamp(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "web", "namespace": "bench"},
+                "spec": {"ports": [{"name": "http", "port": 80, "targetPort": backend_port}]},
+            },
+            version + 1,
+        )
+        emulator.objects["discovery.k8s.io/v1/endpointslices", "bench", "web-1"] = stamp(
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": "web-1",
+                    "namespace": "bench",
+                    "labels": {"kubernetes.io/service-name": "web"},
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": backend_port}],
+                "endpoints": [{"addresses": ["127.0.0.1"]}],
+            },
+            version + 2,
+        )
+        emulator.objects["v1/services", NAMESPACE, "bilayer-dataplane"] = stamp(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "bilayer-dataplane", "namespace": NAMESPACE},
+                "spec": {"ports": [{"name": "http-80", "port": 80, "targetPort": 80}]},
+            },
+            version + 3,
+        )
+        emulator._version = version + 10
+
+        os.environ["BILAYER_ADMIN_TOKEN"] = TOKEN
+        pods = [DataplanePod(i) for i in range(args.pods)]
+        for pod in pods:
+            await asyncio.to_thread(pod.start)
+            body = pod.body()
+            body["metadata"]["resourceVersion"] = str(emulator._next())
+            emulator.objects["v1/pods", NAMESPACE, pod.name] = body
+
+        kubeconfig = Path(tempfile.mkdtemp()) / "kubeconfig"
+        kubeconfig.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "e",
+                    "clusters": [{"name": "e", "cluster": {"server": url}}],
+                    "users": [{"name": "e", "user": {"token": "x"}}],
+                    "contexts": [{"name": "e", "context": {"cluster": "e", "user": "e"}}],
+                }
+            )
+        )
+        log_path = Path(tempfile.mkdtemp()) / "operator.log"
+        bilayer = Path(sys.executable).with_name("bilayer")
+        started = time.monotonic()
+        operator = await asyncio.create_subprocess_exec(
+            str(bilayer),
+            "operator",
+            f"--namespace={NAMESPACE}",
+            "--no-leader-election",
+            "--admin-port=9911",
+            "--liveness=http://127.0.0.1:0/healthz",
+            env={**os.environ, "KUBECONFIG": str(kubeconfig), "BILAYER_ADMIN_TOKEN": TOKEN},
+            stdout=log_path.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        async with aiohttp.ClientSession() as client:
+
+            async def serves(pod: DataplanePod, host: str) -> bool:
+                try:
+                    async with client.get(
+                        f"http://{pod.address}:{HTTP_PORT}/",
+                        headers={"Host": host},
+                        timeout=aiohttp.ClientTimeout(total=2),
+                    ) as response:
+                        return response.status == 200
+                except (aiohttp.ClientError, TimeoutError):
+                    return False
+
+            last = f"h{args.routes - 1}.example.com"
+            while not all([await serves(pod, last) for pod in pods]):
+                await asyncio.sleep(0.05)
+                if operator.returncode is not None:
+                    raise SystemExit(log_path.read_text()[-3000:])
+            sync_seconds = time.monotonic() - started
+            print(
+                f"initial sync: {sync_seconds:.1f} s to list, compile and have {args.pods} pods serve",
+                flush=True,
+            )
+            rss_sync = rss_mb(operator.pid)
+
+            api = aiohttp.ClientSession(base_url=url)
+            churning = True
+
+            async def churn() -> None:
+                i = 0
+                while churning:  # relabel an existing route every 50 ms
+                    await api.patch(
+                        f"/apis/bilayer.dev/v1alpha1/namespaces/bench/l7routes/r{i % args.routes}",
+                        json={
+                            "spec": {"hostnames": [f"h{i % args.routes}.example.com", f"c{i}.example.com"]}
+                        },
+                        headers={"Content-Type": "application/merge-patch+json"},
+                    )
+                    i += 1
+                    await asyncio.sleep(0.05)
+
+            churner = asyncio.create_task(churn())
+            latencies: list[float] = []
+
+            async def change(n: int) -> None:
+                host = f"new{n}.example.com"
+                created = time.monotonic()
+                body = route(args.routes + n, host)
+                await api.post("/apis/bilayer.dev/v1alpha1/namespaces/bench/l7routes", json=body)
+                while not await serves(pods[n % len(pods)], host):  # noqa: ASYNC110 - polling a pod over HTTP
+                    await asyncio.sleep(0.002)
+                latencies.append(time.monotonic() - created)
+
+            changes = []
+            for n in range(args.changes):  # a new route every 100 ms, each timed on its own
+                changes.append(asyncio.create_task(change(n)))
+                await asyncio.sleep(0.1)
+            await asyncio.gather(*changes)
+            churning = False
+            await churner
+            await api.close()
+            rss_end = rss_mb(operator.pid)
+
+        operator.terminate()
+        await operator.wait()
+        for pod in pods:
+            await asyncio.to_thread(pod.stop)
+        log = log_path.read_text()
+        compiles = [float(m) for m in re.findall(r'"msg": "compiled a new table".*?"seconds": ([\d.]+)', log)]
+        sizes = [int(m) for m in re.findall(r'"msg": "table pushed".*?"bytes": (\d+)', log)]
+        pushes = [float(m) for m in re.findall(r'"msg": "table pushed".*?"seconds": ([\d.]+)', log)]
+        latencies.sort()
+        p50 = statistics.median(latencies)
+        p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+        print()
+        scale = f"{args.routes} L7Routes + {args.listeners} L4Listeners, {args.pods} dataplanes"
+        print(f"### Control plane, {scale}")
+        print()
+        print("| measurement | value |")
+        print("|---|---:|")
+        print(f"| initial sync (list, compile, push, all pods serving) | {sync_seconds:.1f} s |")
+        print(f"| compile, first | {compiles[0]:.2f} s |" if compiles else "| compile | n/a |")
+        if len(compiles) > 1:
+            churned = statistics.median(compiles[1:])
+            print(f"| compile under churn, median of {len(compiles) - 1} | {churned:.2f} s |")
+        if sizes:
+            print(f"| table size | {max(sizes) / 1e6:.1f} MB |")
+            push = statistics.median(pushes)
+            print(f"| push to one pod (PUT until acknowledged), median | {push:.2f} s |")
+        print(f"| operator RSS after sync / at end | {rss_sync:.0f} MB / {rss_end:.0f} MB |")
+        spread = f"{p50 * 1000:.0f} ms / {p99 * 1000:.0f} ms"
+        print(f"| propagation p50 / p99 over {len(latencies)} new routes | {spread} |")
+    await runner.cleanup()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,61 @@
+"""The operator's store: which events can change the table."""
+
+from __future__ import annotations
+
+from controlplane.store import Store
+
+from .helpers import load_yaml
+
+ROUTE = """
+apiVersion: bilayer.dev/v1alpha1
+kind: L7Route
+metadata: {name: api, namespace: shop, generation: 1}
+spec:
+  port: 8080
+  tls: {secretName: cert}
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+"""
+
+
+def body(kind: str, name: str, namespace: str = "shop", **extra: object) -> dict[str, object]:
+    return {"apiVersion": "v1", "kind": kind, "metadata": {"name": name, "namespace": namespace}, **extra}
+
+
+def test_status_only_changes_do_not_matter() -> None:
+    store = Store()
+    route = load_yaml(ROUTE)[0]
+    assert store.apply("L7Route", "ADDED", route)
+    assert not store.apply("L7Route", "MODIFIED", {**route, "status": {"conditions": [{"type": "Accepted"}]}})
+    changed = {**route, "metadata": {**route["metadata"], "generation": 2}}
+    assert store.apply("L7Route", "MODIFIED", changed)
+
+
+def test_only_referenced_services_slices_and_tls_secrets_matter() -> None:
+    store = Store()
+    assert not store.apply("Service", "ADDED", body("Service", "web"))  # no route names it yet
+    store.apply("L7Route", "ADDED", load_yaml(ROUTE)[0])
+    assert store.apply("Service", "MODIFIED", body("Service", "web", spec={"ports": [{"port": 80}]}))
+    assert not store.apply("Service", "ADDED", body("Service", "other"))
+    assert not store.apply("Service", "ADDED", body("Service", "web", namespace="elsewhere"))
+    labels = {"kubernetes.io/service-name": "web"}
+    slice_ = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "shop", "labels": labels},
+        "endpoints": [],
+    }
+    assert store.apply("EndpointSlice", "ADDED", slice_)
+    tls = body("Secret", "cert", type="kubernetes.io/tls", data={"tls.crt": "x", "tls.key": "y"})
+    assert store.apply("Secret", "ADDED", tls)
+    assert not store.apply("Secret", "ADDED", body("Secret", "password", type="Opaque", data={"p": "x"}))
+    assert not any(k.name == "password" for k in store.objects)  # not even kept
+
+
+def test_references_follow_route_changes_and_deletions() -> None:
+    store = Store()
+    route = load_yaml(ROUTE)[0]
+    store.apply("L7Route", "ADDED", route)
+    store.apply("L7Route", "DELETED", route)
+    assert not store.apply("Service", "ADDED", body("Service", "web"))
+    store.replace_all("L7Route", [route])
+    assert store.apply("Service", "MODIFIED", body("Service", "web", spec={"ports": []}))
