@@ -44,3 +44,13 @@ golden: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Benchmarks against HAProxy (see bench/README.md); they need haproxy, nginx, wrk, redis.
+bench-l4: install
+	$(BIN)/python bench/l4.py
+
+bench-l7: install
+	$(BIN)/python bench/l7.py
+
+bench-control: install
+	$(BIN)/python bench/control.py

@@ -14,6 +14,25 @@ from .runtime import Dataplane, Settings
 log = logging.getLogger("bilayer.dataplane")
 
 
+def require_token(admin_host: str, token: str | None) -> None:
+    """Refuse to serve an admin API off loopback without a token."""
+    if token is None and not is_loopback(admin_host):
+        raise SystemExit(
+            f"the admin API on {admin_host} needs a token: set BILAYER_ADMIN_TOKEN or --admin-token-file, "
+            "or bind it to 127.0.0.1"
+        )
+
+
+def stop_on_signals(stop: asyncio.Event | None) -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (and by whoever holds it)."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 async def run_dataplane(
     settings: Settings,
     admin_host: str,
@@ -22,19 +41,12 @@ async def run_dataplane(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve until stop is set or SIGTERM; the saved table, if any, is served at once."""
-    if token is None and not is_loopback(admin_host):
-        raise SystemExit(
-            f"the admin API on {admin_host} needs a token: set BILAYER_ADMIN_TOKEN or --admin-token-file"
-        )
+    require_token(admin_host, token)
     dataplane = Dataplane(settings)
     await dataplane.load_persisted()
     runner = await serve(build_app(dataplane, token), admin_host, admin_port)
     log.info("dataplane started", extra=fields(admin=f"{admin_host}:{admin_port}", ready=dataplane.ready))
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals(stop)
     try:
         await stop.wait()
     finally:

@@ -176,11 +176,7 @@ class Exchange:
         return b"%x\r\n%s\r\n" % (len(chunk), chunk) if self.chunked else chunk
 
     def _too_large(self) -> None:
-        if self.resp_started:
-            self.conn.abort()
-            return
-        self._drop_upstream(abort=True)
-        self.local(413, "request body too large", close=True)
+        self._fail(413, "request body too large", close=True)
 
     # --- RequestView, for matching ---
 
@@ -588,14 +584,8 @@ class Exchange:
         self.finish(tunnel=True)
 
     def upstream_failed(self, kind: str, message: str) -> None:
-        if self.resp_started:
-            self._drop_upstream(abort=True)
-            self.conn.abort()
-            self.finish()
-            return
-        self._drop_upstream(abort=True)
         log.debug("invalid backend response", extra=fields(kind=kind, error=message))
-        self.local(502, "the backend sent an invalid response")
+        self._fail(502, "the backend sent an invalid response")
 
     def upstream_lost(self, exc: Exception | None) -> None:
         upstream = self.upstream
@@ -610,10 +600,7 @@ class Exchange:
                     self._write(b"0\r\n\r\n")
                 self.finish()
                 return
-            # Mid-response: the client must see the truncation, never a complete-looking body.
-            self._drop_upstream(abort=True)
-            self.conn.abort()
-            self.finish()
+            self._fail(502, "the backend closed the connection")  # mid-response: cut, never truncated
             return
         reused = upstream.reused
         self._drop_upstream(abort=True)
@@ -644,20 +631,12 @@ class Exchange:
         if rule is not None and 504 in rule.retry_codes and self._may_retry():
             self._retry("backend request timeout")
             return
-        self._drop_upstream(abort=True)
-        self.local(504, "the backend did not answer in time")
+        self._fail(504, "the backend did not answer in time")
 
     def _request_timed_out(self) -> None:
         self.request_timer = None
-        if self.done:
-            return
-        if self.resp_started:
-            self._drop_upstream(abort=True)
-            self.conn.abort()
-            self.finish()
-            return
-        self._drop_upstream(abort=True)
-        self.local(504, "the request timed out")
+        if not self.done:
+            self._fail(504, "the request timed out")
 
     # --- ending ---
 
@@ -689,13 +668,17 @@ class Exchange:
 
     def fail_request(self, status: int, message: str) -> None:
         """The client's request turned out malformed after it was started."""
+        self._fail(status, message, close=True)
+
+    def _fail(self, status: int, message: str, *, close: bool = False) -> None:
+        """End on an error: answer status, or, once the client has seen part of a response,
+        cut the connection, so a truncated response never looks complete."""
+        self._drop_upstream(abort=True)
         if self.resp_started:
-            self._drop_upstream(abort=True)
             self.conn.abort()
             self.finish()
             return
-        self._drop_upstream(abort=True)
-        self.local(status, message, close=True)
+        self.local(status, message, close=close)
 
     def client_lost(self) -> None:
         """The client went away mid-exchange."""

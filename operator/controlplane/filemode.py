@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from dataplane.admin import build_app, is_loopback, serve
+from dataplane.admin import build_app, serve
 from dataplane.logs import fields
 from dataplane.runtime import Dataplane, GenerationConflict, Settings
+from dataplane.server import require_token, stop_on_signals
 
 from . import status
 from .compiler import Compiled, ObjectKey
@@ -143,10 +142,7 @@ async def run_files(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve the objects in directory until stop is set (or SIGINT/SIGTERM)."""
-    if token is None and not is_loopback(admin_host):
-        raise SystemExit(
-            f"the admin API on {admin_host} needs a token: pass --admin-token-file, or bind it to 127.0.0.1"
-        )
+    require_token(admin_host, token)
     dataplane = Dataplane(settings)
     await dataplane.load_persisted()
     mode = FileMode(directory, dataplane)
@@ -162,11 +158,7 @@ async def run_files(
             address=settings.address,
         ),
     )
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals(stop)
     tasks = [asyncio.create_task(mode.watch()), asyncio.create_task(mode.loop.run())]
     try:
         await stop.wait()
