@@ -18,9 +18,10 @@ import hashlib
 import ipaddress
 import json
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 SCHEMA = "bilayer.dev/table/v1"
 
@@ -43,17 +44,20 @@ class _Model(BaseModel):
         plan = _BUILD_PLANS.get(cls)
         if plan is None:
             plan = _BUILD_PLANS[cls] = _build_plan(cls)
-        fixed, factories = plan
-        data = dict(fixed)
+        template, factories = plan
+        # The template lists every field in definition order, and update() keeps the
+        # position of existing keys: the order of the serialized (hashed) form.
+        data = template.copy()
+        data.update(values)
         for name, factory in factories:
             if name not in values:
                 data[name] = factory()
-        data.update(values)
         obj = cls.__new__(cls)
         object.__setattr__(obj, "__dict__", data)
         object.__setattr__(obj, "__pydantic_fields_set__", set(values))
         object.__setattr__(obj, "__pydantic_extra__", None)
-        object.__setattr__(obj, "__pydantic_private__", None)
+        private = {name: attr.get_default() for name, attr in cls.__private_attributes__.items()}
+        object.__setattr__(obj, "__pydantic_private__", private or None)
         return obj
 
 
@@ -61,14 +65,18 @@ _BUILD_PLANS: dict[type, tuple[dict[str, Any], list[tuple[str, Any]]]] = {}
 
 
 def _build_plan(cls: type[BaseModel]) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
-    fixed: dict[str, Any] = {}
-    factories: list[tuple[str, Any]] = []
-    for name, info in cls.model_fields.items():
-        if info.default_factory is not None:
-            factories.append((name, info.default_factory))
-        elif not info.is_required():
-            fixed[name] = info.default
-    return fixed, factories
+    """Every field with its default, in definition order; and the fields with factories."""
+    template = {name: info.default for name, info in cls.model_fields.items()}
+    factories = [
+        (name, info.default_factory) for name, info in cls.model_fields.items() if info.default_factory
+    ]
+    return template, factories
+
+
+def _sorted_keys(value: dict[Any, Any]) -> dict[Any, Any]:
+    """Maps in key order. The content hash is taken over the serialized form, so key order
+    must not depend on who wrote the document (the compiler inserts keys in this order)."""
+    return dict(sorted(value.items()))
 
 
 class Endpoint(_Model):
@@ -136,12 +144,22 @@ class HostRoutes(_Model):
     # Keyed by the prefix without its trailing slash: "/" is stored as "".
     prefix: dict[str, list[MatchEntry]] = Field(default_factory=dict)
 
+    @field_validator("exact", "prefix")
+    @classmethod
+    def _sorted(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _sorted_keys(value)
+
 
 class HostIndex(_Model):
     exact: dict[str, HostRoutes] = Field(default_factory=dict)
     # Keyed by the suffix with its leading dot: "*.example.com" is ".example.com".
     wildcard: dict[str, HostRoutes] = Field(default_factory=dict)
     any: HostRoutes | None = None
+
+    @field_validator("exact", "wildcard")
+    @classmethod
+    def _sorted(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _sorted_keys(value)
 
 
 class HeaderValue(_Model):
@@ -244,16 +262,37 @@ class Table(_Model):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    # The canonical JSON of the content, computed once: at 10,000 routes it is 5 MB, and a
+    # table is hashed, pushed and saved.
+    _canonical: str | None = PrivateAttr(default=None)
+
+    @field_validator("clusters", "listeners")
+    @classmethod
+    def _sorted(cls, value: dict[Any, Any]) -> dict[Any, Any]:
+        return _sorted_keys(value)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Table:
+        copied = super().model_copy(update=update, deep=deep)
+        if update and set(update) - {"version", "generation"}:
+            copied._canonical = None  # the content changed: the cached form is stale
+        return copied
+
     def content(self) -> dict[str, Any]:
         """Everything that routes traffic: the table without version and generation."""
-        return self.model_dump(
-            mode="json", by_alias=True, exclude_defaults=True, exclude={"version", "generation"}
-        )
+        result: dict[str, Any] = json.loads(self.canonical())
+        return result
+
+    def canonical(self) -> str:
+        """The content as compact JSON in a fixed order (the hashed form)."""
+        if self._canonical is None:
+            self._canonical = self.model_dump_json(
+                by_alias=True, exclude_defaults=True, exclude={"version", "generation"}
+            )
+        return self._canonical
 
     def content_version(self) -> str:
         """A hash of the content: identical routing gives an identical version."""
-        canonical = json.dumps(self.content(), sort_keys=True, separators=(",", ":"))
-        return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+        return "sha256:" + hashlib.sha256(self.canonical().encode()).hexdigest()[:32]
 
     def stamped(self, generation: int) -> Table:
         """This table with its version computed and the given generation."""
@@ -264,7 +303,11 @@ class Table(_Model):
         return {"version": self.version, "generation": self.generation, **self.content()}
 
     def to_json(self, *, indent: int | None = None) -> str:
-        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+        if indent is not None:
+            return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+        head = json.dumps({"version": self.version, "generation": self.generation})
+        content = self.canonical()
+        return head[:-1] + ("," + content[1:] if content != "{}" else "}")
 
     @classmethod
     def parse(cls, data: str | bytes | dict[str, Any]) -> Table:

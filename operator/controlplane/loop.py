@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 
 from dataplane.logs import fields
 
-from .compiler import Compiled, ParseCache, Snapshot, compile_snapshot
+from .compiler import CompileCache, Compiled, Snapshot, compile_snapshot
 
 log = logging.getLogger("bilayer.loop")
 
@@ -47,7 +47,7 @@ class CompileLoop:
         self.version = ""
         self.compiles = 0
         self.last: Compiled | None = None
-        self._cache = ParseCache()  # unchanged objects are not validated again
+        self._cache = CompileCache()  # unchanged objects are not validated again
 
     def mark_dirty(self) -> None:
         """Something that may change the table happened."""

@@ -18,14 +18,14 @@ from ..resources.l4listener import L4Listener
 from ..resources.l7route import L7Route
 from . import conditions as c
 from .backends import BackendResolver, Resolution
-from .cache import ParseCache, fingerprint
+from .cache import CompileCache, fingerprint
 from .l4 import build_l4
 from .l7 import RouteRefs, build_l7
 from .ports import Parsed, claim_ports
 from .snapshot import ROUTE_KINDS, Object, ObjectKey, Snapshot, age_key, generation
 from .tls import SecretIndex
 
-__all__ = ["Compiled", "ObjectKey", "ParseCache", "Snapshot", "compile_snapshot"]
+__all__ = ["CompileCache", "Compiled", "ObjectKey", "Snapshot", "compile_snapshot"]
 
 _MODELS: dict[str, type[L4Listener] | type[L7Route]] = {
     "L4Listener": L4Listener,
@@ -43,14 +43,15 @@ class Compiled:
 
 
 def compile_snapshot(
-    snapshot: Snapshot, generation_number: int = 1, cache: ParseCache | None = None
+    snapshot: Snapshot, generation_number: int = 1, cache: CompileCache | None = None
 ) -> Compiled:
     """Compile every L4Listener and L7Route in snapshot into one table.
 
     cache, when given, remembers parses between calls; it changes speed, never results.
     """
     statuses: dict[ObjectKey, list[Condition]] = {}
-    parsed = _parse_all(snapshot, statuses, cache or ParseCache())
+    cache = cache or CompileCache()
+    parsed = _parse_all(snapshot, statuses, cache)
     owners, refused = claim_ports(parsed)
     for p in parsed:
         if p.key in refused:
@@ -76,7 +77,7 @@ def compile_snapshot(
             )
             served.add(first.key)
             continue
-        listener, refs = build_l7(claimants, resolver, secrets)
+        listener, refs = build_l7(claimants, resolver, secrets, cache)
         scheme = "HTTPS" if isinstance(first.model, L7Route) and first.model.spec.tls else "HTTP"
         served_message = f"serving {scheme} on port {port}"
         if listener is None:
@@ -97,7 +98,7 @@ def compile_snapshot(
 
 
 def _parse_all(
-    snapshot: Snapshot, statuses: dict[ObjectKey, list[Condition]], cache: ParseCache
+    snapshot: Snapshot, statuses: dict[ObjectKey, list[Condition]], cache: CompileCache
 ) -> list[Parsed]:
     """Valid route objects, oldest first; the invalid ones get Accepted=False."""
     by_key: dict[ObjectKey, list[Object]] = {}

@@ -51,6 +51,7 @@ class BackendResolver:
             except ValidationError:
                 continue  # a malformed slice contributes no endpoints
         self.clusters: dict[str, table.Cluster] = {}
+        self._resolved: dict[tuple[str, str, int], tuple[str | None, str | None]] = {}
 
     def resolve(self, namespace: str, refs: Sequence[BackendRef], field_path: str) -> Resolution:
         result = Resolution()
@@ -70,7 +71,22 @@ class BackendResolver:
             result.backends.append(table.Backend.build(cluster=name, weight=ref.weight))
         return result
 
+    def lookup(self, namespace: str, ref: BackendRef) -> tuple[str | None, str | None]:
+        """How ref resolves: the cluster name or None, and the problem. Registers the
+        cluster for this compile's table, as resolve() does."""
+        if ref.namespace is not None and ref.namespace != namespace:
+            return None, "not permitted"
+        return self._cluster(namespace, ref)
+
     def _cluster(self, namespace: str, ref: BackendRef) -> tuple[str | None, str | None]:
+        # Many routes name the same Service port: resolve each once per compile.
+        key = (namespace, ref.name, ref.port)
+        found = self._resolved.get(key)
+        if found is None:
+            found = self._resolved[key] = self._resolve_cluster(namespace, ref)
+        return found
+
+    def _resolve_cluster(self, namespace: str, ref: BackendRef) -> tuple[str | None, str | None]:
         service = self._services.get((namespace, ref.name))
         if service is None:
             return None, f"Service {namespace}/{ref.name} not found"

@@ -10,6 +10,7 @@ from dataplane import table
 from ..resources.common import HeaderKey, parse_duration
 from ..resources.l7route import Filter, HeaderModifier, L7Route, PathModifier, RouteRule
 from .backends import BackendResolver
+from .cache import CompileCache
 from .ports import Parsed
 from .precedence import EntryRank, prefix_key, rank, wildcard_key
 from .tls import SecretIndex
@@ -57,8 +58,66 @@ class _Group:
         )
 
 
+@dataclass
+class _RouteOut:
+    """What one route contributes, independent of where it sits in the listener."""
+
+    rules: list[table.Rule]
+    # (rule position in the route, precedence rank, the entry's fields but its rule index)
+    entries: list[tuple[int, EntryRank, dict[str, object]]]
+    refs: RouteRefs
+    certificate: table.Certificate | None
+
+
+def _compile_route(parsed: Parsed, resolver: BackendResolver, secrets: SecretIndex) -> _RouteOut:
+    route = parsed.model
+    assert isinstance(route, L7Route)
+    namespace = parsed.key.namespace
+    found = RouteRefs()
+    certificate = None
+    if route.spec.tls is not None:
+        certificate, found.certificate_problem = secrets.certificate(
+            namespace, route.spec.tls.secretName, route.spec.hostnames
+        )
+    rules: list[table.Rule] = []
+    entries: list[tuple[int, EntryRank, dict[str, object]]] = []
+    for rule_index, rule in enumerate(route.spec.rules):
+        resolution = resolver.resolve(namespace, rule.backendRefs, f"spec.rules[{rule_index}].backendRefs")
+        found.problems += resolution.problems
+        found.not_permitted |= resolution.not_permitted
+        rules.append(_rule(parsed.key.ref, rule_index, rule, route, resolution.backends))
+        for match_index, match in enumerate(rule.matches):
+            fields: dict[str, object] = {
+                "path": table.PathCondition.build(type=match.path.type, value=match.path.value),
+                "method": match.method,
+                "headers": [
+                    table.ValueCondition.build(name=h.name.lower(), type=h.type, value=h.value)
+                    for h in match.headers
+                ],
+                "queryParams": [
+                    table.ValueCondition.build(name=q.name, type=q.type, value=q.value)
+                    for q in match.queryParams
+                ],
+            }
+            entries.append((rule_index, rank(match, parsed.age, rule_index, match_index), fields))
+    return _RouteOut(rules, entries, found, certificate)
+
+
+def _route_signature(parsed: Parsed, resolver: BackendResolver, secrets: SecretIndex) -> tuple[object, ...]:
+    """Changes whenever the route's compiled rules could: its model (the parse memo keeps
+    the same object while the content is the same), its age, how its references resolve.
+    Resolving here also registers the route's clusters in this compile's table."""
+    route = parsed.model
+    assert isinstance(route, L7Route)
+    namespace = parsed.key.namespace
+    resolved = tuple(resolver.lookup(namespace, ref) for rule in route.spec.rules for ref in rule.backendRefs)
+    tls = route.spec.tls
+    cert = secrets.fingerprint(namespace, tls.secretName) if tls is not None else None
+    return (id(route), parsed.age, resolved, cert)
+
+
 def build_l7(
-    routes: list[Parsed], resolver: BackendResolver, secrets: SecretIndex
+    routes: list[Parsed], resolver: BackendResolver, secrets: SecretIndex, cache: CompileCache | None = None
 ) -> tuple[table.Listener | None, dict[str, RouteRefs]]:
     """The listener for routes (oldest first) and each route's unresolved references.
 
@@ -72,38 +131,24 @@ def build_l7(
     for parsed in routes:
         route = parsed.model
         assert isinstance(route, L7Route)
-        namespace = parsed.key.namespace
-        found = refs[parsed.key.ref] = RouteRefs()
-        if route.spec.tls is not None:
-            cert, problem = secrets.certificate(namespace, route.spec.tls.secretName, route.spec.hostnames)
-            found.certificate_problem = problem
-            if cert is not None:
-                certificates.append(cert)
+        signature = _route_signature(parsed, resolver, secrets)
+        kept = cache.routes.get(parsed.key) if cache is not None else None
+        if kept is not None and kept[0] == signature:
+            out: _RouteOut = kept[1]
+        else:
+            out = _compile_route(parsed, resolver, secrets)
+            if cache is not None:
+                cache.routes[parsed.key] = (signature, out)
+        refs[parsed.key.ref] = out.refs
+        if out.certificate is not None:
+            certificates.append(out.certificate)
+        offset = len(rules)
+        rules += out.rules
         host_groups = _host_groups(route.spec.hostnames)
-        for rule_index, rule in enumerate(route.spec.rules):
-            resolution = resolver.resolve(
-                namespace, rule.backendRefs, f"spec.rules[{rule_index}].backendRefs"
-            )
-            found.problems += resolution.problems
-            found.not_permitted |= resolution.not_permitted
-            rules.append(_rule(parsed.key.ref, rule_index, rule, route, resolution.backends))
-            for match_index, match in enumerate(rule.matches):
-                entry = table.MatchEntry.build(
-                    rule=len(rules) - 1,
-                    path=table.PathCondition.build(type=match.path.type, value=match.path.value),
-                    method=match.method,
-                    headers=[
-                        table.ValueCondition.build(name=h.name.lower(), type=h.type, value=h.value)
-                        for h in match.headers
-                    ],
-                    queryParams=[
-                        table.ValueCondition.build(name=q.name, type=q.type, value=q.value)
-                        for q in match.queryParams
-                    ],
-                )
-                order = rank(match, parsed.age, rule_index, match_index)
-                for group in host_groups:
-                    groups[group].add(order, entry)
+        for rule_index, order, fields in out.entries:
+            entry = table.MatchEntry.build(rule=offset + rule_index, **fields)
+            for group in host_groups:
+                groups[group].add(order, entry)
     tls_port = any(isinstance(p.model, L7Route) and p.model.spec.tls for p in routes)
     if tls_port and not certificates:
         return None, refs

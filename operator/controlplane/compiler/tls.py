@@ -24,6 +24,11 @@ class SecretIndex:
             for key in (ObjectKey.of(obj),)
         }
 
+    def fingerprint(self, namespace: str, name: str) -> object:
+        """Changes when the Secret's content does (for memo signatures)."""
+        raw = self._secrets.get((namespace, name))
+        return None if raw is None else (raw.get("type"), tuple(sorted((raw.get("data") or {}).items())))
+
     def certificate(
         self, namespace: str, name: str, hostnames: list[str]
     ) -> tuple[table.Certificate | None, str | None]:
