@@ -35,3 +35,16 @@ def test_input_order_never_changes_output(case: str, seed: int) -> None:
     expected = render(compile_snapshot(Snapshot.of(objects)))
     random.Random(seed).shuffle(objects)
     assert render(compile_snapshot(Snapshot.of(objects))) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(sequence=st.lists(st.sampled_from(cases()), min_size=2, max_size=6))
+def test_the_compile_memo_never_changes_results(sequence: list[str]) -> None:
+    """One cache across compiles of different inputs (the same keys with other content,
+    Services and Secrets coming and going) gives exactly what a fresh compile gives."""
+    from controlplane.compiler import CompileCache
+
+    cache = CompileCache()
+    for case in sequence:
+        snapshot = Snapshot.of(inputs(case))
+        assert render(compile_snapshot(snapshot, 1, cache)) == render(compile_snapshot(snapshot))

@@ -33,7 +33,7 @@ class CompileCache:
 
     def __init__(self) -> None:
         self._entries: dict[ObjectKey, tuple[Any, Any]] = {}
-        self.routes: dict[ObjectKey, tuple[Any, Any]] = {}
+        self.routes: dict[ObjectKey, tuple[Any, Any, Any]] = {}
         self.hits = 0
         self.misses = 0
 

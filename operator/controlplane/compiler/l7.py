@@ -104,16 +104,16 @@ def _compile_route(parsed: Parsed, resolver: BackendResolver, secrets: SecretInd
 
 
 def _route_signature(parsed: Parsed, resolver: BackendResolver, secrets: SecretIndex) -> tuple[object, ...]:
-    """Changes whenever the route's compiled rules could: its model (the parse memo keeps
-    the same object while the content is the same), its age, how its references resolve.
-    Resolving here also registers the route's clusters in this compile's table."""
+    """With the model's identity (the parse memo keeps the same object while the content
+    is the same), what decides the route's compiled rules: its age and how its references
+    resolve. Resolving here also registers the route's clusters in this compile's table."""
     route = parsed.model
     assert isinstance(route, L7Route)
     namespace = parsed.key.namespace
     resolved = tuple(resolver.lookup(namespace, ref) for rule in route.spec.rules for ref in rule.backendRefs)
     tls = route.spec.tls
     cert = secrets.fingerprint(namespace, tls.secretName) if tls is not None else None
-    return (id(route), parsed.age, resolved, cert)
+    return (parsed.age, resolved, cert)
 
 
 def build_l7(
@@ -133,12 +133,14 @@ def build_l7(
         assert isinstance(route, L7Route)
         signature = _route_signature(parsed, resolver, secrets)
         kept = cache.routes.get(parsed.key) if cache is not None else None
-        if kept is not None and kept[0] == signature:
-            out: _RouteOut = kept[1]
+        # The entry holds the model itself: identity, not id(), so a freed model's id can
+        # never be mistaken for a new one's.
+        if kept is not None and kept[0] is route and kept[1] == signature:
+            out: _RouteOut = kept[2]
         else:
             out = _compile_route(parsed, resolver, secrets)
             if cache is not None:
-                cache.routes[parsed.key] = (signature, out)
+                cache.routes[parsed.key] = (route, signature, out)
         refs[parsed.key.ref] = out.refs
         if out.certificate is not None:
             certificates.append(out.certificate)
