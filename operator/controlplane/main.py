@@ -70,8 +70,10 @@ def build_registry(
 
 
 def _watch(registry: kopf.OperatorRegistry, state: dict[str, Any], kind: Kind) -> None:
+    # async: kopf runs sync handlers in a thread pool, and the store and the loop's
+    # events belong to the operator's event loop thread.
     @kopf.on.event(kind.group, kind.version, kind.plural, registry=registry)
-    def _event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    async def _event(type: str | None, body: kopf.Body, **_: Any) -> None:
         operator: Operator | None = state.get("operator")
         if operator is not None:
             operator.on_event(kind.kind, type, body)
