@@ -63,6 +63,11 @@ class OperatorSettings:
     lease_name: str = "bilayer-operator"
 
 
+def _summary(conditions: list[Condition]) -> tuple[tuple[Any, ...], ...]:
+    """What a status write would change, cheap to compare."""
+    return tuple((c.type, c.status, c.reason, c.message, c.observedGeneration) for c in conditions)
+
+
 class Operator:
     """Everything but the kopf wiring."""
 
@@ -89,6 +94,7 @@ class Operator:
         self.pods: dict[str, Pod] = {}
         self.leading = not settings.leader_election
         self._status_due = asyncio.Event()
+        self._wanted: dict[ObjectKey, tuple[tuple[Any, ...], ...]] = {}  # last desired, summarized
         self._tasks: list[asyncio.Task[Any]] = []
         self.synced = asyncio.Event()
 
@@ -162,6 +168,7 @@ class Operator:
             if key in self.latest.statuses:
                 observed = [c for c in _conditions(self.store.status_of(key))]
                 if not status.same(observed, self._desired(key)):
+                    self._wanted.pop(key, None)  # compare it with the cluster again
                     self._status_due.set()
 
     def on_pod(self, event: str | None, body: Mapping[str, Any]) -> None:
@@ -286,10 +293,16 @@ class Operator:
             self._status_due.clear()
             if self.latest is None or not self.leading:
                 continue
+            # Compare with the cluster only where what we want changed since the last pass
+            # (or someone overwrote it, see on_event): at 10,000 routes a full comparison
+            # per compile is most of a second of pydantic work.
+            desired = self.desired_statuses()
+            changed = {k: v for k, v in desired.items() if self._wanted.get(k) != _summary(v)}
             with contextlib.suppress(Exception):
-                written = await self.status.write_all(self.desired_statuses())
+                written = await self.status.write_all(changed)
                 if written:
                     log.info("status written", extra=fields(objects=written))
+            self._wanted = {k: _summary(v) for k, v in desired.items()}
 
     def desired_statuses(self) -> dict[ObjectKey, list[Condition]]:
         """Accepted and ResolvedRefs from the compiler, Programmed from the pods' acknowledgements."""
