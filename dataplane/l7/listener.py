@@ -52,7 +52,6 @@ class ServingL7:
         self._connects: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._source: table.L7Listener | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.config: L7Config
         self.update(listener, tbl)
@@ -89,7 +88,6 @@ class ServingL7:
         assert l7 is not None
         contexts = self.dataplane.tls_contexts.get(self.port)
         self.config = build_config(l7, tbl, self.health, self.memory, contexts)
-        self._source = l7
 
     # --- bookkeeping called by connections and exchanges ---
 
@@ -174,10 +172,20 @@ class ServingL7:
         timeouts = CounterMetricFamily(
             "bilayer_l7_header_timeouts", "Connections cut for slow request headers.", labels=port_labels
         )
+        tunnels = CounterMetricFamily(
+            "bilayer_l7_upgrades", "Connections upgraded (WebSocket) and tunnelled.", labels=port_labels
+        )
+        rejected = CounterMetricFamily(
+            "bilayer_l7_connections_rejected",
+            "Connections refused over the connection limit.",
+            labels=port_labels,
+        )
         for listener in listeners:
             port = str(listener.port)
             connections.add_metric([port], len(listener.connections))
             timeouts.add_metric([port], listener.header_timeouts)
+            tunnels.add_metric([port], listener.tunnels)
+            rejected.add_metric([port], listener.rejected)
             for code in range(1, 6):
                 responses.add_metric([port, f"{code}xx"], listener.responses[code])
             for (route, index), stats in sorted(listener.memory.rules.items()):
@@ -196,7 +204,7 @@ class ServingL7:
                 cluster_failures.add_metric([port, name], cstats.connect_failures)
                 cluster_retries.add_metric([port, name], cstats.retries)
         yield from (connections, responses, by_route, latency, retries, limited)
-        yield from (cluster_requests, cluster_failures, cluster_retries, timeouts)
+        yield from (cluster_requests, cluster_failures, cluster_retries, timeouts, tunnels, rejected)
 
 
 async def open_l7(dataplane: Dataplane, port: int, listener: table.Listener, tbl: table.Table) -> ServingL7:
