@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from dataplane.eventloop import gc_paused
+
 from .compiler.snapshot import INPUT_KINDS, ObjectKey, Snapshot
 
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -56,6 +58,10 @@ class FileSource:
 
     def reload(self) -> None:
         """Read the files whose size or mtime changed; keep the rest as they were."""
+        with gc_paused():
+            self._reload()
+
+    def _reload(self) -> None:
         paths = self._paths()
         for gone in set(self._files) - set(paths):
             del self._files[gone]

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from dataplane.eventloop import gc_paused
 from dataplane.logs import fields
 
 from .compiler import CompileCache, Compiled, Snapshot, compile_snapshot
@@ -80,14 +81,18 @@ class CompileLoop:
             self._dirty.clear()
             await self.compile_once()
 
+    def _compile(self, snapshot: Snapshot) -> Compiled:
+        with gc_paused():
+            return compile_snapshot(snapshot, self.generation + 1, self._cache)
+
     async def compile_once(self) -> Compiled:
         """Compile now and publish; a table with unchanged content keeps its generation."""
         snapshot = self._snapshot()
         started = time.perf_counter()
         if self._in_thread:
-            compiled = await asyncio.to_thread(compile_snapshot, snapshot, self.generation + 1, self._cache)
+            compiled = await asyncio.to_thread(self._compile, snapshot)
         else:
-            compiled = compile_snapshot(snapshot, self.generation + 1, self._cache)
+            compiled = self._compile(snapshot)
         took = time.perf_counter() - started
         self.compiles += 1
         if compiled.table.version == self.version:
