@@ -7,7 +7,6 @@ established keep their backend, new ones use the new endpoints.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from .. import table
 from ..balancer import Balancer, build
 from ..health import EndpointState, HealthRegistry
+from ..serving import Serving
 from .connection import ClientSide, Connection, log_connection
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ def build_config(
     )
 
 
-class ServingL4:
+class ServingL4(Serving[Connection]):
     """A running L4 listener."""
 
     kind = "l4"
@@ -82,22 +82,15 @@ class ServingL4:
         self.port = port
         self.health = dataplane.health
         self.settings = dataplane.settings
-        self.server: asyncio.AbstractServer | None = None
-        self.connections: set[Connection] = set()
+        super().__init__()
         self.accepted = 0
         self.connect_failures = 0
         self.rejected: Counter[str] = Counter()
         self.bytes_from_clients = 0
         self.bytes_from_backends = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._key: object = None
         self.config: L4Config
         self.update(listener, tbl)
-
-    @property
-    def active_connections(self) -> int:
-        return len(self.connections)
 
     async def start(self, address: str) -> None:
         loop = asyncio.get_running_loop()
@@ -116,27 +109,16 @@ class ServingL4:
         self.config = build_config(l4, endpoints, reject_share)
 
     def closed(self, conn: Connection) -> None:
-        if conn in self.connections:
-            self.connections.discard(conn)
-            self.bytes_from_clients += conn.client.received
-            self.bytes_from_backends += conn.backend.received if conn.backend else 0
-            if self.settings.connection_log:
-                log_connection(conn, self.settings.access_log_sample)
-            if not self.connections:
-                self._idle.set()
-        if self.connections:
-            self._idle.clear()
-
-    def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if conn not in self.connections:
+            return
+        self.bytes_from_clients += conn.client.received
+        self.bytes_from_backends += conn.backend.received if conn.backend else 0
+        if self.settings.connection_log:
+            log_connection(conn, self.settings.access_log_sample)
+        self.forget(conn)
 
     async def drain(self, grace: float) -> None:
-        if self.connections:
-            self._idle.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
-                    await self._idle.wait()
+        await self.wait_idle(grace)
         for conn in list(self.connections):
             conn.abort("drain-timeout")
 

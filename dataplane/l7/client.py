@@ -117,8 +117,7 @@ class ClientConnection(asyncio.Protocol):
             if exchange is not None:
                 exchange.client_lost()
         self.queue.clear()
-        self.listener.connections.discard(self)
-        self.listener.connection_closed()
+        self.listener.forget(self)
 
     def pause_writing(self) -> None:
         # The client reads slower than the backend sends: stop reading the backend.

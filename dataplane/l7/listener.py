@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -11,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from .. import table
 from ..health import EndpointState
+from ..serving import Serving
 from .client import ClientConnection
 from .config import BUCKETS, L7Config, Memory, build_config
 from .tls import Contexts, server_context
@@ -26,12 +26,13 @@ BACKLOG = 4096
 SWEEP_SECONDS = 0.25
 
 
-class ServingL7:
+class ServingL7(Serving[ClientConnection]):
     """A running HTTP listener."""
 
     kind = "l7"
 
     def __init__(self, dataplane: Dataplane, port: int, listener: table.Listener, tbl: table.Table) -> None:
+        super().__init__()
         self.dataplane = dataplane
         self.loop = asyncio.get_running_loop()
         self.port = port
@@ -39,8 +40,6 @@ class ServingL7:
         self.health = dataplane.health
         self.memory = Memory()
         self.pool = Pool()
-        self.connections: set[ClientConnection] = set()
-        self.server: asyncio.AbstractServer | None = None
         self.tls = listener.l7 is not None and listener.l7.tls is not None
         self.scheme = "https" if self.tls else "http"
         self.scheme_bytes = self.scheme.encode()
@@ -50,15 +49,9 @@ class ServingL7:
         self.tunnels = 0
         self.responses = [0] * 6
         self._connects: set[asyncio.Task[None]] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.config: L7Config
         self.update(listener, tbl)
-
-    @property
-    def active_connections(self) -> int:
-        return len(self.connections)
 
     async def start(self, address: str) -> None:
         loop = asyncio.get_running_loop()
@@ -107,15 +100,7 @@ class ServingL7:
     def count_response(self, status: int) -> None:
         self.responses[min(status // 100, 5)] += 1
 
-    def connection_closed(self) -> None:
-        if not self.connections:
-            self._idle.set()
-
     # --- ServingListener ---
-
-    def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
 
     async def drain(self, grace: float) -> None:
         # Idle keep-alive connections close now; busy ones finish their exchange first.
@@ -124,11 +109,7 @@ class ServingL7:
                 conn.close()
             else:
                 conn.closing = True
-        if self.connections:
-            self._idle.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
-                    await self._idle.wait()
+        await self.wait_idle(grace)
         for conn in list(self.connections):
             conn.abort()
         for task in list(self._connects):

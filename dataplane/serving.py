@@ -1,0 +1,42 @@
+"""What every running listener (L4 and L7) has: its server, its open connections, and
+waiting for them to end when it drains."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Generic, TypeVar
+
+C = TypeVar("C")
+
+
+class Serving(Generic[C]):
+    """The shared half of ServingL4 and ServingL7."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.AbstractServer | None = None
+        self.connections: set[C] = set()
+        self._emptied: asyncio.Event | None = None  # only while draining
+
+    @property
+    def active_connections(self) -> int:
+        return len(self.connections)
+
+    def forget(self, conn: C) -> None:
+        """A connection ended."""
+        self.connections.discard(conn)
+        if not self.connections and self._emptied is not None:
+            self._emptied.set()
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def wait_idle(self, grace: float) -> None:
+        """Until every connection has ended, or grace seconds."""
+        if not self.connections:
+            return
+        self._emptied = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._emptied.wait()
