@@ -1,6 +1,8 @@
 """The admin API of a dataplane: push and read the table, health, readiness, metrics.
 
-Every path except /healthz and /readyz needs ``Authorization: Bearer <token>``. Without a
+``PUT /v1/table`` replaces the table; ``PATCH /v1/table`` applies a delta to the served
+version (412 when the pod serves another version: push the whole table then). Every
+path except /healthz and /readyz needs ``Authorization: Bearer <token>``. Without a
 token configured the API must be bound to loopback (the caller enforces that).
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from . import delta
 from .eventloop import gc_paused
 from .logs import fields
 from .metrics import DataplaneCollector
@@ -101,6 +104,24 @@ def build_app(
             await on_push(table)
         return _json({"changed": changed, **table_summary()})
 
+    async def patch_table(request: web.Request) -> web.Response:
+        """Apply a delta (dataplane.delta): the parts that changed since a version."""
+        body = await request.read()
+        try:
+            change = delta.parse(body)
+            changed = await dataplane.apply_delta(change)
+        except delta.BaseMismatch as err:
+            return _json({"error": str(err), **table_summary()}, status=412)
+        except GenerationConflict as err:
+            return _json({"error": str(err), **table_summary()}, status=409)
+        except TableError as err:
+            dataplane.tables_refused += 1
+            log.warning("delta refused", extra=fields(error=str(err), remote=request.remote))
+            return _json({"error": str(err)}, status=400)
+        if on_push is not None and dataplane.table is not None:
+            await on_push(dataplane.table)
+        return _json({"changed": changed, **table_summary()})
+
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -113,6 +134,7 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/table", get_table)
     app.router.add_put("/v1/table", put_table)
+    app.router.add_patch("/v1/table", patch_table)
     app.router.add_get("/metrics", metrics)
     if status_provider is not None:
         app.router.add_get("/v1/status", status)

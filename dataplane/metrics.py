@@ -28,9 +28,14 @@ class DataplaneCollector(Collector):
         generation = GaugeMetricFamily("bilayer_table_generation", "Generation of the table being served.")
         generation.add_metric([], dp.table.generation if dp.table else 0)
         yield generation
-        applied = CounterMetricFamily("bilayer_table_applies", "Tables applied since start.")
+        applied = CounterMetricFamily(
+            "bilayer_table_applies", "Tables applied since start, whole or by delta."
+        )
         applied.add_metric([], dp.tables_applied)
         yield applied
+        deltas = CounterMetricFamily("bilayer_table_deltas", "Tables applied by delta since start.")
+        deltas.add_metric([], dp.deltas_applied)
+        yield deltas
         refused = CounterMetricFamily(
             "bilayer_table_refusals", "Tables refused (invalid or stale) since start."
         )

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from . import delta
+from .eventloop import freeze_heap
 from .health import HealthRegistry
 from .l7.tls import Contexts, build_contexts
 from .logs import fields
-from .table import Listener, Table, TableError
+from .table import TLS, Listener, Table, TableError
 
 log = logging.getLogger("bilayer.dataplane")
 
@@ -89,12 +91,17 @@ class Dataplane:
         self.listeners: dict[int, ServingListener] = {}
         self.listener_errors: dict[int, str] = {}
         self.health = HealthRegistry()
-        # SSL contexts by port, built from the table before it is swapped in.
+        # SSL contexts by port, built from the table before it is swapped in, and the TLS
+        # part each was built from (an unchanged part keeps its contexts).
         self.tls_contexts: dict[int, Contexts] = {}
+        self._tls_sources: dict[int, TLS] = {}
         self.tables_applied = 0
         self.tables_refused = 0
+        self.deltas_applied = 0
         self._lock = asyncio.Lock()
         self._draining: set[asyncio.Task[None]] = set()
+        self._persisting: asyncio.Task[None] | None = None
+        self.persist_delay = 1.0  # seconds; saves of a burst of changes are merged
 
     @property
     def ready(self) -> bool:
@@ -130,19 +137,11 @@ class Dataplane:
         """
         table = table if table.version else table.stamped(table.generation)
         async with self._lock:
-            current = self.table
-            if current is not None and current.version == table.version:
+            if not await self._swap(table):
                 return False
-            if current is not None and table.generation <= current.generation:
-                self.tables_refused += 1
-                raise GenerationConflict(table.generation, current.generation)
-            self.tls_contexts = self._prepare_tls(table)
-            await self._reconcile_listeners(table)
-            self.health.retain(table)
-            self.table = table
-            self.tables_applied += 1
             if persist:
                 self._persist(table)
+        freeze_heap()  # a whole new table: long-lived, keep it out of collections
         log.info(
             "table applied",
             extra=fields(
@@ -153,28 +152,71 @@ class Dataplane:
         )
         return True
 
-    def _prepare_tls(self, table: Table) -> dict[int, Contexts]:
-        """Load every certificate first: a bad one refuses the table, nothing changes."""
-        contexts = {}
-        for port, listener in table.listeners.items():
-            if listener.l7 is not None and listener.l7.tls is not None:
-                try:
-                    contexts[port] = build_contexts(listener.l7.tls)
-                except (ssl.SSLError, OSError, ValueError) as err:
-                    self.tables_refused += 1
-                    raise TableError(
-                        f"listeners.{port}.l7.tls: certificate or key does not load: {err}"
-                    ) from None
-        return contexts
+    async def apply_delta(self, change: delta.Delta) -> bool:
+        """Patch the served table with change and swap the result in, as apply() does.
 
-    async def _reconcile_listeners(self, table: Table) -> None:
+        Raises delta.BaseMismatch when change was made for another version (the pusher
+        then sends the whole table), TableError for a delta that does not check out,
+        GenerationConflict as apply() does.
+        """
+        async with self._lock:
+            if self.table is None:
+                raise delta.BaseMismatch("no table is served yet; push the whole table")
+            if self.table.version == change.version:
+                return False
+            table = delta.patch(self.table, change)
+            await self._swap(table)
+            self.deltas_applied += 1
+            self._persist_soon()
+        log.info(
+            "delta applied",
+            extra=fields(version=table.version, generation=table.generation, changes=len(change.changes)),
+        )
+        return True
+
+    async def _swap(self, table: Table) -> bool:
+        """Serve table (the lock is held); False when it is the one already served."""
+        current = self.table
+        if current is not None and current.version == table.version:
+            return False
+        if current is not None and table.generation <= current.generation:
+            self.tables_refused += 1
+            raise GenerationConflict(table.generation, current.generation)
+        self.tls_contexts, self._tls_sources = self._prepare_tls(table)
+        await self._reconcile_listeners(table, current)
+        self.health.retain(table)
+        self.table = table
+        self.tables_applied += 1
+        return True
+
+    def _prepare_tls(self, table: Table) -> tuple[dict[int, Contexts], dict[int, TLS]]:
+        """Load every certificate first: a bad one refuses the table, nothing changes."""
+        contexts, sources = {}, {}
+        for port, listener in table.listeners.items():
+            if listener.l7 is None or listener.l7.tls is None:
+                continue
+            tls = sources[port] = listener.l7.tls
+            kept = self._tls_sources.get(port)
+            if kept is not None and (kept is tls or kept == tls) and port in self.tls_contexts:
+                contexts[port] = self.tls_contexts[port]
+                continue
+            try:
+                contexts[port] = build_contexts(tls)
+            except (ssl.SSLError, OSError, ValueError) as err:
+                self.tables_refused += 1
+                problem = f"certificate or key does not load: {err}"
+                raise TableError(f"listeners.{port}.l7.tls: {problem}") from None
+        return contexts, sources
+
+    async def _reconcile_listeners(self, table: Table, current: Table | None) -> None:
         for port in sorted(set(self.listeners) - set(table.listeners)):
             self._retire(port)
         for port, listener in sorted(table.listeners.items()):
             kind = "l4" if listener.l4 is not None else "l7"
             running = self.listeners.get(port)
             if running is not None and running.kind == kind:
-                running.update(listener, table)
+                if current is None or not _unchanged(port, listener, current, table):
+                    running.update(listener, table)
                 continue
             if running is not None:
                 self._retire(port)
@@ -209,6 +251,18 @@ class Dataplane:
             extra=fields(port=port, connections=serving.active_connections, grace=grace),
         )
 
+    def _persist_soon(self) -> None:
+        """Save the served table within persist_delay: at 10,000 routes the document is
+        2 MB, too much to write for every delta of a burst."""
+        if self.state_file is None or (self._persisting is not None and not self._persisting.done()):
+            return
+        self._persisting = asyncio.get_running_loop().create_task(self._persist_later())
+
+    async def _persist_later(self) -> None:
+        await asyncio.sleep(self.persist_delay)
+        if self.table is not None:
+            self._persist(self.table)
+
     def _persist(self, table: Table) -> None:
         path = self.state_file
         if path is None:
@@ -225,11 +279,31 @@ class Dataplane:
 
     async def close(self, grace: float | None = None) -> None:
         """Stop every listener and drain connections for up to grace seconds."""
+        if self._persisting is not None and not self._persisting.done():
+            self._persisting.cancel()
+            if self.table is not None:
+                self._persist(self.table)  # what a save in waiting would have written
         for port in list(self.listeners):
             self._retire(port, grace)
         if self._draining:
             await asyncio.gather(*self._draining, return_exceptions=True)
         await self.health.close()
+
+
+def _unchanged(port: int, listener: Listener, current: Table, table: Table) -> bool:
+    """Whether the L4 listener on port serves exactly as before: the same part and the
+    same clusters. L7 listeners are always updated: they rebuild only what changed."""
+    if listener.l4 is None or current.listeners.get(port) is not listener:
+        return False  # an L7 listener looks at what changed itself (l7.config)
+    if table.clusters is current.clusters:
+        return True
+    if listener.l4 is None:
+        return False
+    return all(
+        table.clusters.get(b.cluster) is current.clusters.get(b.cluster)
+        for b in listener.l4.backends
+        if b.cluster is not None
+    )
 
 
 def default_factories() -> dict[str, ListenerFactory]:

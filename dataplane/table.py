@@ -7,9 +7,14 @@ no sorting:
 
 - ``clusters``: endpoints by cluster name (``namespace/service:port``), shared by listeners.
 - ``listeners``: by port, each ``l4`` or ``l7``.
-- an L7 listener indexes its match entries by host group (exact host, wildcard suffix,
-  any host), and within a group by path (exact map, regex list, prefix map); each list
-  is in precedence order.
+- an L7 listener holds its rules by id (``namespace/name/index``) and indexes its match
+  entries by host group (exact host, wildcard suffix, any host), and within a group by
+  path (exact map, regex list, prefix map); each list is in precedence order.
+
+The table is also a flat set of *parts* (``parts()``): a cluster, an L4 listener, an L7
+listener's head (its TLS), one rule, one host group. Parts are what a delta changes
+(``dataplane.delta``), and the version is a sum of per-part hashes, so a change of one
+route costs work in proportion to that route, not to the table.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
@@ -35,6 +41,16 @@ class TableError(ValueError):
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def __eq__(self, other: object) -> bool:
+        # Fields only: the hashes and serializations cached in private attributes are not
+        # content (pydantic's own __eq__ compares them too).
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    def __hash__(self) -> int:
+        return hash(tuple(_hashable(v) for v in self.__dict__.values()))
 
     @classmethod
     def build(cls, **values: Any) -> Self:
@@ -61,6 +77,14 @@ class _Model(BaseModel):
         return obj
 
 
+def _hashable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple((k, _hashable(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
 _BUILD_PLANS: dict[type, tuple[dict[str, Any], list[tuple[str, Any]]]] = {}
 
 
@@ -71,6 +95,36 @@ def _build_plan(cls: type[BaseModel]) -> tuple[dict[str, Any], list[tuple[str, A
         (name, info.default_factory) for name, info in cls.model_fields.items() if info.default_factory
     ]
     return template, factories
+
+
+PartPath = tuple[str, ...]
+HASH_SPACE = 2**128
+
+
+def part_hash(path: PartPath, value: _Model) -> int:
+    """The hash of one part at its path, as a number to sum."""
+    value_hash = value.value_hash() if isinstance(value, _Part) else _head_hash(value)
+    digest = hashlib.sha256("\x1f".join(path).encode() + b"\x00" + value_hash).digest()
+    return int.from_bytes(digest[:16], "big")
+
+
+def _head_hash(value: _Model) -> bytes:
+    dumped = value.model_dump_json(by_alias=True, exclude_defaults=True, exclude={"rules", "hosts"})
+    return hashlib.sha256(dumped.encode()).digest()
+
+
+def version_of(parts_sum: int) -> str:
+    return f"sha256:{parts_sum:032x}"
+
+
+def l7_parts(port: str, l7: L7Listener) -> Iterator[tuple[PartPath, _Model]]:
+    """The parts of an L7 listener: its head (TLS only), rules, host groups."""
+    base = ("listeners", port, "l7")
+    yield base, l7  # the head: hashed without rules and hosts
+    for rid, rule in l7.rules.items():
+        yield (*base, "rules", rid), rule
+    for kind, key, group in host_groups(l7):
+        yield (*base, kind, key), group
 
 
 def _sorted_keys(value: dict[Any, Any]) -> dict[Any, Any]:
@@ -84,7 +138,19 @@ class Endpoint(_Model):
     port: Port
 
 
-class Cluster(_Model):
+class _Part(_Model):
+    """A unit of change: its value hash is computed once and kept with it."""
+
+    _hash: bytes | None = PrivateAttr(default=None)
+
+    def value_hash(self) -> bytes:
+        if self._hash is None:
+            dumped = self.model_dump_json(by_alias=True, exclude_defaults=True)
+            self._hash = hashlib.sha256(dumped.encode()).digest()
+        return self._hash
+
+
+class Cluster(_Part):
     endpoints: list[Endpoint] = Field(default_factory=list)
 
 
@@ -102,7 +168,7 @@ class HealthCheck(_Model):
     healthyThreshold: Annotated[int, Field(ge=1)]
 
 
-class L4Listener(_Model):
+class L4Listener(_Part):
     source: str
     backends: list[Backend]
     policy: Literal["RoundRobin", "LeastConnections", "Random", "ConsistentHash"] = "RoundRobin"
@@ -129,14 +195,14 @@ class PathCondition(_Model):
 class MatchEntry(_Model):
     """One match of one rule, as placed in a host group."""
 
-    rule: Annotated[int, Field(ge=0)]
+    rule: str  # the rule's id in the listener's rules
     path: PathCondition
     method: str | None = None
     headers: list[ValueCondition] = Field(default_factory=list)
     queryParams: list[ValueCondition] = Field(default_factory=list)
 
 
-class HostRoutes(_Model):
+class HostRoutes(_Part):
     """Match entries of one host group, indexed by path; each list in precedence order."""
 
     exact: dict[str, list[MatchEntry]] = Field(default_factory=dict)
@@ -213,7 +279,7 @@ class LoadBalancing(_Model):
     key: RequestKey = RequestKey(type="ClientIP")
 
 
-class Rule(_Model):
+class Rule(_Part):
     route: str  # namespace/name of the L7Route
     index: Annotated[int, Field(ge=0)]  # position of the rule in the route
     name: str | None = None
@@ -236,16 +302,28 @@ class Certificate(_Model):
     keyPem: str
 
 
-class TLS(_Model):
+class TLS(_Part):
     """Certificates chosen by SNI: exact name, then wildcard, then the first one."""
 
     certificates: list[Certificate] = Field(min_length=1)
 
 
 class L7Listener(_Model):
-    rules: list[Rule] = Field(default_factory=list)
+    rules: dict[str, Rule] = Field(default_factory=dict)
     hosts: HostIndex = HostIndex()
     tls: TLS | None = None
+
+    _rule_refs: Counter[str] | None = PrivateAttr(default=None)
+
+    @field_validator("rules")
+    @classmethod
+    def _sorted(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _sorted_keys(value)
+
+
+def rule_id(route: str, index: int) -> str:
+    """The id of a route's rule in its listener: ``namespace/name/index``."""
+    return f"{route}/{index}"
 
 
 class Listener(_Model):
@@ -265,6 +343,12 @@ class Table(_Model):
     # The canonical JSON of the content, computed once: at 10,000 routes it is 5 MB, and a
     # table is hashed, pushed and saved.
     _canonical: str | None = PrivateAttr(default=None)
+    # The sum of the part hashes (see content_version), computed once or carried over by
+    # a delta.
+    _parts_sum: int | None = PrivateAttr(default=None)
+    # For a table made by a delta: the version it was applied to and the part paths it
+    # changed, so that listeners rebuild only those (see l7.config).
+    _delta: tuple[str, frozenset[PartPath]] | None = PrivateAttr(default=None)
 
     @field_validator("clusters", "listeners")
     @classmethod
@@ -274,7 +358,9 @@ class Table(_Model):
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Table:
         copied = super().model_copy(update=update, deep=deep)
         if update and set(update) - {"version", "generation"}:
-            copied._canonical = None  # the content changed: the cached form is stale
+            copied._canonical = None  # the content changed: the cached forms are stale
+            copied._parts_sum = None
+            copied._delta = None
         return copied
 
     def content(self) -> dict[str, Any]:
@@ -291,8 +377,43 @@ class Table(_Model):
         return self._canonical
 
     def content_version(self) -> str:
-        """A hash of the content: identical routing gives an identical version."""
-        return "sha256:" + hashlib.sha256(self.canonical().encode()).hexdigest()[:32]
+        """A hash of the content: identical routing gives an identical version.
+
+        The sum (mod 2**128) of one SHA-256 per part, of its path and its value: a delta
+        updates it by subtracting the parts it replaces and adding the new ones, where a
+        hash of the whole document would cost a 2 MB serialization per change.
+        """
+        return version_of(self.parts_sum())
+
+    def parts_sum(self) -> int:
+        if self._parts_sum is None:
+            self._parts_sum = sum(part_hash(path, value) for path, value in self.parts()) % HASH_SPACE
+        return self._parts_sum
+
+    def set_parts_sum(self, value: int) -> None:
+        """Carry the sum over from the table a delta was applied to (see dataplane.delta)."""
+        self._parts_sum = value
+
+    def set_delta(self, base: str, paths: set[PartPath]) -> None:
+        self._delta = (base, frozenset(paths))
+
+    def changed_since(self, version: str) -> frozenset[PartPath] | None:
+        """The part paths that differ from the table of version, when this table was made
+        from that one by a delta; None when not known."""
+        if self._delta is not None and self._delta[0] == version:
+            return self._delta[1]
+        return None
+
+    def parts(self) -> Iterator[tuple[PartPath, _Model]]:
+        """Every part with its path; see the module docstring."""
+        for name, cluster in self.clusters.items():
+            yield ("clusters", name), cluster
+        for port, listener in self.listeners.items():
+            key = str(port)
+            if listener.l4 is not None:
+                yield ("listeners", key, "l4"), listener.l4
+            if listener.l7 is not None:
+                yield from l7_parts(key, listener.l7)
 
     def stamped(self, generation: int) -> Table:
         """This table with its version computed and the given generation."""
@@ -325,13 +446,7 @@ class Table(_Model):
     def check(self) -> None:
         """Check what types alone cannot: references, patterns, addresses, the version."""
         for name, cluster in self.clusters.items():
-            for i, endpoint in enumerate(cluster.endpoints):
-                try:
-                    ipaddress.ip_address(endpoint.address)
-                except ValueError:
-                    raise TableError(
-                        f"clusters.{name}.endpoints.{i}.address: {endpoint.address!r} is not an IP address"
-                    ) from None
+            check_cluster(name, cluster)
         for port, listener in self.listeners.items():
             where = f"listeners.{port}"
             if not 1 <= port <= 65535:
@@ -339,51 +454,96 @@ class Table(_Model):
             if (listener.l4 is None) == (listener.l7 is None):
                 raise TableError(f"{where}: set exactly one of l4 and l7")
             if listener.l4 is not None:
-                self._check_backends(f"{where}.l4", listener.l4.backends)
+                check_backends(f"{where}.l4", listener.l4.backends, self.clusters)
             if listener.l7 is not None:
-                self._check_l7(f"{where}.l7", listener.l7)
+                for rid, rule in listener.l7.rules.items():
+                    check_rule(f"{where}.l7.rules.{rid}", rule, self.clusters)
+                for kind, key, group in host_groups(listener.l7):
+                    name = f"{where}.l7.hosts.{kind}" + (f".{key}" if kind != "any" else "")
+                    check_host_key(name, kind, key)
+                    check_host_group(name, group, listener.l7.rules)
         if self.version and self.version != self.content_version():
             raise TableError(
                 f"version: {self.version} does not match the content ({self.content_version()}); "
                 "leave it empty to have it computed"
             )
 
-    def _check_backends(self, where: str, backends: list[Backend]) -> None:
-        for i, backend in enumerate(backends):
-            if backend.cluster is not None and backend.cluster not in self.clusters:
-                raise TableError(f"{where}.backends.{i}.cluster: no cluster named {backend.cluster!r}")
 
-    def _check_l7(self, where: str, l7: L7Listener) -> None:
-        for i, rule in enumerate(l7.rules):
-            self._check_backends(f"{where}.rules.{i}", rule.backends)
-            if rule.rateLimit and rule.rateLimit.key.type == "Header" and not rule.rateLimit.key.header:
-                raise TableError(f"{where}.rules.{i}.rateLimit.key: type Header needs header")
-        groups = [(f"hosts.exact.{h}", g) for h, g in l7.hosts.exact.items()]
-        groups += [(f"hosts.wildcard.{s}", g) for s, g in l7.hosts.wildcard.items()]
-        if l7.hosts.any is not None:
-            groups.append(("hosts.any", l7.hosts.any))
-        for name, group in groups:
-            if name.startswith("hosts.wildcard.") and not name[len("hosts.wildcard.") :].startswith("."):
-                raise TableError(f"{where}.{name}: a wildcard key starts with '.'")
-            if name.lower() != name:
-                raise TableError(f"{where}.{name}: host keys are lower case")
-            entries = [e for es in group.exact.values() for e in es]
-            entries += group.regex + [e for es in group.prefix.values() for e in es]
-            for entry in entries:
-                self._check_entry(f"{where}.{name}", entry, len(l7.rules))
+# --- checks of single parts, shared by Table.check and deltas ---
 
-    @staticmethod
-    def _check_entry(where: str, entry: MatchEntry, rule_count: int) -> None:
-        if entry.rule >= rule_count:
-            raise TableError(f"{where}: match refers to rule {entry.rule}, the listener has {rule_count}")
-        patterns = [c.value for c in entry.headers + entry.queryParams if c.type == "RegularExpression"]
-        if entry.path.type == "RegularExpression":
-            patterns.append(entry.path.value)
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise TableError(f"{where}: regular expression {pattern!r}: {err}") from None
-        for header in entry.headers:
-            if header.name != header.name.lower():
-                raise TableError(f"{where}: header name {header.name!r} must be lower case")
+
+def host_groups(l7: L7Listener) -> Iterator[tuple[str, str, HostRoutes]]:
+    """Every host group as (exact | wildcard | any, key, group); the key of any is ""."""
+    for host, group in l7.hosts.exact.items():
+        yield "exact", host, group
+    for suffix, group in l7.hosts.wildcard.items():
+        yield "wildcard", suffix, group
+    if l7.hosts.any is not None:
+        yield "any", "", l7.hosts.any
+
+
+def entries_of(group: HostRoutes) -> Iterator[MatchEntry]:
+    for entries in group.exact.values():
+        yield from entries
+    yield from group.regex
+    for entries in group.prefix.values():
+        yield from entries
+
+
+def rule_refs(l7: L7Listener) -> Counter[str]:
+    """How many match entries name each rule (computed once per listener object)."""
+    if l7._rule_refs is None:
+        l7._rule_refs = Counter(e.rule for _, _, group in host_groups(l7) for e in entries_of(group))
+    return l7._rule_refs
+
+
+def check_cluster(name: str, cluster: Cluster) -> None:
+    for i, endpoint in enumerate(cluster.endpoints):
+        try:
+            ipaddress.ip_address(endpoint.address)
+        except ValueError:
+            raise TableError(
+                f"clusters.{name}.endpoints.{i}.address: {endpoint.address!r} is not an IP address"
+            ) from None
+
+
+def check_backends(where: str, backends: list[Backend], clusters: Mapping[str, Cluster]) -> None:
+    for i, backend in enumerate(backends):
+        if backend.cluster is not None and backend.cluster not in clusters:
+            raise TableError(f"{where}.backends.{i}.cluster: no cluster named {backend.cluster!r}")
+
+
+def check_rule(where: str, rule: Rule, clusters: Mapping[str, Cluster]) -> None:
+    check_backends(where, rule.backends, clusters)
+    if rule.rateLimit and rule.rateLimit.key.type == "Header" and not rule.rateLimit.key.header:
+        raise TableError(f"{where}.rateLimit.key: type Header needs header")
+
+
+def check_host_key(where: str, kind: str, key: str) -> None:
+    """The key of an exact or wildcard host group (where names the group)."""
+    if kind == "wildcard" and not key.startswith("."):
+        raise TableError(f"{where}: a wildcard key starts with '.'")
+    if key.lower() != key:
+        raise TableError(f"{where}: host keys are lower case")
+
+
+def check_host_group(where: str, group: HostRoutes, rules: Mapping[str, Rule]) -> None:
+    """Every entry of a host group: its rule exists, its patterns compile."""
+    for entry in entries_of(group):
+        _check_entry(where, entry, rules)
+
+
+def _check_entry(where: str, entry: MatchEntry, rules: Mapping[str, Rule]) -> None:
+    if entry.rule not in rules:
+        raise TableError(f"{where}: match refers to rule {entry.rule!r}, which the listener does not have")
+    patterns = [c.value for c in entry.headers + entry.queryParams if c.type == "RegularExpression"]
+    if entry.path.type == "RegularExpression":
+        patterns.append(entry.path.value)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise TableError(f"{where}: regular expression {pattern!r}: {err}") from None
+    for header in entry.headers:
+        if header.name != header.name.lower():
+            raise TableError(f"{where}: header name {header.name!r} must be lower case")

@@ -30,6 +30,20 @@ def test_status_only_changes_do_not_matter() -> None:
     assert store.apply("L7Route", "MODIFIED", changed)
 
 
+def test_a_status_update_keeps_the_object_the_compiler_knows() -> None:
+    """The compiler reuses its work for objects that are the same dict as last time: a
+    status write coming back (a new resourceVersion) must not make every object new."""
+    store = Store()
+    route = load_yaml(ROUTE)[0]
+    store.apply("L7Route", "ADDED", route)
+    (known,) = store.snapshot().objects
+    echo = {**route, "metadata": {**route["metadata"], "resourceVersion": "7"}, "status": {"conditions": []}}
+    assert not store.apply("L7Route", "MODIFIED", echo)
+    (now,) = store.snapshot().objects
+    assert now is known
+    assert now["metadata"]["resourceVersion"] == "7" and now["status"] == {"conditions": []}
+
+
 def test_only_referenced_services_slices_and_tls_secrets_matter() -> None:
     store = Store()
     assert not store.apply("Service", "ADDED", body("Service", "web"))  # no route names it yet

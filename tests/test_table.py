@@ -62,8 +62,8 @@ def good() -> dict[str, Any]:
         (lambda t: t.update(version="sha256:0000"), "does not match the content"),
         (lambda t: t["listeners"].update({"70000": t["listeners"]["7000"]}), "port must be 1-65535"),
         (
-            lambda t: t["listeners"]["8080"]["l7"]["hosts"]["any"]["prefix"][""][0].update(rule=9),
-            "refers to rule 9",
+            lambda t: t["listeners"]["8080"]["l7"]["hosts"]["any"]["prefix"][""][0].update(rule="a/b/9"),
+            "refers to rule .a/b/9.",
         ),
         (lambda t: t.update(surprise=True), "Extra inputs are not permitted"),
         (lambda t: t["listeners"]["7000"]["l4"].update(policy="Fastest"), "policy"),

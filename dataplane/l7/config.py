@@ -59,12 +59,15 @@ class ClusterStats:
 class Cluster:
     """Endpoints of one backend Service port, with a balancer per policy used."""
 
-    __slots__ = ("_balancers", "endpoints", "name", "stats")
+    __slots__ = ("_balancers", "endpoints", "name", "source", "stats")
 
-    def __init__(self, name: str, endpoints: list[EndpointState], stats: ClusterStats) -> None:
+    def __init__(
+        self, name: str, endpoints: list[EndpointState], stats: ClusterStats, source: table.Cluster
+    ) -> None:
         self.name = name
         self.endpoints = endpoints
         self.stats = stats
+        self.source = source  # the table's cluster this was built from
         self._balancers: dict[str, Balancer] = {}
 
     def balancer(self, policy: str) -> Balancer:
@@ -132,6 +135,7 @@ class Rule:
         "allow_encoded_slashes",
         "backend_request_timeout",
         "backends",
+        "clusters",
         "index",
         "key_header",
         "limiter",
@@ -157,6 +161,7 @@ class Rule:
         self.backends = BackendChoice(
             [(clusters[b.cluster] if b.cluster is not None else None, b.weight) for b in rule.backends]
         )
+        self.clusters = frozenset(b.cluster for b in rule.backends if b.cluster is not None)
         self.request_modifier = Modifier.of(rule.requestHeaders)
         self.response_modifier = Modifier.of(rule.responseHeaders)
         self.rewrite = rule.rewrite
@@ -180,8 +185,10 @@ class Rule:
 @dataclass
 class L7Config:
     router: Router
-    rules: list[Rule]
+    rules: dict[str, Rule]
     tls: list[tuple[list[str], ssl.SSLContext]] | None
+    source: table.L7Listener
+    clusters: dict[str, Cluster]
 
 
 @dataclass
@@ -199,28 +206,62 @@ def build_config(
     health: HealthRegistry,
     memory: Memory,
     contexts: list[tuple[list[str], ssl.SSLContext]] | None,
+    *,
+    previous: L7Config | None = None,
+    changed: frozenset[tuple[str, ...]] | None = None,
 ) -> L7Config:
+    """The serving form of listener. What previous built from the same table objects is
+    reused: a table patched by a delta shares every unchanged part with the one before.
+    changed, when given, lists the part paths under this listener that differ from the
+    table previous was built from: then only those are looked at, and a swap costs work
+    in proportion to the change, not to the number of routes."""
+    old_clusters = previous.clusters if previous is not None else {}
     clusters: dict[str, Cluster] = {}
-    for rule in listener.rules:
-        for backend in rule.backends:
-            name = backend.cluster
-            if name is not None and name not in clusters:
-                endpoints = [health.endpoint(e.address, e.port) for e in tbl.clusters[name].endpoints]
-                stats = memory.clusters.setdefault(name, ClusterStats())
-                clusters[name] = Cluster(name, endpoints, stats)
-    rules = []
-    for rule in listener.rules:
-        key = (rule.route, rule.index)
-        limiter = None
-        if rule.rateLimit is not None:
-            kept = memory.limiters.get(key)
-            if kept is not None and kept[0] == rule.rateLimit:
-                limiter = kept[1]  # same limit: keep the buckets' state
+    rebuilt: set[str] = set()
+    for name, source in tbl.clusters.items():
+        kept = old_clusters.get(name)
+        if kept is not None and (kept.source is source or kept.source == source):
+            clusters[name] = kept
+            continue
+        endpoints = [health.endpoint(e.address, e.port) for e in source.endpoints]
+        clusters[name] = Cluster(name, endpoints, memory.clusters.setdefault(name, ClusterStats()), source)
+        rebuilt.add(name)
+    if previous is not None and changed is not None and not rebuilt:
+        rules = dict(previous.rules)
+        for rid in {path[4] for path in changed if len(path) == 5 and path[3] == "rules"}:
+            rule = listener.rules.get(rid)
+            if rule is None:
+                rules.pop(rid, None)
             else:
-                limiter = TokenBuckets(rule.rateLimit)
-                memory.limiters[key] = (rule.rateLimit, limiter)
-        rules.append(Rule(rule, clusters, memory.rules.setdefault(key, RuleStats()), limiter))
-    return L7Config(router=Router(listener), rules=rules, tls=contexts)
+                rules[rid] = _rule(rule, clusters, memory)
+        groups = {(path[3], path[4]) for path in changed if len(path) == 5 and path[3] != "rules"}
+        router = Router(listener, previous.router, groups)
+        return L7Config(router=router, rules=rules, tls=contexts, source=listener, clusters=clusters)
+    old_rules = previous.rules if previous is not None else {}
+    old_sources = previous.source.rules if previous is not None else {}
+    rules = {}
+    for rid, rule in listener.rules.items():
+        kept_rule = old_rules.get(rid)
+        same = kept_rule is not None and old_sources.get(rid) is rule
+        if same and kept_rule is not None and not (rebuilt and rebuilt & kept_rule.clusters):
+            rules[rid] = kept_rule
+        else:
+            rules[rid] = _rule(rule, clusters, memory)
+    router = Router(listener, previous.router if previous is not None else None)
+    return L7Config(router=router, rules=rules, tls=contexts, source=listener, clusters=clusters)
+
+
+def _rule(rule: table.Rule, clusters: dict[str, Cluster], memory: Memory) -> Rule:
+    key = (rule.route, rule.index)
+    limiter = None
+    if rule.rateLimit is not None:
+        kept = memory.limiters.get(key)
+        if kept is not None and kept[0] == rule.rateLimit:
+            limiter = kept[1]  # same limit: keep the buckets' state
+        else:
+            limiter = TokenBuckets(rule.rateLimit)
+            memory.limiters[key] = (rule.rateLimit, limiter)
+    return Rule(rule, clusters, memory.rules.setdefault(key, RuleStats()), limiter)
 
 
 def retry_after(seconds: float) -> bytes:

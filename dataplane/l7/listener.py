@@ -51,6 +51,7 @@ class ServingL7(Serving[ClientConnection]):
         self._connects: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.config: L7Config
+        self._built_from = ""  # the version of the table config was built from
         self.update(listener, tbl)
 
     async def start(self, address: str) -> None:
@@ -80,7 +81,17 @@ class ServingL7(Serving[ClientConnection]):
         l7 = listener.l7
         assert l7 is not None
         contexts = self.dataplane.tls_contexts.get(self.port)
-        self.config = build_config(l7, tbl, self.health, self.memory, contexts)
+        previous = getattr(self, "config", None)
+        changed = None
+        if previous is not None:
+            paths = tbl.changed_since(self._built_from)
+            if paths is not None:
+                port = str(self.port)
+                changed = frozenset(p for p in paths if p[0] == "clusters" or p[1] == port)
+        self.config = build_config(
+            l7, tbl, self.health, self.memory, contexts, previous=previous, changed=changed
+        )
+        self._built_from = tbl.version
 
     # --- bookkeeping called by connections and exchanges ---
 

@@ -163,6 +163,16 @@ def normalize_host(host: str) -> str:
     return host.rstrip(".").lower()
 
 
+def _groups(
+    now: dict[str, table.HostRoutes], before: dict[str, table.HostRoutes], built: dict[str, Group]
+) -> dict[str, Group]:
+    groups = {}
+    for key, routes in now.items():
+        kept = built.get(key)
+        groups[key] = kept if kept is not None and before.get(key) is routes else Group(routes)
+    return groups
+
+
 @dataclass(frozen=True)
 class Considered:
     group: str
@@ -173,11 +183,48 @@ class Considered:
 class Router:
     """The compiled match structure of one L7 listener."""
 
-    def __init__(self, listener: table.L7Listener) -> None:
+    def __init__(
+        self,
+        listener: table.L7Listener,
+        previous: Router | None = None,
+        changed: set[tuple[str, str]] | None = None,
+    ) -> None:
+        """changed: the (exact | wildcard | any, key) host groups that differ from the
+        listener previous was built from; None: compare them all."""
         self.rules = listener.rules
-        self.exact = {host: Group(g) for host, g in listener.hosts.exact.items()}
-        self.wildcard = {suffix: Group(g) for suffix, g in listener.hosts.wildcard.items()}
-        self.any = Group(listener.hosts.any) if listener.hosts.any is not None else None
+        self.source = listener.hosts
+        if previous is not None and changed is not None:
+            self._patch(listener.hosts, previous, changed)
+            return
+        # A host group whose table object did not change keeps its compiled Group.
+        old = previous.source if previous is not None else table.HostIndex()
+        self.exact: dict[str, Group] = _groups(
+            listener.hosts.exact, old.exact, previous.exact if previous else {}
+        )
+        self.wildcard: dict[str, Group] = _groups(
+            listener.hosts.wildcard, old.wildcard, previous.wildcard if previous else {}
+        )
+        self.any: Group | None = None
+        if listener.hosts.any is not None:
+            same = previous is not None and previous.any is not None and old.any is listener.hosts.any
+            self.any = previous.any if same and previous is not None else Group(listener.hosts.any)
+
+    def _patch(self, hosts: table.HostIndex, previous: Router, changed: set[tuple[str, str]]) -> None:
+        self.exact = dict(previous.exact) if any(k == "exact" for k, _ in changed) else previous.exact
+        self.wildcard = (
+            dict(previous.wildcard) if any(k == "wildcard" for k, _ in changed) else previous.wildcard
+        )
+        self.any = previous.any
+        for kind, key in changed:
+            if kind == "any":
+                self.any = Group(hosts.any) if hosts.any is not None else None
+                continue
+            groups = self.exact if kind == "exact" else self.wildcard
+            routes = (hosts.exact if kind == "exact" else hosts.wildcard).get(key)
+            if routes is None:
+                groups.pop(key, None)
+            else:
+                groups[key] = Group(routes)
 
     def groups(self, host: str) -> Iterator[tuple[str, Group]]:
         """Host groups that apply to host (already normalized), most specific first."""

@@ -177,6 +177,8 @@ def cmd_operator(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         admin_token=_token(args),
         resync=args.resync,
+        holdoff=args.holdoff,
+        max_holdoff=args.max_holdoff,
         leader_election=not args.no_leader_election,
         lease_name=args.lease_name,
     )
@@ -336,6 +338,20 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resync", type=float, default=60.0, help="seconds between checks of what each pod serves"
+    )
+    p.add_argument(
+        "--holdoff",
+        type=float,
+        default=0.01,
+        metavar="SECONDS",
+        help="compile this long after the last change, if no other change comes (default 0.01)",
+    )
+    p.add_argument(
+        "--max-holdoff",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="but never later than this after the first change of a batch (default 0.5)",
     )
     p.add_argument(
         "--no-leader-election", action="store_true", help="act without holding the Lease (a single replica)"

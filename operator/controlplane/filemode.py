@@ -91,7 +91,7 @@ class FileMode:
             if listener.l4 is not None:
                 errors[listener.l4.source] = error
             elif listener.l7 is not None:
-                errors.update((rule.route, error) for rule in listener.l7.rules)
+                errors.update((rule.route, error) for rule in listener.l7.rules.values())
         return errors
 
     def _report_problems(self) -> None:

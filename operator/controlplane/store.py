@@ -108,9 +108,15 @@ class Store:
                 self._count(key, None)
             return old is not None and self._matters(key, obj)
         old = self.objects.get(key)
-        self.objects[key] = obj
         if old is not None and _table_view(old) == _table_view(obj):
-            return False  # e.g. our own status write coming back
+            # E.g. our own status write coming back. The compiler knows unchanged objects by
+            # identity (compiler.cache): keep the dict it knows, with the news in it.
+            old["metadata"] = obj["metadata"]
+            old.pop("status", None)
+            if "status" in obj:
+                old["status"] = obj["status"]
+            return False
+        self.objects[key] = obj
         if key.kind in ROUTE_KINDS:
             self._count(key, obj)
         return self._matters(key, obj)

@@ -13,7 +13,7 @@ from dataplane import table
 
 from ..resources.common import BackendRef
 from ..resources.kube import SERVICE_NAME_LABEL, EndpointSlice, Service, ServicePort
-from .snapshot import ObjectKey, Snapshot
+from .snapshot import Object, ObjectKey, Snapshot
 
 
 @dataclass
@@ -34,24 +34,39 @@ class BackendResolver:
 
     def __init__(self, snapshot: Snapshot) -> None:
         self._services: dict[tuple[str, str], Service | str] = {}
-        for obj in snapshot.of_kind("Service"):
-            key = ObjectKey.of(obj)
-            try:
-                self._services[key.namespace, key.name] = Service.model_validate(obj)
-            except ValidationError as err:
-                self._services[key.namespace, key.name] = f"is malformed ({err.errors()[0]['msg']})"
-        self._slices: dict[tuple[str, str], list[EndpointSlice]] = defaultdict(list)
-        for obj in snapshot.of_kind("EndpointSlice"):
-            key = ObjectKey.of(obj)
-            service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
-            if not service:
-                continue
-            try:
-                self._slices[key.namespace, service].append(EndpointSlice.model_validate(obj))
-            except ValidationError:
-                continue  # a malformed slice contributes no endpoints
+        # (namespace, service) -> slice name -> the slice (None: malformed, no endpoints)
+        self._slices: dict[tuple[str, str], dict[str, EndpointSlice | None]] = defaultdict(dict)
         self.clusters: dict[str, table.Cluster] = {}
         self._resolved: dict[tuple[str, str, int], tuple[str | None, str | None]] = {}
+        self.update([], [o for o in snapshot.objects if o.get("kind") in ("Service", "EndpointSlice")])
+
+    def update(self, removed: Sequence[Object], added: Sequence[Object]) -> set[tuple[str, str]]:
+        """Take Services and EndpointSlices away and in (other kinds are ignored); returns the
+        (namespace, Service) names whose resolution may now differ."""
+        affected: set[tuple[str, str]] = set()
+        for obj, present in [(o, False) for o in removed] + [(o, True) for o in added]:
+            key = ObjectKey.of(obj)
+            if key.kind == "Service":
+                name = (key.namespace, key.name)
+                self._services.pop(name, None)
+                if present:
+                    self._services[name] = _service(obj)
+            elif key.kind == "EndpointSlice":
+                service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+                if not service:
+                    continue
+                name = (key.namespace, str(service))
+                self._slices[name].pop(key.name, None)
+                if present:
+                    self._slices[name][key.name] = _endpoint_slice(obj)
+            else:
+                continue
+            affected.add(name)
+        if affected:  # forget what was resolved from them
+            for resolved in [k for k in self._resolved if (k[0], k[1]) in affected]:
+                del self._resolved[resolved]
+                self.clusters.pop(cluster_name(*resolved), None)
+        return affected
 
     def resolve(self, namespace: str, refs: Sequence[BackendRef], field_path: str) -> Resolution:
         result = Resolution()
@@ -106,8 +121,9 @@ class BackendResolver:
 
     def _endpoints(self, namespace: str, service: str, port: ServicePort) -> list[table.Endpoint]:
         found: set[tuple[str, int]] = set()
-        for endpoint_slice in self._slices.get((namespace, service), []):
-            if endpoint_slice.addressType not in ("IPv4", "IPv6"):
+        slices = self._slices.get((namespace, service), {})
+        for _, endpoint_slice in sorted(slices.items()):
+            if endpoint_slice is None or endpoint_slice.addressType not in ("IPv4", "IPv6"):
                 continue
             number = _slice_port(endpoint_slice, port)
             if number is None:
@@ -119,6 +135,20 @@ class BackendResolver:
                     if _is_ip(address):
                         found.add((address, number))
         return [table.Endpoint.build(address=a, port=p) for a, p in sorted(found)]
+
+
+def _service(obj: Object) -> Service | str:
+    try:
+        return Service.model_validate(obj)
+    except ValidationError as err:
+        return f"is malformed ({err.errors()[0]['msg']})"
+
+
+def _endpoint_slice(obj: Object) -> EndpointSlice | None:
+    try:
+        return EndpointSlice.model_validate(obj)
+    except ValidationError:
+        return None  # a malformed slice contributes no endpoints
 
 
 def _slice_port(endpoint_slice: EndpointSlice, port: ServicePort) -> int | None:

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
+import operator
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from dataplane import table
+from dataplane.table import PartPath
 
 from ..resources.common import HeaderKey, parse_duration
 from ..resources.l7route import Filter, HeaderModifier, L7Route, PathModifier, RouteRule
 from .backends import BackendResolver
-from .cache import CompileCache
 from .ports import Parsed
 from .precedence import EntryRank, prefix_key, rank, wildcard_key
+from .snapshot import ObjectKey
 from .tls import SecretIndex
+
+if TYPE_CHECKING:
+    from .port import Context
 
 _UNIT_SECONDS = {"Second": 1.0, "Minute": 60.0, "Hour": 3600.0}
 
@@ -28,45 +35,16 @@ class RouteRefs:
 
 
 @dataclass
-class _Group:
-    """Match entries of one host group before sorting."""
-
-    exact: dict[str, list[tuple[EntryRank, table.MatchEntry]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-    regex: list[tuple[EntryRank, table.MatchEntry]] = field(default_factory=list)
-    prefix: dict[str, list[tuple[EntryRank, table.MatchEntry]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
-
-    def add(self, order: EntryRank, entry: table.MatchEntry) -> None:
-        if entry.path.type == "Exact":
-            self.exact[entry.path.value].append((order, entry))
-        elif entry.path.type == "RegularExpression":
-            self.regex.append((order, entry))
-        else:
-            self.prefix[prefix_key(entry.path.value)].append((order, entry))
-
-    def freeze(self) -> table.HostRoutes:
-        def ordered(items: list[tuple[EntryRank, table.MatchEntry]]) -> list[table.MatchEntry]:
-            return [entry for _, entry in sorted(items, key=lambda item: item[0])]
-
-        return table.HostRoutes.build(
-            exact={path: ordered(items) for path, items in sorted(self.exact.items())},
-            regex=ordered(self.regex),
-            prefix={path: ordered(items) for path, items in sorted(self.prefix.items())},
-        )
-
-
-@dataclass
 class _RouteOut:
-    """What one route contributes, independent of where it sits in the listener."""
+    """What one route contributes, independent of the other routes on its port."""
 
-    rules: list[table.Rule]
-    # (rule position in the route, precedence rank, the entry's fields but its rule index)
-    entries: list[tuple[int, EntryRank, dict[str, object]]]
+    rules: dict[str, table.Rule]
+    # (host group, precedence rank, entry) for every match in every host group
+    entries: list[tuple[tuple[str, str], EntryRank, table.MatchEntry]]
     refs: RouteRefs
     certificate: table.Certificate | None
+    clusters: frozenset[str]
+    groups: frozenset[tuple[str, str]]  # the host groups its entries are in
 
 
 def _compile_route(parsed: Parsed, resolver: BackendResolver, secrets: SecretIndex) -> _RouteOut:
@@ -79,88 +57,206 @@ def _compile_route(parsed: Parsed, resolver: BackendResolver, secrets: SecretInd
         certificate, found.certificate_problem = secrets.certificate(
             namespace, route.spec.tls.secretName, route.spec.hostnames
         )
-    rules: list[table.Rule] = []
-    entries: list[tuple[int, EntryRank, dict[str, object]]] = []
+    rules: dict[str, table.Rule] = {}
+    entries: list[tuple[tuple[str, str], EntryRank, table.MatchEntry]] = []
+    clusters: set[str] = set()
+    groups = _host_groups(route.spec.hostnames)
     for rule_index, rule in enumerate(route.spec.rules):
         resolution = resolver.resolve(namespace, rule.backendRefs, f"spec.rules[{rule_index}].backendRefs")
         found.problems += resolution.problems
         found.not_permitted |= resolution.not_permitted
-        rules.append(_rule(parsed.key.ref, rule_index, rule, route, resolution.backends))
+        clusters.update(b.cluster for b in resolution.backends if b.cluster is not None)
+        rid = table.rule_id(parsed.key.ref, rule_index)
+        rules[rid] = _rule(parsed.key.ref, rule_index, rule, route, resolution.backends)
         for match_index, match in enumerate(rule.matches):
-            fields: dict[str, object] = {
-                "path": table.PathCondition.build(type=match.path.type, value=match.path.value),
-                "method": match.method,
-                "headers": [
+            entry = table.MatchEntry.build(
+                rule=rid,
+                path=table.PathCondition.build(type=match.path.type, value=match.path.value),
+                method=match.method,
+                headers=[
                     table.ValueCondition.build(name=h.name.lower(), type=h.type, value=h.value)
                     for h in match.headers
                 ],
-                "queryParams": [
+                queryParams=[
                     table.ValueCondition.build(name=q.name, type=q.type, value=q.value)
                     for q in match.queryParams
                 ],
-            }
-            entries.append((rule_index, rank(match, parsed.age, rule_index, match_index), fields))
-    return _RouteOut(rules, entries, found, certificate)
+            )
+            order = rank(match, parsed.age, rule_index, match_index)
+            entries += [(group, order, entry) for group in groups]
+    return _RouteOut(rules, entries, found, certificate, frozenset(clusters), frozenset(groups))
 
 
 def _route_signature(parsed: Parsed, resolver: BackendResolver, secrets: SecretIndex) -> tuple[object, ...]:
-    """With the model's identity (the parse memo keeps the same object while the content
-    is the same), what decides the route's compiled rules: its age and how its references
-    resolve. Resolving here also registers the route's clusters in this compile's table."""
+    """Besides the model (the parse memo keeps the same object while the content is the
+    same), what decides the route's compiled rules: how its references resolve."""
     route = parsed.model
     assert isinstance(route, L7Route)
     namespace = parsed.key.namespace
     resolved = tuple(resolver.lookup(namespace, ref) for rule in route.spec.rules for ref in rule.backendRefs)
     tls = route.spec.tls
     cert = secrets.fingerprint(namespace, tls.secretName) if tls is not None else None
-    return (parsed.age, resolved, cert)
+    return (resolved, cert)
 
 
-def build_l7(
-    routes: list[Parsed], resolver: BackendResolver, secrets: SecretIndex, cache: CompileCache | None = None
-) -> tuple[table.Listener | None, dict[str, RouteRefs]]:
-    """The listener for routes (oldest first) and each route's unresolved references.
-
-    Returns no listener for a TLS port none of whose routes has a usable certificate:
-    serving it would fail every handshake.
-    """
-    rules: list[table.Rule] = []
-    groups: dict[tuple[str, str], _Group] = defaultdict(_Group)
-    refs: dict[str, RouteRefs] = {}
-    certificates: list[table.Certificate] = []
-    for parsed in routes:
-        route = parsed.model
-        assert isinstance(route, L7Route)
+def _route_out(parsed: Parsed, context: Context) -> _RouteOut:
+    resolver, secrets, cache = context.resolver, context.secrets, context.cache
+    kept = cache.routes.get(parsed.key)
+    # The memo holds the Parsed itself: identity, not id(), so a freed object's id can
+    # never be mistaken for a new one's. Same resolver and none of the route's references
+    # changed (force): no lookups needed.
+    if kept is not None and kept[0] is parsed:
+        if kept[1] is resolver and parsed.key not in context.force:
+            return kept[3]  # type: ignore[no-any-return]
         signature = _route_signature(parsed, resolver, secrets)
-        kept = cache.routes.get(parsed.key) if cache is not None else None
-        # The entry holds the model itself: identity, not id(), so a freed model's id can
-        # never be mistaken for a new one's.
-        if kept is not None and kept[0] is route and kept[1] == signature:
-            out: _RouteOut = kept[2]
+        if kept[2] == signature:
+            cache.routes[parsed.key] = (parsed, resolver, signature, kept[3])
+            return kept[3]  # type: ignore[no-any-return]
+    else:
+        signature = _route_signature(parsed, resolver, secrets)
+    out = _compile_route(parsed, resolver, secrets)
+    cache.routes[parsed.key] = (parsed, resolver, signature, out)
+    return out
+
+
+Group = tuple[str, str]  # ("exact", host) | ("wildcard", ".suffix") | ("any", "")
+
+
+class L7Port:
+    """The HTTP listener of one port, kept between compiles and updated route by route.
+
+    update() takes the port's routes and which of them may have changed; it recompiles
+    those, rebuilds only the host groups they are in, and reports the table parts that
+    changed (``changed``) so the version and the deltas cost as much as the change.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.outs: dict[ObjectKey, _RouteOut] = {}
+        self.members: dict[Group, dict[ObjectKey, _RouteOut]] = {}
+        # The host groups by kind ("exact", "wildcard", "any"), each map in key order.
+        self.groups: dict[str, dict[str, table.HostRoutes]] = {"exact": {}, "wildcard": {}, "any": {}}
+        self.rules: dict[str, table.Rule] = {}
+        self.clusters: Counter[str] = Counter()
+        self.certificates: list[table.Certificate] = []
+        self.tls: table.TLS | None = None
+        self.listener: table.Listener | None = None
+        self.changed: set[PartPath] | None = None  # None: unknown, compare the whole listener
+
+    def update(
+        self,
+        routes: list[Parsed],
+        changed: dict[ObjectKey, Parsed | None] | None,
+        context: Context,
+    ) -> None:
+        """Make the listener serve routes (oldest first). changed names the routes that may
+        differ since the last update, with what each is now (None: it left the listener);
+        changed None: any may."""
+        before = self.listener
+        rules = dict(self.rules)  # the last table holds the old dictionaries: copy
+        touched: set[Group] = set()
+        changed_rules: set[str] = set()
+        if changed is None:
+            keys = {p.key for p in routes}
+            todo: list[tuple[ObjectKey, Parsed | None]] = [(p.key, p) for p in routes]
+            todo += [(k, None) for k in self.outs if k not in keys]
         else:
-            out = _compile_route(parsed, resolver, secrets)
-            if cache is not None:
-                cache.routes[parsed.key] = (route, signature, out)
-        refs[parsed.key.ref] = out.refs
-        if out.certificate is not None:
-            certificates.append(out.certificate)
-        offset = len(rules)
-        rules += out.rules
-        host_groups = _host_groups(route.spec.hostnames)
-        for rule_index, order, fields in out.entries:
-            entry = table.MatchEntry.build(rule=offset + rule_index, **fields)
-            for group in host_groups:
-                groups[group].add(order, entry)
-    tls_port = any(isinstance(p.model, L7Route) and p.model.spec.tls for p in routes)
-    if tls_port and not certificates:
-        return None, refs
-    hosts = table.HostIndex.build(
-        exact={key: g.freeze() for (kind, key), g in sorted(groups.items()) if kind == "exact"},
-        wildcard={key: g.freeze() for (kind, key), g in sorted(groups.items()) if kind == "wildcard"},
-        any=groups[("any", "")].freeze() if ("any", "") in groups else None,
+            todo = list(changed.items())
+        for key, parsed in todo:
+            out = _route_out(parsed, context) if parsed is not None else None
+            old = self.outs.get(key)
+            if old is out:
+                continue
+            if old is not None:
+                del self.outs[key]
+                for rid in old.rules:
+                    del rules[rid]
+                changed_rules.update(old.rules)
+                for group in old.groups:
+                    del self.members[group][key]
+                touched.update(old.groups)
+                self.clusters.subtract(old.clusters)
+            if out is not None:
+                self.outs[key] = out
+                rules.update(out.rules)
+                changed_rules.update(out.rules)
+                for group in out.groups:
+                    self.members.setdefault(group, {})[key] = out
+                touched.update(out.groups)
+                self.clusters.update(out.clusters)
+        if len(rules) != len(self.rules) or not changed_rules <= self.rules.keys():
+            rules = dict(sorted(rules.items()))  # keys came or went: restore key order
+        self.rules = rules
+        self._refreeze(touched)
+        self._certificates(routes)
+        tls_port = any(isinstance(p.model, L7Route) and p.model.spec.tls for p in routes[:1])
+        if tls_port and not self.certificates:
+            self.listener = None
+        else:
+            hosts = table.HostIndex.build(
+                exact=self.groups["exact"], wildcard=self.groups["wildcard"], any=self.groups["any"].get("")
+            )
+            tls = self.tls if tls_port else None
+            self.listener = table.Listener.build(
+                l7=table.L7Listener.build(rules=self.rules, hosts=hosts, tls=tls)
+            )
+        self.changed = None
+        if before is not None and self.listener is not None and changed is not None:
+            port = str(self.port)
+            self.changed = {("listeners", port, "l7", "rules", rid) for rid in changed_rules}
+            self.changed |= {("listeners", port, "l7", kind, k) for kind, k in touched}
+            if before.l7 is None or before.l7.tls is not self.listener.l7.tls:  # type: ignore[union-attr]
+                self.changed.add(("listeners", port, "l7"))
+
+    def _refreeze(self, touched: set[Group]) -> None:
+        """Rebuild the host groups in touched; keep the key order of the groups map."""
+        for kind in {kind for kind, _ in touched}:
+            groups = dict(self.groups[kind])  # the last table holds the old map: copy
+            reorder = False
+            for group in [g for g in touched if g[0] == kind]:
+                members = self.members.get(group)
+                if not members:
+                    self.members.pop(group, None)
+                    groups.pop(group[1], None)
+                    continue
+                reorder |= group[1] not in groups
+                groups[group[1]] = _host_routes(members.values(), group)
+            self.groups[kind] = dict(sorted(groups.items())) if reorder else groups
+
+    def _certificates(self, routes: list[Parsed]) -> None:
+        """The port's certificates in route order (the first is the default one)."""
+        if not routes or not (isinstance(routes[0].model, L7Route) and routes[0].model.spec.tls):
+            self.certificates, self.tls = [], None
+            return
+        certificates = [c for p in routes if (c := self.outs[p.key].certificate) is not None]
+        if len(certificates) != len(self.certificates) or not all(
+            map(operator.is_, certificates, self.certificates)
+        ):
+            self.certificates = certificates
+            self.tls = table.TLS.build(certificates=certificates) if certificates else None
+
+    @property
+    def refs(self) -> dict[str, RouteRefs]:
+        return {key.ref: out.refs for key, out in self.outs.items()}
+
+
+def _host_routes(outs: Iterable[_RouteOut], group: Group) -> table.HostRoutes:
+    """A host group's entries in precedence order (ranks never tie: they hold the route)."""
+    ranked = [(order, entry) for out in outs for g, order, entry in out.entries if g == group]
+    ranked.sort(key=lambda item: item[0])
+    exact: dict[str, list[table.MatchEntry]] = defaultdict(list)
+    regex: list[table.MatchEntry] = []
+    prefix: dict[str, list[table.MatchEntry]] = defaultdict(list)
+    for _, entry in ranked:
+        if entry.path.type == "Exact":
+            exact[entry.path.value].append(entry)
+        elif entry.path.type == "RegularExpression":
+            regex.append(entry)
+        else:
+            prefix[prefix_key(entry.path.value)].append(entry)
+    return table.HostRoutes.build(
+        exact=dict(sorted(exact.items())), regex=regex, prefix=dict(sorted(prefix.items()))
     )
-    tls = table.TLS.build(certificates=certificates) if tls_port else None
-    return table.Listener.build(l7=table.L7Listener(rules=rules, hosts=hosts, tls=tls)), refs
 
 
 def _host_groups(hostnames: list[str]) -> list[tuple[str, str]]:

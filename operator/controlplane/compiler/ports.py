@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from ..resources.common import Condition
 from ..resources.l4listener import L4Listener
 from ..resources.l7route import L7Route
 from .snapshot import ObjectKey
@@ -30,9 +31,28 @@ class Parsed:
 
 
 @dataclass(frozen=True)
+class Invalid:
+    """An object that does not validate, with its Accepted=False condition."""
+
+    conditions: list[Condition]
+
+
+@dataclass(frozen=True)
 class Refusal:
     reason: str
     message: str
+
+
+def references_of(p: Parsed) -> set[tuple[str, str, str]]:
+    """The Services and the Secret an object names, as (kind, namespace, name)."""
+    namespace = p.key.namespace
+    refs = list(p.model.spec.backendRefs) if isinstance(p.model, L4Listener) else []
+    if isinstance(p.model, L7Route):
+        refs = [ref for rule in p.model.spec.rules for ref in rule.backendRefs]
+    names = {("Service", ref.namespace or namespace, ref.name) for ref in refs}
+    if isinstance(p.model, L7Route) and p.model.spec.tls is not None:
+        names.add(("Secret", namespace, p.model.spec.tls.secretName))
+    return names
 
 
 def claim_ports(objects: list[Parsed]) -> tuple[dict[int, list[Parsed]], dict[ObjectKey, Refusal]]:
@@ -43,36 +63,50 @@ def claim_ports(objects: list[Parsed]) -> tuple[dict[int, list[Parsed]], dict[Ob
     owners: dict[int, list[Parsed]] = {}
     refused: dict[ObjectKey, Refusal] = {}
     for port, claimants in by_port.items():
-        claimants.sort(key=lambda p: p.age)
-        oldest = claimants[0]
-        if isinstance(oldest.model, L4Listener):
-            owners[port] = [oldest]
-            for other in claimants[1:]:
-                refused[other.key] = Refusal(
-                    "PortConflict",
-                    f"port {port} is taken by the older {oldest.key}; choose another port",
-                )
-            continue
-        tls = _is_tls(oldest.model)
-        kept = []
-        for other in claimants:
-            if isinstance(other.model, L4Listener):
-                refused[other.key] = Refusal(
-                    "PortConflict",
-                    f"port {port} is taken by the older {oldest.key} (HTTP); choose another port",
-                )
-            elif _is_tls(other.model) != tls:
-                wants = "plain HTTP" if tls else "TLS"
-                says = "terminates TLS" if tls else "serves plain HTTP"
-                refused[other.key] = Refusal(
-                    "ProtocolConflict",
-                    f"port {port} {says} (decided by the oldest route, {oldest.key}) "
-                    f"but this route wants {wants}; use another port or match spec.tls",
-                )
-            else:
-                kept.append(other)
-        owners[port] = kept
+        claimants.sort(key=claim_order)
+        owners[port] = claim_port(claimants, refused)
     return owners, refused
+
+
+def claim_order(p: Parsed) -> tuple[tuple[str, str, str], str]:
+    """Oldest first; an L4Listener and an L7Route of the same age and name by kind."""
+    return (p.age, p.key.kind)
+
+
+def claim_port(claimants: list[Parsed], refused: dict[ObjectKey, Refusal]) -> list[Parsed]:
+    """The owners among claimants of one port (oldest first); the rest go to refused."""
+    kept = []
+    oldest = claimants[0]
+    for other in claimants:
+        why = verdict(oldest, other)
+        if why is None:
+            kept.append(other)
+        else:
+            refused[other.key] = why
+    return kept
+
+
+def verdict(oldest: Parsed, other: Parsed) -> Refusal | None:
+    """Why other may not share oldest's port, or None when it may (or is oldest)."""
+    if other is oldest:
+        return None
+    port = oldest.port
+    if isinstance(oldest.model, L4Listener):
+        return Refusal("PortConflict", f"port {port} is taken by the older {oldest.key}; choose another port")
+    if isinstance(other.model, L4Listener):
+        return Refusal(
+            "PortConflict", f"port {port} is taken by the older {oldest.key} (HTTP); choose another port"
+        )
+    tls = _is_tls(oldest.model)
+    if _is_tls(other.model) != tls:
+        wants = "plain HTTP" if tls else "TLS"
+        says = "terminates TLS" if tls else "serves plain HTTP"
+        return Refusal(
+            "ProtocolConflict",
+            f"port {port} {says} (decided by the oldest route, {oldest.key}) "
+            f"but this route wants {wants}; use another port or match spec.tls",
+        )
+    return None
 
 
 def _is_tls(model: Any) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -11,18 +12,28 @@ from cryptography.hazmat.primitives import serialization
 from dataplane import table
 
 from ..resources.kube import TLS_SECRET_TYPE, Secret
-from .snapshot import ObjectKey, Snapshot
+from .snapshot import Object, ObjectKey, Snapshot
 
 
 class SecretIndex:
     """kubernetes.io/tls Secrets by namespace and name."""
 
     def __init__(self, snapshot: Snapshot) -> None:
-        self._secrets = {
-            (key.namespace, key.name): obj
-            for obj in snapshot.of_kind("Secret")
-            for key in (ObjectKey.of(obj),)
-        }
+        self._secrets: dict[tuple[str, str], Object] = {}
+        self.update([], snapshot.of_kind("Secret"))
+
+    def update(self, removed: Sequence[Object], added: Sequence[Object]) -> set[tuple[str, str]]:
+        """Take Secrets away and in (other kinds are ignored); returns their names."""
+        affected = set()
+        for obj, present in [(o, False) for o in removed] + [(o, True) for o in added]:
+            key = ObjectKey.of(obj)
+            if key.kind != "Secret":
+                continue
+            affected.add((key.namespace, key.name))
+            self._secrets.pop((key.namespace, key.name), None)
+            if present:
+                self._secrets[key.namespace, key.name] = obj
+        return affected
 
     def fingerprint(self, namespace: str, name: str) -> object:
         """Changes when the Secret's content does (for memo signatures)."""

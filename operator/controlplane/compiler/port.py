@@ -1,0 +1,198 @@
+"""One port's share of a compile: who owns it, its listener, its objects' conditions.
+
+A port is compiled from scratch, or from its previous result and the objects that
+changed on it: while the oldest claimant stays, the verdicts on the others stand, and an
+HTTP port's listener is updated route by route (l7.L7Port).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from dataplane import table
+from dataplane.table import PartPath
+
+from ..resources.common import Condition
+from ..resources.l4listener import L4Listener
+from ..resources.l7route import L7Route
+from . import conditions as c
+from .backends import BackendResolver, Resolution
+from .cache import CompileCache
+from .l4 import build_l4
+from .l7 import L7Port, RouteRefs
+from .ports import Parsed, Refusal, claim_port, verdict
+from .snapshot import ObjectKey
+from .tls import SecretIndex
+
+
+@dataclass
+class PortResult:
+    """What a port contributes to the table and to the statuses."""
+
+    claimants: list[Parsed]  # every valid object naming the port, oldest first
+    refused: dict[ObjectKey, Refusal]
+    listener: table.Listener | None
+    statuses: dict[ObjectKey, list[Condition]]
+    served: set[ObjectKey]
+    clusters: frozenset[str]  # the clusters the listener names
+    message: str = ""  # the Accepted message of its owners
+    l7: L7Port | None = None
+    # The table parts under this port that changed since the previous result; None when
+    # not known (compare the whole listener).
+    changed: set[PartPath] | None = field(default=None)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every port of one compile reads: references and the memo."""
+
+    resolver: BackendResolver
+    secrets: SecretIndex
+    cache: CompileCache
+    # Objects whose references changed: their memoized results must be checked again.
+    force: frozenset[ObjectKey] = frozenset()
+
+
+def compile_port(
+    port: int,
+    claimants: list[Parsed],
+    changed: dict[ObjectKey, Parsed | None] | None,
+    context: Context,
+    previous: PortResult | None,
+) -> PortResult:
+    """The port's result. changed names the objects that may differ from previous, with
+    what each is now on this port (None: it left); changed None: any may. The result
+    equals a compile from scratch either way."""
+    cache = context.cache
+    oldest = claimants[0]
+    incremental = (
+        changed is not None
+        and previous is not None
+        and previous.l7 is not None
+        and previous.claimants[0] is oldest
+        and isinstance(oldest.model, L7Route)
+    )
+    if incremental:
+        assert previous is not None and changed is not None
+        refused = {k: why for k, why in previous.refused.items() if k not in changed}
+        for p in changed.values():
+            if p is not None and (why := verdict(oldest, p)) is not None:
+                refused[p.key] = why
+        owners = [p for p in claimants if p.key not in refused] if refused else claimants
+    else:
+        refused = {}
+        owners = claim_port(claimants, refused)
+    if isinstance(oldest.model, L4Listener):
+        return _l4_port(port, claimants, refused, context)
+    l7 = previous.l7 if previous is not None and previous.l7 is not None else L7Port(port)
+    # The listener serves owners only: a changed object refused on this port leaves it.
+    l7_changed = (
+        {k: None if k in refused else p for k, p in changed.items()} if incremental and changed else None
+    )
+    l7.update(owners, l7_changed, context)
+    scheme = "HTTPS" if oldest.model.spec.tls else "HTTP"
+    message = f"serving {scheme} on port {port}"
+    if l7.listener is None:
+        message = f"valid, but port {port} is not served until a certificate resolves"
+    dropped = l7.listener is None
+    if incremental and previous is not None and previous.message == message and changed is not None:
+        statuses = dict(previous.statuses)
+        for key in changed:
+            statuses.pop(key, None)
+        served = previous.served - changed.keys()
+        todo = [p for p in changed.values() if p is not None]
+    else:
+        statuses, served, todo = {}, set(), claimants
+    for p in todo:
+        if p.key in refused:
+            statuses[p.key] = memo_status(cache, _refused_conditions, p, refused[p.key])
+            continue
+        refs = l7.outs[p.key].refs
+        statuses[p.key] = memo_status(cache, _l7_conditions, p, message, refs, dropped)
+        if not dropped:
+            served.add(p.key)
+    clusters = frozenset(n for n, count in l7.clusters.items() if count > 0 and not dropped)
+    return PortResult(claimants, refused, l7.listener, statuses, served, clusters, message, l7, l7.changed)
+
+
+def _l4_port(
+    port: int, claimants: list[Parsed], refused: dict[ObjectKey, Refusal], context: Context
+) -> PortResult:
+    cache = context.cache
+    owner = claimants[0]
+    listener, resolution = _l4(owner, context.resolver, cache, owner.key in context.force)
+    statuses = {owner.key: memo_status(cache, _l4_conditions, owner, port, resolution)}
+    for p in claimants[1:]:
+        statuses[p.key] = memo_status(cache, _refused_conditions, p, refused[p.key])
+    clusters = frozenset(b.cluster for b in resolution.backends if b.cluster is not None)
+    return PortResult(claimants, refused, listener, statuses, {owner.key}, clusters)
+
+
+def _l4(
+    p: Parsed, resolver: BackendResolver, cache: CompileCache, force: bool
+) -> tuple[table.Listener, Resolution]:
+    assert isinstance(p.model, L4Listener)
+    kept = cache.l4.get(p.key)
+    if kept is not None and kept[0] is p and kept[1] is resolver and not force:
+        return kept[2]  # type: ignore[no-any-return]
+    resolution = resolver.resolve(p.key.namespace, p.model.spec.backendRefs, "spec.backendRefs")
+    result = (build_l4(p.model, p.key.ref, resolution), resolution)
+    cache.l4[p.key] = (p, resolver, result)
+    return result
+
+
+def memo_status(
+    cache: CompileCache, make: Callable[..., list[Condition]], p: Parsed, *inputs: object
+) -> list[Condition]:
+    """make(p, *inputs), or what it returned last time for the same inputs: conditions are
+    pydantic objects, 22,000 of them per compile at 10,000 routes. The same list object
+    comes back, which tells the operator the status did not change."""
+    kept = cache.statuses.get(p.key)
+    if kept is not None and kept[0][0] is make and kept[0][1] is p and kept[0][2:] == inputs:
+        return kept[1]  # type: ignore[no-any-return]
+    conditions = make(p, *inputs)
+    cache.statuses[p.key] = ((make, p, *inputs), conditions)
+    return conditions
+
+
+def _refused_conditions(p: Parsed, why: Refusal) -> list[Condition]:
+    return [c.condition(c.ACCEPTED, False, why.reason, why.message, p.generation)]
+
+
+def _l4_conditions(p: Parsed, port: int, resolution: Resolution) -> list[Condition]:
+    return _accepted(p, f"serving TCP on port {port}", _refs_condition(p, resolution))
+
+
+def _l7_conditions(p: Parsed, message: str, refs: RouteRefs, dropped: bool) -> list[Condition]:
+    return _accepted(p, message, _route_refs_condition(p, refs, dropped))
+
+
+def _accepted(p: Parsed, message: str, refs: Condition) -> list[Condition]:
+    return [c.condition(c.ACCEPTED, True, c.ACCEPTED, message, p.generation), refs]
+
+
+def _refs_condition(p: Parsed, resolution: Resolution) -> Condition:
+    if not resolution.problems:
+        return c.condition(c.RESOLVED_REFS, True, c.RESOLVED_REFS, "all backendRefs resolved", p.generation)
+    reason = c.REF_NOT_PERMITTED if resolution.not_permitted else c.BACKEND_NOT_FOUND
+    return c.condition(c.RESOLVED_REFS, False, reason, "; ".join(resolution.problems), p.generation)
+
+
+def _route_refs_condition(p: Parsed, refs: RouteRefs, port_dropped: bool) -> Condition:
+    problems = list(refs.problems)
+    if refs.certificate_problem:
+        consequence = (
+            "port not served: no route on it has a usable certificate"
+            if port_dropped
+            else "its hostnames get the port's default certificate"
+        )
+        problems.insert(0, f"{refs.certificate_problem} ({consequence})")
+        reason = c.INVALID_CERTIFICATE_REF
+    elif refs.not_permitted:
+        reason = c.REF_NOT_PERMITTED
+    else:
+        reason = c.BACKEND_NOT_FOUND
+    if not problems:
+        return c.condition(c.RESOLVED_REFS, True, c.RESOLVED_REFS, "all references resolved", p.generation)
+    return c.condition(c.RESOLVED_REFS, False, reason, "; ".join(problems), p.generation)
