@@ -18,7 +18,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -51,7 +51,6 @@ from .table import (
 Change = tuple[PartPath, _Model | None]  # the new value, or None: removed
 
 HOST_KINDS = ("exact", "wildcard", "any")
-T = TypeVar("T")
 
 
 class BaseMismatch(Exception):
@@ -283,21 +282,15 @@ class _L7Draft:
         # How many match entries name each rule, kept up to date as groups change, so
         # that removing a rule is checked without a pass over every group.
         self.rule_refs = Counter(rule_refs(l7))
-        self.new_keys: set[str] = set()  # maps that got keys: their key order is restored
 
     def parts(self, port: str) -> Iterable[tuple[PartPath, _Model]]:
-        return l7_parts(port, self.freeze(sort=False))
+        return l7_parts(port, self.freeze())
 
-    def freeze(self, *, sort: bool = True) -> L7Listener:
-        def ordered(name: str, values: dict[str, T]) -> dict[str, T]:
-            return dict(sorted(values.items())) if sort and name in self.new_keys else values
-
+    def freeze(self) -> L7Listener:
         hosts = HostIndex.build(
-            exact=ordered("exact", self.groups["exact"]),
-            wildcard=ordered("wildcard", self.groups["wildcard"]),
-            any=self.groups["any"].get(""),
+            exact=self.groups["exact"], wildcard=self.groups["wildcard"], any=self.groups["any"].get("")
         )
-        return L7Listener.build(rules=ordered("rules", self.rules), hosts=hosts, tls=self.tls)
+        return L7Listener.build(rules=self.rules, hosts=hosts, tls=self.tls)
 
 
 class _Patch:
@@ -399,8 +392,6 @@ class _Patch:
                     if draft.rule_refs[rid] <= 0:
                         del draft.rule_refs[rid]
         if value is not None:
-            if before is None:
-                draft.new_keys.add(kind)
             target[key] = value
             self.add(path, value)
             if isinstance(value, HostRoutes):
@@ -417,12 +408,12 @@ class _Patch:
             l7 = draft.freeze()
             l7._rule_refs = draft.rule_refs
             self.listeners[port] = Listener.build(l7=l7)
-        clusters = self.table.clusters if self.clusters is None else dict(sorted(self.clusters.items()))
+        clusters = self.table.clusters if self.clusters is None else self.clusters
         table = Table.build(
             version=delta.version,
             generation=delta.generation,
             clusters=clusters,
-            listeners=dict(sorted(self.listeners.items())),
+            listeners=self.listeners,
         )
         self._check(table)
         computed = version_of(self.sum % HASH_SPACE)

@@ -44,7 +44,9 @@ def freeze_heap() -> None:
     At 10,000 routes a process holds millions of long-lived objects (the table, the
     operator's store and memo); a full collection walks them all, stopping the event loop
     for a second or more. Frozen after they are built, they are never walked again;
-    they are still freed by reference counting when dropped."""
+    they are still freed by reference counting when dropped. The garbage of the moment is
+    collected first: frozen, it would stay."""
+    gc.collect()
     gc.freeze()
 
 

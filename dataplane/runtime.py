@@ -182,18 +182,28 @@ class Dataplane:
         if current is not None and table.generation <= current.generation:
             self.tables_refused += 1
             raise GenerationConflict(table.generation, current.generation)
-        self.tls_contexts, self._tls_sources = self._prepare_tls(table)
-        await self._reconcile_listeners(table, current)
-        self.health.retain(table)
+        scope = _scope(current, table)
+        self.tls_contexts, self._tls_sources = self._prepare_tls(table, scope)
+        await self._reconcile_listeners(table, current, scope)
+        if scope is None or any(table.listeners.get(p, _NO_LISTENER).l4 for p in scope):
+            self.health.retain(table)  # health checks are set on L4 listeners
         self.table = table
         self.tables_applied += 1
         return True
 
-    def _prepare_tls(self, table: Table) -> tuple[dict[int, Contexts], dict[int, TLS]]:
+    def _prepare_tls(
+        self, table: Table, scope: set[int] | None
+    ) -> tuple[dict[int, Contexts], dict[int, TLS]]:
         """Load every certificate first: a bad one refuses the table, nothing changes."""
         contexts, sources = {}, {}
-        for port, listener in table.listeners.items():
-            if listener.l7 is None or listener.l7.tls is None:
+        if scope is not None:  # only these ports changed
+            contexts, sources = dict(self.tls_contexts), dict(self._tls_sources)
+            for port in scope:
+                contexts.pop(port, None)
+                sources.pop(port, None)
+        for port in scope if scope is not None else table.listeners:
+            listener = table.listeners.get(port)
+            if listener is None or listener.l7 is None or listener.l7.tls is None:
                 continue
             tls = sources[port] = listener.l7.tls
             kept = self._tls_sources.get(port)
@@ -208,10 +218,16 @@ class Dataplane:
                 raise TableError(f"listeners.{port}.l7.tls: {problem}") from None
         return contexts, sources
 
-    async def _reconcile_listeners(self, table: Table, current: Table | None) -> None:
+    async def _reconcile_listeners(self, table: Table, current: Table | None, scope: set[int] | None) -> None:
         for port in sorted(set(self.listeners) - set(table.listeners)):
             self._retire(port)
-        for port, listener in sorted(table.listeners.items()):
+        ports = table.listeners.keys() if scope is None else scope
+        if scope is not None:  # L7 listeners follow every table: they track its version
+            ports = scope | {p for p, s in self.listeners.items() if s.kind == "l7"}
+        for port in sorted(ports):
+            listener = table.listeners.get(port)
+            if listener is None:
+                continue
             kind = "l4" if listener.l4 is not None else "l7"
             running = self.listeners.get(port)
             if running is not None and running.kind == kind:
@@ -288,6 +304,18 @@ class Dataplane:
         if self._draining:
             await asyncio.gather(*self._draining, return_exceptions=True)
         await self.health.close()
+
+
+_NO_LISTENER = Listener()
+
+
+def _scope(current: Table | None, table: Table) -> set[int] | None:
+    """The ports a delta changed, when table came from current by a delta that changed no
+    cluster; None: look at every port."""
+    paths = table.changed_since(current.version) if current is not None else None
+    if paths is None or any(path[0] == "clusters" for path in paths):
+        return None
+    return {int(path[1]) for path in paths}
 
 
 def _unchanged(port: int, listener: Listener, current: Table, table: Table) -> bool:

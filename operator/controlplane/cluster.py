@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
 
+from dataplane.eventloop import freeze_heap
 from dataplane.logs import fields
 
 from . import status
@@ -37,6 +38,7 @@ from .store import KINDS, Store
 log = logging.getLogger("bilayer.operator")
 
 HISTORY = 64  # compiled versions remembered, to know what an older acknowledgement covers
+FREEZE_AFTER_WRITES = 1000
 SERVICE_PORTS_RECHECK = 60.0  # seconds: the dataplane Service is read again at least this often
 
 
@@ -85,7 +87,6 @@ class Operator:
             self._compiled,
             holdoff=settings.holdoff,
             max_holdoff=settings.max_holdoff,
-            in_thread=True,
         )
         self.publisher = Publisher(
             settings.admin_token,
@@ -342,6 +343,8 @@ class Operator:
                 written = await self.status.write_all(changed)
                 if written:
                     log.info("status written", extra=fields(objects=written))
+                if written > FREEZE_AFTER_WRITES:
+                    freeze_heap()  # what a first status pass leaves stays: keep it out of collections
             for key, conditions in desired.items():
                 self._wanted[key] = _summary(conditions)
 

@@ -36,17 +36,11 @@ class CompileLoop:
         *,
         holdoff: float = 0.01,
         max_holdoff: float = 0.5,
-        in_thread: bool = False,
     ) -> None:
         self._snapshot = snapshot
         self._publish = publish
         self.holdoff = holdoff
         self.max_holdoff = max_holdoff
-        # The first compile (everything: seconds at 10,000 routes) runs in a thread so the
-        # event loop keeps answering watches; later ones cost what changed and run inline:
-        # handing a 10 ms compile to a thread costs GIL switches (5 ms each) against the
-        # busy event loop, and made it 60 ms.
-        self._in_thread = in_thread
         self._dirty = asyncio.Event()
         self._synced = asyncio.Event()
         self.generation = 0
@@ -94,10 +88,10 @@ class CompileLoop:
         """Compile now and publish; a table with unchanged content keeps its generation."""
         snapshot = self._snapshot()
         started = time.perf_counter()
-        if self._in_thread and self.compiles == 0:
-            compiled = await asyncio.to_thread(self._compile, snapshot)
-        else:
-            compiled = self._compile(snapshot)
+        # On the event loop, not in a thread: later compiles cost what changed (about 10 ms
+        # at 10,000 routes), and in a thread the GIL hand-offs against the busy loop made
+        # them 60 ms; the first compiles everything (about a second) before any push.
+        compiled = self._compile(snapshot)
         took = time.perf_counter() - started
         self.compiles += 1
         if self.compiles == 1:

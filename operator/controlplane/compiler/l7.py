@@ -184,8 +184,6 @@ class L7Port:
                     self.members.setdefault(group, {})[key] = out
                 touched.update(out.groups)
                 self.clusters.update(out.clusters)
-        if len(rules) != len(self.rules) or not changed_rules <= self.rules.keys():
-            rules = dict(sorted(rules.items()))  # keys came or went: restore key order
         self.rules = rules
         self._refreeze(touched)
         self._certificates(routes)
@@ -212,16 +210,14 @@ class L7Port:
         """Rebuild the host groups in touched; keep the key order of the groups map."""
         for kind in {kind for kind, _ in touched}:
             groups = dict(self.groups[kind])  # the last table holds the old map: copy
-            reorder = False
             for group in [g for g in touched if g[0] == kind]:
                 members = self.members.get(group)
                 if not members:
                     self.members.pop(group, None)
                     groups.pop(group[1], None)
                     continue
-                reorder |= group[1] not in groups
                 groups[group[1]] = _host_routes(members.values(), group)
-            self.groups[kind] = dict(sorted(groups.items())) if reorder else groups
+            self.groups[kind] = groups
 
     def _certificates(self, routes: list[Parsed]) -> None:
         """The port's certificates in route order (the first is the default one)."""
