@@ -5,11 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import resource
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
+from .logs import fields
+
 T = TypeVar("T")
+log = logging.getLogger("bilayer.gc")
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -38,20 +43,42 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def freeze_heap() -> None:
+def freeze_heap(*, collect_all: bool = True) -> None:
     """Leave every object that exists now out of future collections.
 
     At 10,000 routes a process holds millions of long-lived objects (the table, the
     operator's store and memo); a full collection walks them all, stopping the event loop
     for a second or more. Frozen after they are built, they are never walked again;
     they are still freed by reference counting when dropped. The garbage of the moment is
-    collected first: frozen, it would stay."""
-    gc.collect()
+    collected first, frozen it would stay: all of it (as long as a full collection takes)
+    or, collect_all False, only the young generations (milliseconds)."""
+    gc.collect() if collect_all else gc.collect(1)
     gc.freeze()
+
+
+def report_slow_collections(threshold: float = 0.05) -> None:
+    """Log every garbage collection that stops the process longer than threshold seconds:
+    a pause of the event loop that no request or push log explains otherwise."""
+    started: list[float] = []
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[:] = [time.perf_counter()]
+        elif started:
+            took = time.perf_counter() - started[0]
+            if took > threshold:
+                generation, collected = info.get("generation"), info.get("collected")
+                log.warning(
+                    "slow garbage collection",
+                    extra=fields(seconds=round(took, 3), generation=generation, collected=collected),
+                )
+
+    gc.callbacks.append(callback)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
     """asyncio.run on uvloop when available."""
+    report_slow_collections()
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
         return runner.run(main)
 

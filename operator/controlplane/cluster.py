@@ -65,7 +65,7 @@ class OperatorSettings:
     max_holdoff: float = 0.5
     resync: float = 60.0
     status_delay: float = 0.1  # batch acknowledgements into one status pass
-    status_settle: float = 2.0  # wait up to this long for pushes to settle before a pass
+    status_settle: float = 10.0  # wait up to this long for pushes to settle before a pass
     leader_election: bool = True
     lease_name: str = "bilayer-operator"
 
@@ -339,14 +339,29 @@ class Operator:
             # (or someone overwrote it, see on_event).
             desired = self._due_statuses()
             changed = {k: v for k, v in desired.items() if self._wanted.get(k) != _summary(v)}
-            with contextlib.suppress(Exception):
-                written = await self.status.write_all(changed)
-                if written:
-                    log.info("status written", extra=fields(objects=written))
-                if written > FREEZE_AFTER_WRITES:
-                    freeze_heap()  # what a first status pass leaves stays: keep it out of collections
+            try:
+                written, failed = await self.status.write_all(changed)
+            except Exception:  # a bug: say so, and look at everything again in a while
+                log.exception("status pass failed")
+                self._recheck_all = True
+                await asyncio.sleep(1.0)
+                self._status_due.set()
+                continue
+            if written:
+                log.info("status written", extra=fields(objects=written))
+            if written > FREEZE_AFTER_WRITES:
+                # What a first status pass leaves (a status per object) stays: keep it out
+                # of collections. Not frozen, it made every full collection after it a
+                # 0.3 s pause; the one full collection here is the last.
+                freeze_heap()
             for key, conditions in desired.items():
                 self._wanted[key] = _summary(conditions)
+            if failed:  # written again at the next pass (a failed write is logged)
+                for key in failed:
+                    self._wanted.pop(key, None)
+                self._recheck |= failed
+                await asyncio.sleep(1.0)
+                self._status_due.set()
 
     async def _settle(self) -> None:
         """Wait (a bounded time) until every pod has answered for the latest table: a pass

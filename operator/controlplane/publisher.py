@@ -35,10 +35,11 @@ log = logging.getLogger("bilayer.publisher")
 BACKOFF_BASE = 0.2
 BACKOFF_MAX = 10.0
 # Recent tables kept as bases for deltas. They share their unchanged parts, so each costs
-# little more than its own dictionaries (about 1 MB at 10,000 routes). Under churn the
-# operator publishes faster than a pod acknowledges; a pod whose version has left the
-# history gets the whole table, 2 MB and seconds to parse, and falls further behind.
-HISTORY = 32
+# little more than its own maps (about 1 MB at 10,000 routes, and work for every full
+# garbage collection). A delta is acknowledged in milliseconds, so pods are rarely more
+# than a version or two behind; one whose version has left the history gets the whole
+# table (2 MB, seconds to parse).
+HISTORY = 8
 
 
 @dataclass(frozen=True)

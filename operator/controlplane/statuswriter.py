@@ -12,6 +12,8 @@ import logging
 import time
 from typing import Any
 
+import aiohttp
+
 from dataplane.logs import fields
 from dataplane.table import Table
 
@@ -47,8 +49,9 @@ class StatusWriter:
         self._concurrency = concurrency
         self.writes = 0
 
-    async def write_all(self, desired: dict[ObjectKey, list[Condition]]) -> int:
-        """Write every changed status; returns how many were written.
+    async def write_all(self, desired: dict[ObjectKey, list[Condition]]) -> tuple[int, set[ObjectKey]]:
+        """Write every changed status; returns how many were written, and the objects whose
+        write failed (to try again).
 
         A fixed number of writers take the objects one by one: at a first start with
         10,000 routes, a coroutine and a request body per object made up front held
@@ -56,16 +59,21 @@ class StatusWriter:
         now = now_rfc3339()
         todo = iter(desired.items())  # shared: each object is taken by one writer
         written = 0
+        failed: set[ObjectKey] = set()
 
         async def writer() -> None:
             nonlocal written
             for key, conditions in todo:
                 observed = observed_conditions(self.store.status_of(key))
-                if not status.same(observed, conditions):
-                    written += await self._write(key, status.merge(observed, conditions, now))
+                if status.same(observed, conditions):
+                    continue
+                if await self._write(key, status.merge(observed, conditions, now)):
+                    written += 1
+                elif key in self.store.objects:
+                    failed.add(key)
 
         await asyncio.gather(*(writer() for _ in range(self._concurrency)))
-        return written
+        return written, failed
 
     async def _write(self, key: ObjectKey, conditions: list[Condition]) -> bool:
         kind = BY_KIND[key.kind]
@@ -77,8 +85,10 @@ class StatusWriter:
             if err.status != 404:  # 404: deleted meanwhile
                 log.warning("status write failed", extra=fields(object=str(key), error=str(err)))
             return False
-        except (OSError, TimeoutError) as err:
-            log.warning("status write failed", extra=fields(object=str(key), error=str(err)))
+        except (OSError, TimeoutError, aiohttp.ClientError) as err:
+            log.warning(
+                "status write failed", extra=fields(object=str(key), error=str(err) or type(err).__name__)
+            )
             return False
         self.writes += 1
         # Remember what we wrote: the watch event that follows must not look like news.
