@@ -52,8 +52,11 @@ def freeze_heap(*, collect_all: bool = True) -> None:
     they are still freed by reference counting when dropped. The garbage of the moment is
     collected first, frozen it would stay: all of it (as long as a full collection takes)
     or, collect_all False, only the young generations (milliseconds)."""
+    started = time.perf_counter()
     gc.collect() if collect_all else gc.collect(1)
     gc.freeze()
+    took = round(time.perf_counter() - started, 3)
+    log.info("heap frozen", extra=fields(objects=gc.get_freeze_count(), seconds=took))
 
 
 def report_slow_collections(threshold: float = 0.05) -> None:
