@@ -99,6 +99,17 @@ class DataplanePod:
             },
         }
 
+    def metric(self, name: str) -> float:
+        """One unlabelled sample from the pod's /metrics."""
+        request = urllib.request.Request(
+            f"http://{self.address}:{ADMIN_PORT}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        raise AssertionError(f"no metric {name} on {self.name}")
+
     def served(self) -> dict[str, Any]:
         request = urllib.request.Request(
             f"http://{self.address}:{ADMIN_PORT}/v1/table", headers={"Authorization": f"Bearer {TOKEN}"}

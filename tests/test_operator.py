@@ -121,6 +121,8 @@ async def test_route_lifecycle_programs_every_pod(cluster: Cluster, web: HTTPBac
     for pod in cluster.pods:
         assert (await asyncio.to_thread(fetch, pod.address, port, "/api/x"))[0] == 404
         assert (await asyncio.to_thread(fetch, pod.address, port, "/v2/x"))[0] == 200
+        # The change reached the pod as a delta, not as the whole table.
+        assert await asyncio.to_thread(pod.metric, "bilayer_table_deltas_total") >= 1
 
     # Delete: the listener goes away on every pod.
     await cluster.delete("L7Route", "default", "api")
