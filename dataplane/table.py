@@ -60,26 +60,26 @@ class _Model(BaseModel):
         plan = _BUILD_PLANS.get(cls)
         if plan is None:
             plan = _BUILD_PLANS[cls] = _build_plan(cls)
-        template, factories = plan
+        template, factories, private = plan
         # The template lists every field in definition order, and update() keeps the
-        # position of existing keys: the order of the serialized (hashed) form.
+        # position of existing keys: the order of the serialized form.
         data = template.copy()
         data.update(values)
         for name, factory in factories:
             if name not in values:
                 data[name] = factory()
         obj = cls.__new__(cls)
-        object.__setattr__(obj, "__dict__", data)
+        setattr_ = object.__setattr__
+        setattr_(obj, "__dict__", data)
         # One set per class and set of given fields, shared: a set per object is some 200
         # bytes, 20 MB at 10,000 routes. pydantic copies it before changing it (model_copy).
-        names = frozenset(values)
-        fields_set = _FIELDS_SETS.get((cls, names))
+        shape = (cls, *values)
+        fields_set = _FIELDS_SETS.get(shape)
         if fields_set is None:
-            fields_set = _FIELDS_SETS[cls, names] = set(names)
-        object.__setattr__(obj, "__pydantic_fields_set__", fields_set)
-        object.__setattr__(obj, "__pydantic_extra__", None)
-        private = {name: attr.get_default() for name, attr in cls.__private_attributes__.items()}
-        object.__setattr__(obj, "__pydantic_private__", private or None)
+            fields_set = _FIELDS_SETS[shape] = set(values)
+        setattr_(obj, "__pydantic_fields_set__", fields_set)
+        setattr_(obj, "__pydantic_extra__", None)
+        setattr_(obj, "__pydantic_private__", private.copy() if private is not None else None)
         return obj
 
 
@@ -91,17 +91,21 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-_BUILD_PLANS: dict[type, tuple[dict[str, Any], list[tuple[str, Any]]]] = {}
-_FIELDS_SETS: dict[tuple[type, frozenset[str]], set[str]] = {}
+_BUILD_PLANS: dict[type, tuple[dict[str, Any], list[tuple[str, Any]], dict[str, Any] | None]] = {}
+_FIELDS_SETS: dict[tuple[Any, ...], set[str]] = {}
 
 
-def _build_plan(cls: type[BaseModel]) -> tuple[dict[str, Any], list[tuple[str, Any]]]:
-    """Every field with its default, in definition order; and the fields with factories."""
+def _build_plan(
+    cls: type[BaseModel],
+) -> tuple[dict[str, Any], list[tuple[str, Any]], dict[str, Any] | None]:
+    """Every field with its default, in definition order; the fields with factories; the
+    private attributes with their defaults (None: the class has none)."""
     template = {name: info.default for name, info in cls.model_fields.items()}
+    private = {name: attr.get_default() for name, attr in cls.__private_attributes__.items()}
     factories = [
         (name, info.default_factory) for name, info in cls.model_fields.items() if info.default_factory
     ]
-    return template, factories
+    return template, factories, private or None
 
 
 PartPath = tuple[str, ...]
@@ -151,10 +155,14 @@ class _Part(_Model):
     _hash: bytes | None = PrivateAttr(default=None)
 
     def value_hash(self) -> bytes:
-        if self._hash is None:
+        # The private dict directly: pydantic's attribute lookup for private attributes
+        # is a slow path, and this runs for every part of a table.
+        private: dict[str, Any] = self.__pydantic_private__  # type: ignore[assignment]
+        found: bytes | None = private["_hash"]
+        if found is None:
             dumped = self.model_dump_json(by_alias=True, exclude_defaults=True)
-            self._hash = hashlib.sha256(dumped.encode()).digest()
-        return self._hash
+            found = private["_hash"] = hashlib.sha256(dumped.encode()).digest()
+        return found
 
 
 class Cluster(_Part):

@@ -13,6 +13,7 @@ from dataplane import table
 
 from ..resources.common import BackendRef
 from ..resources.kube import SERVICE_NAME_LABEL, EndpointSlice, Service, ServicePort
+from .intern import interned
 from .snapshot import Object, ObjectKey, Snapshot
 
 
@@ -78,12 +79,12 @@ class BackendResolver:
                     f"{where}: Service {ref.namespace}/{ref.name} is in another namespace; "
                     f"only Services in {namespace} may be referenced"
                 )
-                result.backends.append(table.Backend.build(cluster=None, weight=ref.weight))
+                result.backends.append(interned(table.Backend, cluster=None, weight=ref.weight))
                 continue
             name, problem = self._cluster(namespace, ref)
             if problem:
                 result.problems.append(f"{where}: {problem}")
-            result.backends.append(table.Backend.build(cluster=name, weight=ref.weight))
+            result.backends.append(interned(table.Backend, cluster=name, weight=ref.weight))
         return result
 
     def lookup(self, namespace: str, ref: BackendRef) -> tuple[str | None, str | None]:

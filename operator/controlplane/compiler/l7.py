@@ -14,6 +14,7 @@ from dataplane.table import PartPath
 from ..resources.common import HeaderKey, parse_duration
 from ..resources.l7route import Filter, HeaderModifier, L7Route, PathModifier, RouteRule
 from .backends import BackendResolver
+from .intern import NO_CONDITIONS, interned
 from .ports import Parsed
 from .precedence import EntryRank, prefix_key, rank, wildcard_key
 from .snapshot import ObjectKey
@@ -71,16 +72,18 @@ def _compile_route(parsed: Parsed, resolver: BackendResolver, secrets: SecretInd
         for match_index, match in enumerate(rule.matches):
             entry = table.MatchEntry.build(
                 rule=rid,
-                path=table.PathCondition.build(type=match.path.type, value=match.path.value),
+                path=interned(table.PathCondition, type=match.path.type, value=match.path.value),
                 method=match.method,
                 headers=[
                     table.ValueCondition.build(name=h.name.lower(), type=h.type, value=h.value)
                     for h in match.headers
-                ],
+                ]
+                or NO_CONDITIONS,
                 queryParams=[
                     table.ValueCondition.build(name=q.name, type=q.type, value=q.value)
                     for q in match.queryParams
-                ],
+                ]
+                or NO_CONDITIONS,
             )
             order = rank(match, parsed.age, rule_index, match_index)
             entries += [(group, order, entry) for group in groups]
@@ -293,8 +296,8 @@ def _rule(
             burst=rule.rateLimit.burst or rule.rateLimit.requests,
             key=_key(rule.rateLimit.key),
         ),
-        loadBalancing=table.LoadBalancing.build(
-            policy=rule.loadBalancing.policy, key=_key(rule.loadBalancing.key)
+        loadBalancing=interned(
+            table.LoadBalancing, policy=rule.loadBalancing.policy, key=_key(rule.loadBalancing.key)
         ),
         allowEncodedSlashes=route.spec.allowEncodedSlashes,
     )
@@ -302,8 +305,8 @@ def _rule(
 
 def _key(key: str | HeaderKey) -> table.RequestKey:
     if isinstance(key, HeaderKey):
-        return table.RequestKey.build(type="Header", header=key.header.lower())
-    return table.RequestKey.build(type="ClientIP")
+        return interned(table.RequestKey, type="Header", header=key.header.lower())
+    return interned(table.RequestKey, type="ClientIP")
 
 
 def _header_ops(f: Filter | None, field_name: str) -> table.HeaderOps | None:
