@@ -45,6 +45,10 @@ def build_registry(
         settings.posting.enabled = False  # our conditions say it all; no Event objects
         settings.scanning.disabled = True
         settings.watching.server_timeout = 300
+        # kopf keeps a worker per object for idle_timeout after its last event (5 s by
+        # default): the 11,000 status writes of a first start with 10,000 routes had
+        # 11,000 workers alive at once. Our handlers are instant; workers may go sooner.
+        settings.queueing.idle_timeout = 0.5
         # kopf runs startup before its own login: ask the same login function now.
         info = login(settings=settings, **kwargs)
         if info is None:
