@@ -131,6 +131,7 @@ class Operator:
                 )
                 items += found
             self.store.replace_all(kind.kind, items)
+        self.loop.warm()
         pods_version = await self._list_pods()
         self.loop.advance_generation(await self.publisher.discover_generation())
         log.info(
