@@ -139,8 +139,9 @@ def l7_parts(port: str, l7: L7Listener) -> Iterator[tuple[PartPath, _Model]]:
 
 
 def _sorted_keys(value: dict[Any, Any]) -> dict[Any, Any]:
-    """Maps in key order. The content hash is taken over the serialized form, so key order
-    must not depend on who wrote the document (the compiler inserts keys in this order)."""
+    """Maps in key order. A part's hash is taken over its serialized form, so the order of
+    the maps inside a part (a host group's paths) must not depend on who wrote it (the
+    compiler inserts keys in this order too)."""
     return dict(sorted(value.items()))
 
 
