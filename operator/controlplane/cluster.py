@@ -300,7 +300,7 @@ class Operator:
                 del self.since[key]
             for key in [k for k in self._wanted if k not in compiled.statuses]:
                 del self._wanted[key]
-        self.publisher.publish(table)
+        self.publisher.publish(table, compiled.changes)
         self._status_due.set()
         ports = tuple(
             (port, listener.l4 is None, bool(listener.l7 and listener.l7.tls))
@@ -405,11 +405,6 @@ class Operator:
                 self._unprogrammed.add(key)
         self._unprogrammed &= self.latest.statuses.keys()
         return desired
-
-    def desired_statuses(self) -> dict[ObjectKey, list[Condition]]:
-        """Accepted and ResolvedRefs from the compiler, Programmed from the pods' acknowledgements."""
-        assert self.latest is not None
-        return {key: self._desired(key) for key in self.latest.statuses}
 
     def _desired(self, key: ObjectKey) -> list[Condition]:
         compiled = self.latest
