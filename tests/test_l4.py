@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from dataplane.l4.connection import POOL
 from dataplane.l4.listener import ServingL4
+from dataplane.pair import POOL
 
 from .helpers import async_wait_for
 from .l4kit import Backend, connect, l4_table, listener_port, read_name, running_dataplane

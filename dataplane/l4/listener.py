@@ -18,7 +18,7 @@ from .. import table
 from ..balancer import Balancer, build
 from ..health import EndpointState, HealthRegistry
 from ..serving import Serving
-from .connection import ClientSide, Connection, log_connection
+from .connection import Connection, log_connection
 
 if TYPE_CHECKING:
     from ..runtime import Dataplane
@@ -95,7 +95,7 @@ class ServingL4(Serving[Connection]):
     async def start(self, address: str) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: ClientSide(self), address, self.port, reuse_address=True, backlog=BACKLOG
+            lambda: Connection(self).client, address, self.port, reuse_address=True, backlog=BACKLOG
         )
 
     def update(self, listener: table.Listener, tbl: table.Table) -> None:
