@@ -22,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+
+from . import regex
 
 SCHEMA = "bilayer.dev/table/v1"
 
@@ -560,10 +561,9 @@ def _check_entry(where: str, entry: MatchEntry, rules: Mapping[str, Rule]) -> No
     if entry.path.type == "RegularExpression":
         patterns.append(entry.path.value)
     for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise TableError(f"{where}: regular expression {pattern!r}: {err}") from None
+        trouble = regex.problem(pattern)
+        if trouble is not None:
+            raise TableError(f"{where}: regular expression {pattern!r}: {trouble}")
     for header in entry.headers:
         if header.name != header.name.lower():
             raise TableError(f"{where}: header name {header.name!r} must be lower case")

@@ -9,13 +9,13 @@ routes (regular expressions excepted).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qsl
 
 from .. import table
+from ..regex import Pattern
 from .paths import prefix_matches
 
 
@@ -45,7 +45,7 @@ class SimpleRequest:
         return self._query.get(name)
 
 
-Condition = tuple[str, str, "re.Pattern[str] | None"]
+Condition = tuple[str, str, Pattern | None]
 
 
 class Entry:
@@ -58,7 +58,7 @@ class Entry:
         self.method = entry.method
         self.path_type = entry.path.type
         self.path_value = entry.path.value
-        self.regex = re.compile(entry.path.value) if entry.path.type == "RegularExpression" else None
+        self.regex = Pattern(entry.path.value) if entry.path.type == "RegularExpression" else None
         self.headers: tuple[Condition, ...] = tuple(_condition(c) for c in entry.headers)
         self.query: tuple[Condition, ...] = tuple(_condition(c) for c in entry.queryParams)
 
@@ -107,7 +107,7 @@ class Entry:
 
 
 def _condition(c: table.ValueCondition) -> Condition:
-    return (c.name, c.value, re.compile(c.value) if c.type == "RegularExpression" else None)
+    return (c.name, c.value, Pattern(c.value) if c.type == "RegularExpression" else None)
 
 
 class Group:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
+
+from dataplane import regex
 
 from .common import (
     PATTERN_HELP,
@@ -53,17 +54,16 @@ class PathMatch(Model):
 
     type: Literal["Exact", "PathPrefix", "RegularExpression"] = Field(
         default="PathPrefix",
-        description="Exact, PathPrefix (whole segments) or RegularExpression (full match, Python re).",
+        description="Exact, PathPrefix (whole segments) or RegularExpression (full match, RE2 syntax).",
     )
     value: str = Field(default="/", max_length=1024, description="The path, prefix or pattern.")
 
     @model_validator(mode="after")
     def _valid_value(self) -> PathMatch:
         if self.type == "RegularExpression":
-            try:
-                re.compile(self.value)
-            except re.error as err:
-                raise ValueError(f"path regular expression {self.value!r} is invalid: {err}") from err
+            trouble = regex.problem(self.value)
+            if trouble is not None:
+                raise ValueError(f"path regular expression {self.value!r} is {trouble}")
         else:
             _check_plain_path(self.value)
         return self
@@ -73,7 +73,7 @@ class HeaderMatch(Model):
     """Match one request header (names compare case-insensitively)."""
 
     name: HeaderName = Field(description="Header name.")
-    value: str = Field(max_length=4096, description="Value, or pattern for RegularExpression.")
+    value: str = Field(max_length=4096, description="Value, or pattern for RegularExpression (full match, RE2 syntax).")
     type: Literal["Exact", "RegularExpression"] = Field(
         default="Exact", description="Exact or RegularExpression."
     )
@@ -81,10 +81,9 @@ class HeaderMatch(Model):
     @model_validator(mode="after")
     def _valid_pattern(self) -> HeaderMatch:
         if self.type == "RegularExpression":
-            try:
-                re.compile(self.value)
-            except re.error as err:
-                raise ValueError(f"regular expression {self.value!r} is invalid: {err}") from err
+            trouble = regex.problem(self.value)
+            if trouble is not None:
+                raise ValueError(f"regular expression {self.value!r} is {trouble}")
         return self
 
 
