@@ -72,8 +72,12 @@ class Settings:
     access_log_sample: float = 1.0
     connection_log: bool = True
     max_body_size: int = 0  # 0: no limit
-    header_timeout: float = 10.0  # from a request's first byte to its last header (slowloris)
+    header_timeout: float = 10.0  # a request head, trailers, a TLS handshake (slowloris)
     keepalive_timeout: float = 60.0  # idle time between requests on a client connection
+    idle_timeout: float = 60.0  # no byte either way during an exchange or in a tunnel
+    min_body_rate: int = 240  # bytes/s a request body must keep up after 5 s; 0: no minimum
+    max_header_bytes: int = 60 * 1024  # a request's or response's head, and its trailers
+    max_headers: int = 100  # header fields per head (and per trailer section)
     connect_timeout: float = 5.0  # L7 connects to endpoints
     max_client_connections: int = 100_000  # per L7 listener; beyond it a fast 503
     via: bool = False  # add "Via: 1.1 bilayer" to forwarded requests

@@ -129,3 +129,13 @@ frontend parser
     yield port
     process.terminate()
     process.wait(10)
+
+
+@pytest.fixture
+async def raw() -> object:
+    """A raw HTTP backend that parses strictly and echoes what it parsed (tests/rawkit.py)."""
+    from .rawkit import RawBackend
+
+    backend = await RawBackend().start()
+    yield backend
+    await backend.stop()

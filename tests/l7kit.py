@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -125,6 +126,23 @@ class HTTPBackend:
             if message.type == WSMsgType.TEXT:
                 await ws.send_str(f"echo: {message.data}")
         return ws
+
+
+def secret(name: str, cert: Any) -> str:
+    """A kubernetes.io/tls Secret holding a trustme certificate."""
+    data = {
+        "tls.crt": base64.b64encode(cert.cert_chain_pems[0].bytes()).decode(),
+        "tls.key": base64.b64encode(cert.private_key_pem.bytes()).decode(),
+    }
+    return yaml.safe_dump(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": "default"},
+            "type": "kubernetes.io/tls",
+            "data": data,
+        }
+    )
 
 
 def route(name: str, port: int, rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:

@@ -237,7 +237,7 @@ async def test_unresolved_empty_and_unreachable_backends(client: aiohttp.ClientS
         status, _, body = await get(client, port, "/unresolved")
         assert status == 500 and b"does not resolve" in body
         assert (await get(client, port, "/empty"))[0] == 503
-        assert (await get(client, port, "/dead"))[0] == 502
+        assert (await get(client, port, "/dead"))[0] == 503  # connect failed: as Envoy answers
         assert (await get(client, port, "/none"))[0] == 500
 
 

@@ -3,39 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import ssl
 from collections.abc import AsyncIterator
 
 import pytest
 import trustme
-import yaml
 
 from dataplane.table import TableError
 
 from .helpers import free_port
-from .l7kit import HTTPBackend, backend_ref, echoed, l7_table, read_response, route, serving
+from .l7kit import HTTPBackend, backend_ref, echoed, l7_table, read_response, route, secret, serving
 
 
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
-
-
-def secret(name: str, cert: trustme.LeafCert) -> str:
-    data = {
-        "tls.crt": base64.b64encode(cert.cert_chain_pems[0].bytes()).decode(),
-        "tls.key": base64.b64encode(cert.private_key_pem.bytes()).decode(),
-    }
-    return yaml.safe_dump(
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {"name": name, "namespace": "default"},
-            "type": "kubernetes.io/tls",
-            "data": data,
-        }
-    )
 
 
 @pytest.fixture

@@ -1,13 +1,19 @@
-"""A client connection to an L7 listener: parses requests, runs them one at a time.
+"""A client connection to an L7 listener: reads requests, runs them one at a time.
 
-Pipelined requests are parsed as they arrive but wait in a queue, and reading pauses
-while one waits, so a client cannot make the proxy buffer an unbounded pipeline.
-Reading also pauses while a request body has nowhere to go yet, and while the backend
-is not taking body bytes as fast as the client sends them.
+Requests are parsed as they arrive (RequestReader: bounded heads and trailers, validated
+heads) and run in order. Pipelined requests wait in a queue of at most MAX_PIPELINE, and
+reading pauses while one waits, so a client cannot make the proxy hold an unbounded
+pipeline. Reading also pauses while a request body has nowhere to go yet, while the
+backend's socket is full, and while an upgrade waits for the backend's 101; after a 101 the
+two sockets become a byte pair (tunnel.py).
 
-Timeouts are deadlines, not timers: the idle keep-alive timeout between requests and the
-header timeout from a request's first byte to its last header (slowloris). Setting a
-float costs nothing per request; the listener's sweep closes connections past theirs.
+Every state has a deadline, kept as one float checked by the listener's sweep (no timer per
+request): a new connection's first request and a head in progress get the header timeout;
+an idle keep-alive connection the keep-alive timeout; an exchange in progress is checked
+every tick for bytes moving (idle timeout), trailers or a pipelined head taking longer than
+the header timeout, a client that stopped reading its response, and a request body slower
+than the minimum rate; a connection closing with unsent bytes is aborted after the idle
+timeout; one lingering to read the rest of a request it answered early, after LINGER_SECONDS.
 """
 
 from __future__ import annotations
@@ -17,102 +23,151 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
-import httptools
-
 from . import responses
-from .exchange import MAX_HEADER_BYTES, MAX_HEADERS, MAX_URL, Exchange, RequestTooLarge
+from .exchange import Exchange
+from .flow import Flow
+from .framing import BadMessage, RequestHead
+from .reader import RequestReader
+from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from .listener import ServingL7
+    from .upstream import Upstream
+
+MAX_PIPELINE = 32  # requests queued behind the current one; more close the connection
+LINGER_SECONDS = 2.0  # reading (and dropping) the rest of a request answered early
+LINGER_BYTES = 1024 * 1024
+BODY_RATE_GRACE = 5.0  # seconds of a request body before its rate is judged
 
 
 class ClientConnection(asyncio.Protocol):
     """One accepted connection."""
 
     __slots__ = (
+        "began",
         "broken",
+        "broken_input",
         "client_ip",
         "closing",
         "current",
         "deadline",
+        "eof",
+        "flow",
         "held",
+        "last",
+        "linger_limit",
+        "lingering",
         "listener",
-        "parser",
-        "parsing",
-        "paused",
+        "moved",
+        "moved_at",
+        "phase",
+        "phase_at",
         "queue",
+        "rate_bytes",
+        "rate_from",
+        "reader",
+        "received",
+        "receiving",
+        "refusing",
+        "sent",
+        "sni",
         "started",
         "transport",
         "tunnel",
         "upgrading",
         "waiting",
+        "write_paused_at",
     )
 
     def __init__(self, listener: ServingL7) -> None:
         self.listener = listener
-        self.parser = httptools.HttpRequestParser(self)
+        self.reader = RequestReader(self, listener.limits)
+        self.flow = Flow()  # reading the client's bytes
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
-        self.parsing: Exchange | None = None
-        self.current: Exchange | None = None
+        self.sni: str | None = None
+        self.receiving: Exchange | None = None  # whose request body is arriving
+        self.last: Exchange | None = None  # the exchange of the last head parsed
+        self.current: Exchange | None = None  # whose response is being written
         self.queue: deque[Exchange] = deque()
-        self.paused: set[str] = set()
-        self.tunnel: asyncio.Transport | None = None
         self.upgrading: Exchange | None = None
-        self.broken: tuple[int, str] | None = None
+        self.tunnel: Tunnel | None = None
+        self.broken: tuple[int, str] | None = None  # the error to answer once the queue is done
+        self.broken_input = False
         self.closing = False
+        self.lingering = False
+        self.linger_limit = 0
+        self.refusing = False  # the pipeline overflowed: later requests are dropped
+        self.eof = False
         self.held: list[bytes] | None = None  # writes collected while hold_writes is on
-        self.deadline = 0.0  # loop time at which `waiting` times out; 0: none
-        self.waiting = ""  # "idle" (for a request) or "header" (for the end of its headers)
         self.started = 0.0
+        # Deadlines: `deadline` is loop time; `waiting` says what for (see check()).
+        self.deadline = 0.0
+        self.waiting = ""
+        self.began = 0.0
+        self.received = 0  # bytes from the client
+        self.sent = 0  # bytes to the client
+        self.moved = 0
+        self.moved_at = 0.0
+        self.phase = -1
+        self.phase_at = 0.0
+        self.write_paused_at = 0.0
+        self.rate_from = 0.0
+        self.rate_bytes = 0
 
     # --- asyncio.Protocol ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = self.flow.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         self.started = time.monotonic()
         listener = self.listener
+        if listener.tls:
+            ssl_object = transport.get_extra_info("ssl_object")
+            self.sni = getattr(ssl_object, "bilayer_sni", None)
         if len(listener.connections) >= listener.settings.max_client_connections:
             listener.rejected += 1
             self.transport.write(responses.local(503, "too many connections", close=True))
             self.transport.close()
             return
         listener.connections.add(self)
-        # A new connection must send its first request within the header timeout.
-        self.waiting = "idle"
-        self.deadline = listener.loop.time() + listener.settings.header_timeout
+        self._wait("new", listener.settings.header_timeout)
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.write(data)
+        self.received += len(data)
+        if self.lingering:
+            if self.received > self.linger_limit and self.transport is not None:
+                self.transport.close()
             return
-        if self.upgrading is not None:
-            self.upgrading.tunnel_early += data  # before the backend's 101 arrives
+        if self.broken_input:
+            return  # bytes already in flight after a protocol error: the parser is done
+        upgrading = self.upgrading
+        if upgrading is not None:
+            upgrading.tunnel_early += data  # reading is paused: at most one read
             return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            exchange = self.parsing
-            if exchange is not None:
-                exchange.tunnel_early += data[upgrade.args[0] :]
-                self.upgrading = exchange
-                self.pause("upgrade")
-        except httptools.HttpParserCallbackError as err:
-            cause = err.__cause__ or err.__context__
-            if isinstance(cause, RequestTooLarge):
-                self._protocol_error(cause.status, cause.message)
-            else:
-                raise
-        except httptools.HttpParserError as err:
-            self._protocol_error(400, f"malformed request: {err}")
+            rest = self.reader.feed(data)
+        except BadMessage as bad:
+            self._protocol_error(bad.status, bad.message)
+            return
+        if rest is not None:
+            self._upgrade_parsed(rest)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        busy = (self.current is not None or bool(self.queue)) and not self.lingering
+        # A client that half-closes after its request still gets the response (TCP only:
+        # TLS has no half-close).
+        return busy and not self.listener.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.deadline = 0.0
-        if self.tunnel is not None:
-            self.tunnel.close()
+        self.waiting = ""
         for exchange in (self.current, *self.queue):
             if exchange is not None:
                 exchange.client_lost()
@@ -121,73 +176,67 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads slower than the backend sends: stop reading the backend.
-        current = self.current
-        if current is not None and current.upstream is not None and current.upstream.transport is not None:
-            current.upstream.transport.pause_reading()
+        self.write_paused_at = self.listener.loop.time()
+        if self.current is not None:
+            self.current.client_full(True)
 
     def resume_writing(self) -> None:
-        current = self.current
-        if current is not None and current.upstream is not None and current.upstream.transport is not None:
-            current.upstream.transport.resume_reading()
+        self.write_paused_at = 0.0
+        if self.current is not None:
+            self.current.client_full(False)
 
-    # --- httptools callbacks ---
+    @property
+    def write_blocked(self) -> bool:
+        return self.write_paused_at != 0.0
 
-    def on_message_begin(self) -> None:
-        self.parsing = Exchange(self)
-        if self.waiting != "header":
-            self.waiting = "header"
-            self.deadline = self.listener.loop.time() + self.listener.settings.header_timeout
+    # --- RequestSink: the reader's events ---
 
-    def on_url(self, url: bytes) -> None:
-        exchange = self.parsing
-        assert exchange is not None
-        exchange.url += url
-        if len(exchange.url) > MAX_URL:
-            raise RequestTooLarge(414, "request line too long")
+    def message_begin(self) -> None:
+        if self.current is None and not self.queue:
+            self.began = self.listener.loop.time()
+            self.waiting = "head"
+            self.deadline = self.began + self.listener.settings.header_timeout
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # Inlined (called per header): limits on count and size, trailers dropped.
-        exchange = self.parsing
-        assert exchange is not None
-        if exchange.head_parsed:
-            return  # a trailer after a chunked body: not forwarded
-        exchange.header_bytes += len(name) + len(value) + 4
-        headers = exchange.headers
-        headers.append((name, value))
-        if len(headers) > MAX_HEADERS or exchange.header_bytes > MAX_HEADER_BYTES:
-            raise RequestTooLarge(431, "request headers too large")
-
-    def on_headers_complete(self) -> None:
-        exchange = self.parsing
-        assert exchange is not None
-        self.waiting = ""
-        self.deadline = 0.0
-        parser = self.parser
-        exchange.head_complete(parser.get_method(), parser.get_http_version(), parser.should_keep_alive())
+    def request_head(self, head: RequestHead) -> None:
+        if self.closing or self.refusing:
+            self.receiving = self.last = None  # after a pipeline overflow or an error: dropped
+            return
+        exchange = Exchange(self.listener, self, head)
+        self.receiving = self.last = exchange
         self.listener.requests += 1
-        if self.current is None:
+        if self.current is None and not self.queue:
             self.current = exchange
+            self._activate()
             exchange.start()
+        elif len(self.queue) >= MAX_PIPELINE:
+            # Answer what is queued, then close: a pipelining client resends what was
+            # not answered (RFC 9112 9.3.2).
+            self.listener.pipeline_overflows += 1
+            self.refusing = True
+            self.queue[-1].close_after = True
+            self.receiving = self.last = None
         else:
             self.queue.append(exchange)
-            self.pause("pipeline")
+            self.flow.pause("pipeline")
 
-    def on_body(self, body: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.request_body(body)
+    def request_body(self, data: bytes) -> None:
+        if self.receiving is not None:
+            self.receiving.request_body(data)
 
-    def on_message_complete(self) -> None:
-        assert self.parsing is not None
-        self.parsing.request_complete()
+    def request_end(self) -> None:
+        receiving, self.receiving = self.receiving, None
+        if receiving is not None:
+            receiving.request_end()
 
     # --- writing ---
 
-    def write(self, data: bytes) -> None:
+    def send(self, data: bytes) -> None:
         if self.held is not None:
             self.held.append(data)
             return
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            self.sent += len(data)
             transport.write(data)
 
     def hold_writes(self) -> None:
@@ -198,66 +247,125 @@ class ClientConnection(asyncio.Protocol):
     def flush_writes(self) -> None:
         held, self.held = self.held, None
         if held:
-            self.write(held[0] if len(held) == 1 else b"".join(held))
+            self.send(held[0] if len(held) == 1 else b"".join(held))
 
-    # --- flow control ---
+    # --- flow control (Downstream) ---
 
     def pause(self, reason: str) -> None:
-        if not self.paused and self.transport is not None:
-            self.transport.pause_reading()
-        self.paused.add(reason)
+        self.flow.pause(reason)
 
     def resume(self, reason: str) -> None:
-        if reason not in self.paused:
-            return
-        self.paused.discard(reason)
-        if not self.paused and self.transport is not None and not self.closing:
-            self.transport.resume_reading()
+        self.flow.resume(reason)
 
     # --- exchanges ---
 
-    def exchange_finished(self, exchange: Exchange, *, tunnel: bool = False) -> None:
+    def _activate(self) -> None:
+        """An exchange became current: check on it every tick."""
+        now = self.began if self.waiting == "head" else self.listener.loop.time()
+        self.waiting = "active"
+        self.moved = self.received + self.sent
+        self.moved_at = now
+        self.rate_from = 0.0
+        self.deadline = now + self.listener.tick
+
+    def exchange_finished(self, exchange: Exchange) -> None:
         if exchange is not self.current:
             return
         self.current = None
-        if tunnel:
-            return
-        if exchange.close_after or self.closing:
+        if self.tunnel is not None:
+            return  # the connection is a byte pair now
+        early = b""
+        if self.upgrading is exchange:  # the backend declined the upgrade: HTTP goes on
+            self.upgrading = None
+            early, exchange.tunnel_early = exchange.tunnel_early, b""
+            self.reader.restart()
+            self.flow.resume("upgrade")
+        if exchange.close_after:
             self.close()
             return
-        while self.queue and self.current is None:
-            nxt = self.queue.popleft()
-            self.current = nxt
-            nxt.start()  # may finish at once (a local answer), then the loop goes on
-        if self.current is None:
-            if self.broken is not None:
-                status, message = self.broken
-                self.broken = None
-                self._answer_and_close(status, message)
-                return
-            self.resume("pipeline")
-            if not self.waiting:
-                self.waiting = "idle"
-                self.deadline = self.listener.loop.time() + self.listener.settings.keepalive_timeout
+        if self.queue:
+            # The next request starts on the next loop pass: the backend connection this
+            # one used is back in the pool by then (it is settled after its read is parsed).
+            self.listener.loop.call_soon(self._start_next)
+        else:
+            self._idle()
+        if early and not self.closing:
+            self._feed(early)
 
-    def start_tunnel(self, upstream: asyncio.Transport) -> None:
-        self.tunnel = upstream
+    def _start_next(self) -> None:
+        if self.current is not None or self.lingering or self.transport is None:
+            return
+        if not self.queue:
+            self._idle()
+            return
+        nxt = self.current = self.queue.popleft()
+        self._activate()
+        nxt.start()  # a local answer finishes at once and schedules the next
+
+    def _idle(self) -> None:
+        """Nothing in progress: answer a pending protocol error, close, or wait for a request."""
+        if self.broken is not None:
+            status, message = self.broken
+            self.broken = None
+            self._answer_and_close(status, message)
+        elif self.closing or self.eof:
+            self.close()
+        else:
+            self.flow.resume("pipeline")
+            self._wait("idle", self.listener.settings.keepalive_timeout)
+
+    def _upgrade_parsed(self, rest: bytes) -> None:
+        """llhttp switched to upgrade mode after the last head; rest is what followed it."""
+        exchange = self.last
+        if exchange is None or exchange.done or not exchange.head.upgrade:
+            if self.closing:
+                return
+            # Refused (or already answered): the bytes after that head are HTTP again.
+            self.reader.restart()
+            if rest:
+                self._feed(rest)
+            return
+        exchange.tunnel_early = rest
+        self.upgrading = exchange
+        self.flow.pause("upgrade")
+
+    def start_tunnel(self, exchange: Exchange, upstream: Upstream, backend_early: bytes) -> None:
+        transport, backend = self.transport, upstream.transport
+        assert transport is not None and backend is not None
+        listener = self.listener
+        early, exchange.tunnel_early = exchange.tunnel_early, b""
         self.upgrading = None
-        self.listener.tunnels += 1
-        self.resume("upgrade")
-        self.resume("waiting-upstream")
+        self.waiting = ""
+        self.deadline = 0.0
+        listener.tunnels += 1
+        self.tunnel = Tunnel(
+            self,
+            transport,
+            backend,
+            client_early=early,
+            backend_early=backend_early,
+            idle_timeout=listener.settings.idle_timeout,
+            endpoint=upstream.endpoint,
+        )
+
+    def tunnel_ended(self) -> None:
+        self.closing = True
+        self.listener.forget(self)
 
     def _protocol_error(self, status: int, message: str) -> None:
         """The client broke HTTP: answer after the requests before it, then close."""
+        self.listener.bad_messages["client"] += 1
         self.closing = True
-        if self.transport is not None:
-            self.transport.pause_reading()
-        broken = self.parsing
-        if broken is not None and broken is self.current and not broken.request_done:
-            broken.fail_request(status, message)  # the error is in the current request's body
-            return
-        if broken is not None and broken in self.queue:
-            self.queue.remove(broken)
+        self.broken_input = True
+        self.flow.pause("broken")
+        receiving = self.receiving
+        if receiving is not None and not receiving.request_done:
+            self.receiving = None
+            if receiving is self.current and not receiving.done:
+                receiving.fail_request(status, message)  # the error is in its body
+                return
+            if receiving in self.queue:
+                self.queue.remove(receiving)
         if self.current is None and not self.queue:
             self._answer_and_close(status, message)
         else:
@@ -265,27 +373,101 @@ class ClientConnection(asyncio.Protocol):
 
     def _answer_and_close(self, status: int, message: str) -> None:
         self.listener.count_response(status)
-        self.write(responses.local(status, message, close=True))
+        self.send(responses.local(status, message, close=True))
         self.close()
 
-    def deadline_passed(self) -> None:
-        """Called by the listener's sweep once `deadline` is past."""
-        waiting, self.waiting, self.deadline = self.waiting, "", 0.0
-        if waiting == "header":
-            self.listener.header_timeouts += 1
-            if self.current is None:
-                self._answer_and_close(408, "request headers not received in time")
-            else:
-                self.broken = (408, "request headers not received in time")
-        elif waiting == "idle" and self.current is None and not self.queue:
+    # --- deadlines ---
+
+    def _wait(self, what: str, seconds: float) -> None:
+        self.waiting = what
+        self.deadline = self.listener.loop.time() + seconds
+
+    def check(self, now: float) -> None:
+        """The listener's sweep: `deadline` has passed."""
+        waiting = self.waiting
+        if waiting == "active":
+            self._check_active(now)
+            return
+        self.waiting, self.deadline = "", 0.0
+        listener = self.listener
+        if waiting == "head":
+            listener.timeouts["header"] += 1
+            self._answer_and_close(408, "request headers not received in time")
+        elif waiting in ("new", "idle"):
             self.close()
+        elif waiting in ("linger", "closing") and self.transport is not None:
+            self.transport.abort()
+
+    def _check_active(self, now: float) -> None:
+        current = self.current
+        listener = self.listener
+        settings = listener.settings
+        if current is None:
+            self.waiting, self.deadline = "", 0.0
+            return
+        if self.write_paused_at and now - self.write_paused_at >= settings.idle_timeout:
+            listener.timeouts["slow_reader"] += 1  # its response has waited that long for it
+            self.abort()
+            return
+        moved = self.received + self.sent
+        if moved != self.moved:
+            self.moved, self.moved_at = moved, now
+        elif now - self.moved_at >= settings.idle_timeout:
+            listener.timeouts["idle"] += 1
+            waiting_for_client = not current.request_whole and not self.flow.paused
+            current.idle_timed_out(waiting_for_client)
+            return
+        reader = self.reader
+        if reader.counting and reader.in_message:  # trailers, or a pipelined head, in progress
+            if reader.phase != self.phase:
+                self.phase, self.phase_at = reader.phase, now
+            elif now - self.phase_at >= settings.header_timeout:
+                listener.timeouts["header"] += 1
+                self._protocol_error(408, "request headers not received in time")
+                return
+        if self._body_too_slow(current, now):
+            listener.timeouts["body_rate"] += 1
+            current.local(408, "the request body arrived too slowly", close=True)
+            return
+        self.deadline = now + listener.tick
+
+    def _body_too_slow(self, current: Exchange, now: float) -> bool:
+        """A body arriving slower than the minimum rate (while the proxy reads it)."""
+        rate = self.listener.settings.min_body_rate
+        if not rate or current is not self.receiving or current.request_done or self.flow.paused:
+            self.rate_from = 0.0
+            return False
+        if not self.rate_from:
+            self.rate_from, self.rate_bytes = now, self.received
+            return False
+        elapsed = now - self.rate_from
+        return elapsed >= BODY_RATE_GRACE and (self.received - self.rate_bytes) / elapsed < rate
+
+    # --- closing ---
 
     def close(self) -> None:
-        """Close after everything written so far, held writes included."""
+        """Close after everything written so far. A client still sending a request we
+        answered early is read (and dropped) a while first, so it sees the answer rather
+        than a reset; a client that does not read what is left is cut after the idle timeout."""
         self.closing = True
         self.flush_writes()
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.lingering:
+            return
+        listener = self.listener
+        if self.reader.in_message and not self.eof:
+            self.lingering = True
+            self.linger_limit = self.received + LINGER_BYTES
+            if transport.can_write_eof():
+                transport.write_eof()
+            self.flow.reasons.clear()
+            transport.resume_reading()
+            self._wait("linger", LINGER_SECONDS)
+            return
+        unsent = transport.get_write_buffer_size()
+        transport.close()
+        if unsent:
+            self._wait("closing", listener.settings.idle_timeout)
 
     def abort(self) -> None:
         self.closing = True

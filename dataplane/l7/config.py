@@ -9,7 +9,6 @@ from __future__ import annotations
 import bisect
 import math
 import random
-import ssl
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from ..balancer import Balancer, build
 from ..health import EndpointState, HealthRegistry
 from .headers import Modifier
 from .router import Router
+from .tls import Certificates, Contexts
 
 # Latency histogram buckets (seconds), Prometheus style.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -186,7 +186,7 @@ class Rule:
 class L7Config:
     router: Router
     rules: dict[str, Rule]
-    tls: list[tuple[list[str], ssl.SSLContext]] | None
+    tls: Certificates | None
     source: table.L7Listener
     clusters: dict[str, Cluster]
 
@@ -205,7 +205,7 @@ def build_config(
     tbl: table.Table,
     health: HealthRegistry,
     memory: Memory,
-    contexts: list[tuple[list[str], ssl.SSLContext]] | None,
+    contexts: Contexts | None,
     *,
     previous: L7Config | None = None,
     changed: frozenset[tuple[str, ...]] | None = None,
@@ -215,6 +215,12 @@ def build_config(
     changed, when given, lists the part paths under this listener that differ from the
     table previous was built from: then only those are looked at, and a swap costs work
     in proportion to the change, not to the number of routes."""
+    if contexts is None:
+        tls = None
+    elif previous is not None and previous.tls is not None and previous.tls.source is contexts:
+        tls = previous.tls
+    else:
+        tls = Certificates(contexts)
     old_clusters = previous.clusters if previous is not None else {}
     clusters: dict[str, Cluster] = {}
     rebuilt: set[str] = set()
@@ -236,7 +242,7 @@ def build_config(
                 rules[rid] = _rule(rule, clusters, memory)
         groups = {(path[3], path[4]) for path in changed if len(path) == 5 and path[3] != "rules"}
         router = Router(listener, previous.router, groups)
-        return L7Config(router=router, rules=rules, tls=contexts, source=listener, clusters=clusters)
+        return L7Config(router=router, rules=rules, tls=tls, source=listener, clusters=clusters)
     old_rules = previous.rules if previous is not None else {}
     old_sources = previous.source.rules if previous is not None else {}
     rules = {}
@@ -248,7 +254,7 @@ def build_config(
         else:
             rules[rid] = _rule(rule, clusters, memory)
     router = Router(listener, previous.router if previous is not None else None)
-    return L7Config(router=router, rules=rules, tls=contexts, source=listener, clusters=clusters)
+    return L7Config(router=router, rules=rules, tls=tls, source=listener, clusters=clusters)
 
 
 def _rule(rule: table.Rule, clusters: dict[str, Cluster], memory: Memory) -> Rule:

@@ -1,14 +1,18 @@
 """One request and its response, through the proxy.
 
-An exchange is created when the client's request line starts. Once it is the
-connection's current exchange (`start`), it is routed, filtered, sent to an endpoint of
-the chosen backend, and the response streams back. Everything is callbacks on the two
+An exchange is created from a validated request head (framing.RequestHead). Once it is its
+connection's current exchange (`start`), it is routed, filtered, sent to an endpoint of the
+chosen backend, and the response streams back. Everything is callbacks on the two
 connections' protocols and `call_later` timers; a task exists only while a new upstream
 connection is being made.
 
-Retries happen only before the client has seen a byte of the response, and only for
-requests that can be replayed: the whole body was kept (at most KEEP_BODY bytes) and the
-method is idempotent, or nothing was sent at all (connect failures).
+What the exchange uses of its client connection is `Downstream` below; of its backend
+connection, the Upstream methods send_head/send/done/discard. Framing, in both directions,
+is written from the proxy's own parse (framing.py), never copied from a peer.
+
+Resends follow retry.may_resend: never once the client has seen a byte of the response,
+never for a non-idempotent request that may have reached a backend, and only while every
+body byte read so far is still held (at most KEEP_BODY bytes are kept for that).
 """
 
 from __future__ import annotations
@@ -17,178 +21,171 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qsl
 
 from ..health import EndpointState
 from ..logs import fields
 from ..table import PathRewrite
-from . import responses
+from . import framing, responses
 from .config import Cluster, Rule, retry_after
-from .headers import HOP_BY_HOP, Headers, connection_tokens, serialize
-from .paths import BadPath, normalize, split_target
+from .framing import CHUNKED, LAST_CHUNK, NO_BODY, UNTIL_CLOSE, BadMessage, RequestHead, ResponseHead
+from .retry import Failure, give_up_status, may_resend
 from .router import normalize_host
 from .upstream import Upstream
 
 if TYPE_CHECKING:
-    from .client import ClientConnection
+    from .listener import ServingL7
 
 log = logging.getLogger("bilayer.access")
 
 KEEP_BODY = 64 * 1024
-# Request headers never forwarded as received: hop-by-hop ones, and those the proxy sets.
-REQUEST_DROP = HOP_BY_HOP | {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
-REQUEST_DROP_UPGRADE = REQUEST_DROP - {b"connection", b"upgrade"}
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
-NO_BODY_STATUS = frozenset({204, 304})
-MAX_URL = 8 * 1024
-MAX_HEADER_BYTES = 64 * 1024
-MAX_HEADERS = 100
+
+# How the response body goes to the client.
+_IDENTITY, _CHUNK = 0, 1
 
 
-class RequestTooLarge(Exception):
-    """Raised from a parser callback: the request line or headers are over the limits."""
+class Downstream(Protocol):
+    """What an exchange uses of the client connection it belongs to."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    client_ip: str
+    sni: str | None  # the TLS server name the client asked for, if any
+    closing: bool
+
+    def send(self, data: bytes) -> None:
+        """Write to the client (collected while writes are held)."""
+
+    @property
+    def write_blocked(self) -> bool:
+        """The client's socket is full (its reader is slower than the backend)."""
+
+    def hold_writes(self) -> None: ...
+
+    def flush_writes(self) -> None: ...
+
+    def pause(self, reason: str) -> None:
+        """Stop reading the client's request bytes for this reason."""
+
+    def resume(self, reason: str) -> None: ...
+
+    def abort(self) -> None:
+        """Cut the connection: a response already started can never look complete."""
+
+    def exchange_finished(self, exchange: Exchange) -> None: ...
+
+    def start_tunnel(self, exchange: Exchange, upstream: Upstream, backend_early: bytes) -> None:
+        """Hand the client's socket and the backend's to a byte pair (after a 101)."""
 
 
 class Exchange:
     """A request from the client and the response that goes back."""
 
-    # Scalar state starts at these class-level defaults, so creating an exchange (once
-    # per request) sets only the few mutable fields.
-    url = b""
-    header_bytes = 0
-    head_parsed = False
-    body_expected = False
-    method = "GET"
-    version = "1.1"
-    keep_alive = True
-    host = b""
-    path = "/"
-    qs = ""
-    _query_values: dict[str, str] | None = None
-    reject: tuple[int, str] | None = None
-    chunked = False
-    upgrade = False
-    connection_named: frozenset[bytes] = frozenset()  # headers the client's Connection names
-    tunnel_early = b""
-    body_size = 0
-    body_kept = True
-    request_done = False
-    rule: Rule | None = None
-    entry_prefix = ""
-    cluster: Cluster | None = None
-    upstream: Upstream | None = None
-    endpoint: EndpointState | None = None
-    attempt = 0
-    retries = 0
-    sent_head = False
-    resp_status = 0
-    resp_started = False
-    resp_chunked = False
-    resp_close_delimited = False
-    close_after = False
-    done = False
-    status = 0
-    bytes_out = 0
-    started = 0.0
-    request_timer: asyncio.TimerHandle | None = None
-    try_timer: asyncio.TimerHandle | None = None
+    __slots__ = (
+        "_query_values",
+        "attempt_timer",
+        "bytes_out",
+        "close_after",
+        "cluster",
+        "conn",
+        "done",
+        "endpoint",
+        "entry_prefix",
+        "fresh",
+        "head",
+        "listener",
+        "pending",
+        "received",
+        "request_done",
+        "request_timer",
+        "resent",
+        "resp_head",
+        "resp_mode",
+        "resp_started",
+        "rule",
+        "sent",
+        "started",
+        "status",
+        "tried",
+        "tunnel_early",
+        "upstream",
+    )
 
-    def __init__(self, conn: ClientConnection) -> None:
+    def __init__(self, listener: ServingL7, conn: Downstream, head: RequestHead) -> None:
+        self.listener = listener
         self.conn = conn
-        self.headers: Headers = []
-        self.body: list[bytes] = []
+        self.head = head
+        self.request_done = False
+        self.received = 0  # body bytes from the client
+        self.pending: list[bytes] = []  # body bytes not yet written to the current upstream
+        self.sent: list[bytes] | None = []  # body bytes written and kept for a resend; None: dropped
+        self.tunnel_early = b""  # client bytes after an upgrade request, held until the 101
+        self.rule: Rule | None = None
+        self.entry_prefix = ""
+        self.cluster: Cluster | None = None
+        self.upstream: Upstream | None = None
+        self.endpoint: EndpointState | None = None
         self.tried: set[EndpointState] = set()
-        self.resp_headers: Headers = []
+        self.resent = 0
+        self.fresh = False  # the next attempt opens a new connection (a pooled one went stale)
+        self.resp_head: ResponseHead | None = None
+        self.resp_started = False
+        self.resp_mode = _IDENTITY
+        self.close_after = False
+        self.done = False
+        self.status = 0
+        self.bytes_out = 0
+        self.started = 0.0
+        self.request_timer: asyncio.TimerHandle | None = None
+        self.attempt_timer: asyncio.TimerHandle | None = None
+        self._query_values: dict[str, str] | None = None
 
-    # --- receiving the request (parser callbacks, through the client connection) ---
+    # --- the request body, from the client connection ---
 
-    def head_complete(self, method: bytes, version: str, keep_alive: bool) -> None:
-        self.head_parsed = True
-        self.method = method.decode("ascii", "replace")
-        self.version = version
-        self.keep_alive = keep_alive
-        hosts = []
-        connection = b""
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower == b"host":
-                hosts.append(value)
-            elif lower == b"content-length":
-                self.body_expected = self.body_expected or int(value) > 0
-            elif lower == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    self.reject = (501, "only the chunked transfer coding is supported")
-                self.chunked = True
-                self.body_expected = True
-            elif lower == b"connection":
-                connection += b"," + value
-        if len(hosts) > 1:
-            self.reject = (400, "more than one Host header")
-        self.host = hosts[0] if hosts else b""
-        if not self.host and version == "1.1":
-            self.reject = (400, "the Host header is missing")
-        if connection:
-            tokens = connection_tokens(connection)
-            self.upgrade = b"upgrade" in tokens and any(
-                name.lower() == b"upgrade" for name, _ in self.headers
-            )
-            self.connection_named = tokens - HOP_BY_HOP
-
-    def request_body(self, chunk: bytes) -> None:
-        self.body_size += len(chunk)
-        limit = self.conn.listener.settings.max_body_size
-        if limit and self.body_size > limit:
-            self._too_large()
+    def request_body(self, data: bytes) -> None:
+        if self.done:
+            return
+        self.received += len(data)
+        limit = self.listener.settings.max_body_size
+        if limit and self.received > limit:
+            self._fail(413, "request body too large", close=True)
             return
         upstream = self.upstream
-        if upstream is not None and self.sent_head and upstream.transport is not None:
-            upstream.transport.write(self._encode(chunk))
-            self._keep(chunk)
-        elif not self.done:
-            self.body.append(chunk)  # not connected yet: sent on attach
+        if upstream is not None:
+            upstream.send(framing.chunk(data) if self.head.body == CHUNKED else data)
+            self._keep(data)
+        else:
+            self.pending.append(data)  # no backend yet: sent on attach
             self.conn.pause("waiting-upstream")
 
-    def request_complete(self) -> None:
+    def request_end(self) -> None:
         self.request_done = True
-        if (
-            self.upstream is not None
-            and self.sent_head
-            and self.chunked
-            and self.upstream.transport is not None
-        ):
-            self.upstream.transport.write(b"0\r\n\r\n")
+        if self.upstream is not None and self.head.body == CHUNKED:
+            self.upstream.send(LAST_CHUNK)
 
-    def _keep(self, chunk: bytes) -> None:
-        if self.body_kept:
-            if self.body_size <= KEEP_BODY:
-                self.body.append(chunk)
+    def _keep(self, data: bytes) -> None:
+        sent = self.sent
+        if sent is not None:
+            if self.received <= KEEP_BODY:
+                sent.append(data)
             else:
-                self.body_kept = False
-                self.body = []
+                self.sent = None  # too big to keep: this request can no longer be resent
 
-    def _encode(self, chunk: bytes) -> bytes:
-        return b"%x\r\n%s\r\n" % (len(chunk), chunk) if self.chunked else chunk
-
-    def _too_large(self) -> None:
-        self._fail(413, "request body too large", close=True)
+    @property
+    def request_whole(self) -> bool:
+        """The client has sent the whole request (a request without a body is whole at once)."""
+        return self.request_done or not self.head.has_body
 
     # --- RequestView, for matching ---
 
     def header(self, name: str) -> str | None:
         wanted = name.encode()
-        values = [v for n, v in self.headers if n.lower() == wanted]
+        values = [v for n, v in self.head.headers if n.lower() == wanted]
         return b",".join(values).decode("latin-1") if values else None
 
     def query(self, name: str) -> str | None:
         if self._query_values is None:
             self._query_values = {}
-            for key, value in parse_qsl(self.qs, keep_blank_values=True):
+            for key, value in parse_qsl(self.head.query, keep_blank_values=True):
                 self._query_values.setdefault(key, value)
         return self._query_values.get(name)
 
@@ -196,32 +193,23 @@ class Exchange:
 
     def start(self) -> None:
         """Route and send; the exchange is now the connection's current one."""
-        conn = self.conn
         self.started = time.monotonic()
-        if self.reject is not None:
-            self.local(*self.reject, close=True)
+        head = self.head
+        listener = self.listener
+        config = listener.config
+        host = normalize_host(head.host.decode("latin-1"))
+        sni = self.conn.sni
+        if sni is not None and config.tls is not None and config.tls.misdirected(sni, host):
+            self.local(421, "this connection's certificate does not cover the requested host")
             return
-        raw_target = self.url.decode("latin-1")
-        if raw_target.startswith(("http://", "https://")):  # absolute form
-            rest = raw_target.split("://", 1)[1]
-            slash = rest.find("/")
-            self.host = rest[: slash if slash != -1 else len(rest)].encode("latin-1")
-            raw_target = rest[slash:] if slash != -1 else "/"
-        raw_path, self.qs = split_target(raw_target)
-        try:
-            self.path, encoded_slash = normalize(raw_path)
-        except BadPath as err:
-            self.local(400, str(err), close=True)
-            return
-        config = conn.listener.config
-        entry = config.router.match(normalize_host(self.host.decode("latin-1")), self.path, self.method, self)
+        entry = config.router.match(host, head.path, head.method, self)
         if entry is None:
             self.local(404, "no route for this host and path")
             return
         rule = self.rule = config.rules[entry.rule]
         if entry.path_type == "PathPrefix":
             self.entry_prefix = entry.path_value
-        if encoded_slash and not rule.allow_encoded_slashes:
+        if head.encoded_slash and not rule.allow_encoded_slashes:
             self.local(400, "encoded slash (%2F) in the path", close=True)
             return
         if rule.limiter is not None and self._rate_limited(rule):
@@ -243,15 +231,10 @@ class Exchange:
         cluster.stats.requests += 1
         cluster.stats.active_requests += 1
         if rule.request_timeout is not None:
-            self.request_timer = conn.listener.loop.call_later(rule.request_timeout, self._request_timed_out)
+            self.request_timer = listener.loop.call_later(rule.request_timeout, self._request_timed_out)
         if not self.request_whole:
-            conn.pause("waiting-upstream")
+            self.conn.pause("waiting-upstream")
         self._attempt()
-
-    @property
-    def request_whole(self) -> bool:
-        """The client has sent the whole request (a request without a body is whole at once)."""
-        return self.request_done or not self.body_expected
 
     def _rate_limited(self, rule: Rule) -> bool:
         limiter = rule.limiter
@@ -270,9 +253,13 @@ class Exchange:
     def _redirect(self, rule: Rule) -> None:
         redirect = rule.redirect
         assert redirect is not None
-        listener = self.conn.listener
+        listener = self.listener
         scheme = redirect.scheme or listener.scheme
-        host = normalize_host(self.host.decode("latin-1")) if redirect.hostname is None else redirect.hostname
+        host = (
+            normalize_host(self.head.host.decode("latin-1"))
+            if redirect.hostname is None
+            else redirect.hostname
+        )
         if redirect.port is not None:
             port = redirect.port
         elif redirect.scheme is not None:
@@ -282,7 +269,8 @@ class Exchange:
         default = 443 if scheme == "https" else 80
         authority = host if port == default else f"{host}:{port}"
         path = self._rewritten_path(redirect.path)
-        location = f"{scheme}://{authority}{path}" + (f"?{self.qs}" if self.qs else "")
+        query = self.head.query
+        location = f"{scheme}://{authority}{path}" + (f"?{query}" if query else "")
         self.local(
             redirect.statusCode,
             f"moved to {location}",
@@ -290,34 +278,32 @@ class Exchange:
         )
 
     def _rewritten_path(self, rewrite: PathRewrite | None) -> str:
+        path = self.head.path
         if rewrite is None:
-            return self.path
+            return path
         if rewrite.type == "ReplaceFullPath":
             return rewrite.value
         # ReplacePrefixMatch: the matched prefix, by whole segments, becomes the value.
         prefix = self.entry_prefix.rstrip("/")
-        rest = self.path[len(prefix) :]
-        replaced = rewrite.value.rstrip("/") + rest
-        if not replaced.startswith("/"):
-            replaced = "/" + replaced
-        return replaced
+        replaced = rewrite.value.rstrip("/") + path[len(prefix) :]
+        return replaced if replaced.startswith("/") else "/" + replaced
 
     # --- upstream attempts ---
 
     def _attempt(self) -> None:
         cluster, rule = self.cluster, self.rule
         assert cluster is not None and rule is not None
-        self.attempt += 1
         key = self._hash_key(rule)
-        endpoint = cluster.balancer(rule.policy).pick(key, time.monotonic(), frozenset(self.tried))
+        balancer = cluster.balancer(rule.policy)
+        endpoint = balancer.pick(key, time.monotonic(), frozenset(self.tried))
         if endpoint is None:
-            endpoint = cluster.balancer(rule.policy).pick(key, time.monotonic())  # all tried: any again
+            endpoint = balancer.pick(key, time.monotonic())  # all tried: any again
         if endpoint is None:
             self.local(503, "no ready endpoint")
             return
         self.tried.add(endpoint)
-        listener = self.conn.listener
-        upstream = listener.pool.take(endpoint)
+        listener = self.listener
+        upstream = listener.pool.take(endpoint) if not self.fresh else None
         if upstream is not None:
             self._attach(upstream)
             return
@@ -333,7 +319,7 @@ class Exchange:
     def connected(self, upstream: Upstream) -> None:
         """A new upstream connection for this exchange is ready."""
         if self.done:
-            self.conn.listener.pool.give(upstream, self.conn.listener.loop.time())
+            self.listener.pool.give(upstream)
             return
         self._attach(upstream)
 
@@ -341,307 +327,306 @@ class Exchange:
         if self.done:
             return
         endpoint.connect_failures += 1
-        self.conn.listener.health.report_failure(endpoint)
+        self.listener.health.report_failure(endpoint)
         assert self.cluster is not None
         self.cluster.stats.connect_failures += 1
-        # Nothing was sent: a retry is safe whatever the method, if the body is whole.
-        if self._may_retry(idempotent_only=False):
-            self._retry(f"connect to {endpoint.key} failed: {error}")
-            return
-        self.local(502, "could not connect to the backend")
+        self._failed(Failure.CONNECT, f"could not connect to the backend ({error})", reused=False)
 
     def _attach(self, upstream: Upstream) -> None:
         rule = self.rule
-        assert rule is not None and upstream.transport is not None
+        assert rule is not None
         self.upstream = upstream
         self.endpoint = upstream.endpoint
         upstream.endpoint.active += 1
         upstream.endpoint.total += 1
         upstream.exchange = self
-        self.resp_headers = upstream.response_headers = []
-        self.resp_status = 0
-        head = self._request_head(rule)
-        body = self.body
-        if body:
-            upstream.transport.write(head + b"".join(self._encode(c) for c in body))
-            if not self.body_kept or not self._replayable_method():
-                self.body = []
-        else:
-            upstream.transport.write(head)
-        self.sent_head = True
-        if self.request_done and self.chunked:
-            upstream.transport.write(b"0\r\n\r\n")
+        self.resp_head = None
+        head = self.head
+        data = self._request_head(rule)
+        if self.pending:
+            pending, self.pending = self.pending, []
+            chunked = head.body == CHUNKED
+            data += b"".join(framing.chunk(piece) if chunked else piece for piece in pending)
+            sent = self.sent
+            if sent is not None:
+                if self.received <= KEEP_BODY:
+                    sent.extend(pending)
+                else:
+                    self.sent = None
+        if self.request_done and head.body == CHUNKED:
+            data += LAST_CHUNK
+        upstream.send_head(data, head.method, head.upgrade)
+        if self.conn.write_blocked:
+            upstream.flow.pause("client-full")
         if rule.backend_request_timeout is not None:
-            self.try_timer = asyncio.get_running_loop().call_later(
-                rule.backend_request_timeout, self._try_timed_out
+            self.attempt_timer = self.listener.loop.call_later(
+                rule.backend_request_timeout, self._attempt_timed_out
             )
-        if self.upgrade:
-            return  # the client stays paused until the backend answers 101
-        self.conn.resume("waiting-upstream")
+        if not head.upgrade:
+            self.conn.resume("waiting-upstream")  # an upgrade's client bytes wait for the 101
 
     def _request_head(self, rule: Rule) -> bytes:
-        """The request line and headers for the backend, in one pass over the headers."""
-        conn = self.conn
-        drop = REQUEST_DROP if not self.upgrade else REQUEST_DROP_UPGRADE
-        named = self.connection_named
-        kept: Headers = []
-        forwarded_for = b""
-        for name, value in self.headers:
-            lower = name.lower()
-            if lower in drop or lower in named:
-                if lower == b"x-forwarded-for":
-                    forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
-                continue
-            kept.append((name, value))
-        client = conn.client_ip.encode()
-        kept.append((b"x-forwarded-for", forwarded_for + b", " + client if forwarded_for else client))
-        kept.append((b"x-forwarded-proto", conn.listener.scheme_bytes))
-        if self.host:
-            kept.append((b"x-forwarded-host", self.host))
-        if conn.listener.settings.via:
-            kept.append((b"via", b"1.1 bilayer"))
+        """The request line and headers for the backend."""
+        head = self.head
+        listener = self.listener
+        client = self.conn.client_ip.encode()
+        headers = list(head.headers)
+        forwarded_for = head.forwarded_for
+        headers.append((b"x-forwarded-for", forwarded_for + b", " + client if forwarded_for else client))
+        headers.append((b"x-forwarded-proto", listener.scheme_bytes))
+        if head.host:
+            headers.append((b"x-forwarded-host", head.host))
+        if listener.settings.via:
+            headers.append((b"via", b"1.1 bilayer"))
         if rule.request_modifier is not None:
-            kept = rule.request_modifier.apply(kept)
-        if self.chunked:
-            kept.append((b"transfer-encoding", b"chunked"))
+            headers = rule.request_modifier.apply(headers)
+        if head.upgrade:
+            headers.append((b"connection", b"upgrade"))
+            headers.append((b"upgrade", head.upgrade))
+        host = head.host
+        path = head.path
         rewrite = rule.rewrite
-        host = self.host
-        path = self.path
         if rewrite is not None:
             if rewrite.hostname is not None:
                 host = rewrite.hostname.encode()
             if rewrite.path is not None:
                 path = self._rewritten_path(rewrite.path)
-        target = path + "?" + self.qs if self.qs else path
-        return b"%s %s HTTP/1.1\r\nhost: %s\r\n%s\r\n" % (
-            self.method.encode(),
-            target.encode("latin-1"),
-            host,
-            serialize(kept),
-        )
+        target = path + "?" + head.query if head.query else path
+        return framing.request_bytes(head.method, target.encode("latin-1"), host, headers, head.body)
 
-    def _replayable_method(self) -> bool:
-        return self.method in IDEMPOTENT
-
-    def _may_retry(self, *, idempotent_only: bool = True) -> bool:
-        rule, cluster = self.rule, self.cluster
-        if rule is None or cluster is None or self.resp_started or self.done:
-            return False
-        if self.retries >= rule.retry_attempts:
-            return False
-        if not self.body_kept or (idempotent_only and not self._replayable_method()):
-            return False
-        if self.upgrade and self.sent_head:
-            return False
-        return cluster.stats.may_retry()
-
-    def _retry(self, why: str) -> None:
+    def _may_resend(self, failure: Failure, *, reused: bool) -> bool:
         rule, cluster = self.rule, self.cluster
         assert rule is not None and cluster is not None
-        self._drop_upstream(abort=True)
-        self.retries += 1
+        if failure is Failure.TIMEOUT and 504 not in rule.retry_codes:
+            return False
+        return may_resend(
+            failure,
+            idempotent=self.head.idempotent,
+            reused=reused,
+            resent=self.resent,
+            attempts=rule.retry_attempts,
+            replayable=self.sent is not None,
+            response_started=self.resp_started,
+            budget=cluster.stats.may_retry(),
+        )
+
+    def _failed(self, failure: Failure, why: str, *, reused: bool) -> None:
+        """An attempt failed before any response reached the client: resend or answer."""
+        if self._may_resend(failure, reused=reused):
+            self._resend(why, stale=failure is Failure.RESET and reused)
+        else:
+            self._fail(give_up_status(failure), why)
+
+    def _resend(self, why: str, *, stale: bool) -> None:
+        rule, cluster = self.rule, self.cluster
+        assert rule is not None and cluster is not None
+        self._drop_upstream()
+        self.resent += 1
+        self.fresh = stale
+        if self.sent:
+            self.pending = self.sent + self.pending
+            self.sent = []
         rule.stats.retries += 1
         cluster.stats.retries += 1
         cluster.stats.active_retries += 1
-        log.debug("retrying", extra=fields(reason=why, attempt=self.retries))
-        delay = rule.backoff(self.retries)
-        asyncio.get_running_loop().call_later(delay, self._retry_now)
+        log.debug("resending", extra=fields(reason=why, attempt=self.resent))
+        # A stale pooled connection is not the backend failing: resend at once.
+        delay = 0.0 if stale else rule.backoff(self.resent)
+        self.listener.loop.call_later(delay, self._resend_now)
 
-    def _retry_now(self) -> None:
+    def _resend_now(self) -> None:
         if self.cluster is not None:
             self.cluster.stats.active_retries -= 1
         if not self.done:
             self._attempt()
 
-    def _drop_upstream(self, *, abort: bool = False) -> None:
-        """Detach from the current upstream connection, which cannot be reused."""
+    def _drop_upstream(self) -> None:
+        """Let go of the current upstream connection, which is not reused."""
         upstream = self.upstream
         if upstream is not None:
-            upstream.exchange = None
-            upstream.abort() if abort else upstream.close()
-            upstream.endpoint.active -= 1
             self.upstream = None
-        self.sent_head = False
-        if self.try_timer is not None:
-            self.try_timer.cancel()
-            self.try_timer = None
+            upstream.endpoint.active -= 1
+            upstream.discard()
+        if self.attempt_timer is not None:
+            self.attempt_timer.cancel()
+            self.attempt_timer = None
 
-    # --- the response (upstream parser callbacks) ---
-
-    def response_headers_complete(self, status: int, version: str) -> None:
-        self.resp_status = status
-        if status < 200:
-            if status != 101:
-                # Interim (100 Continue, 103): pass it on, the real response follows.
-                self._write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, responses.reason(status)))
-                self.resp_headers.clear()  # shared with the upstream, which appends the next ones
-            return
-        if self.try_timer is not None:
-            self.try_timer.cancel()
-            self.try_timer = None
-        rule = self.rule
-        assert rule is not None and self.endpoint is not None
-        if status in rule.retry_codes and self._may_retry():
-            self.conn.listener.health.report_failure(self.endpoint)
-            self._retry(f"backend answered {status}")
-            return
-        if status in (502, 503, 504):
-            self.conn.listener.health.report_failure(self.endpoint)
+    def backend_full(self, full: bool) -> None:
+        """The backend's socket stopped (or resumed) taking request bytes."""
+        if full:
+            self.conn.pause("backend-full")
         else:
-            self.conn.listener.health.report_success(self.endpoint)
-        self._send_response_head(status, version)
-        if self.method == "HEAD":
-            assert self.upstream is not None
-            self.upstream.reset_parser()  # the announced body never comes
-            self.response_complete()
+            self.conn.resume("backend-full")
 
-    def _send_response_head(self, status: int, version: str) -> None:
+    def client_full(self, full: bool) -> None:
+        """The client's socket stopped (or resumed) taking response bytes."""
+        upstream = self.upstream
+        if upstream is not None:
+            if full:
+                upstream.flow.pause("client-full")
+            else:
+                upstream.flow.resume("client-full")
+
+    # --- the response (upstream reader events) ---
+
+    def hold(self) -> None:
+        self.conn.hold_writes()
+
+    def flush(self) -> None:
+        self.conn.flush_writes()
+
+    def response_head(self, head: ResponseHead) -> None:
+        status = head.status
+        if status < 200:
+            if status == 101:
+                self.resp_head = head  # the tunnel starts when the reader hands over the rest
+            elif self.head.version == "1.1":
+                # Interim (100 Continue, 103 Early Hints): pass it on, the real response follows.
+                self._send(
+                    b"HTTP/1.1 %d %s\r\n%s\r\n"
+                    % (status, responses.reason(status), framing.serialize(head.headers))
+                )
+            return
+        if self.attempt_timer is not None:
+            self.attempt_timer.cancel()
+            self.attempt_timer = None
+        rule, endpoint = self.rule, self.endpoint
+        assert rule is not None and endpoint is not None
+        if status in rule.retry_codes and not self.head.upgrade:
+            self.listener.health.report_failure(endpoint)
+            if self._may_resend(Failure.STATUS, reused=False):
+                self._resend(f"backend answered {status}", stale=False)
+                return
+        elif status in (502, 503, 504):
+            self.listener.health.report_failure(endpoint)
+        else:
+            self.listener.health.report_success(endpoint)
+        self.resp_head = head
+        self._send_response_head(head)
+
+    def _send_response_head(self, head: ResponseHead) -> None:
         rule = self.rule
         assert rule is not None
-        named: frozenset[bytes] = frozenset()
-        length = False
-        upstream_chunked = False
-        headers: Headers = []
-        for name, value in self.resp_headers:
-            lower = name.lower()
-            if lower in HOP_BY_HOP:
-                if lower == b"connection":
-                    named |= connection_tokens(value)
-                elif lower == b"transfer-encoding":
-                    upstream_chunked = True
-                continue
-            if lower == b"content-length":
-                length = True
-            headers.append((name, value))
-        named -= HOP_BY_HOP
-        if named:  # rare: the backend's Connection names further headers
-            headers = [(n, v) for n, v in headers if n.lower() not in named]
+        headers = head.headers
         if rule.response_modifier is not None:
             headers = rule.response_modifier.apply(headers)
-        no_body = status in NO_BODY_STATUS or self.method == "HEAD"
-        if not length and not no_body:
-            if not upstream_chunked:
-                self.resp_close_delimited = True  # the body ends when the backend closes
-            if self.version == "1.1":
-                self.resp_chunked = True
-                headers.append((b"transfer-encoding", b"chunked"))
-            else:
-                self.close_after = True
-        if self.close_after or not self.keep_alive or self.conn.closing:
+        body = head.body
+        if body == NO_BODY:
+            framing_line = b"content-length: %d\r\n" % head.length if head.length >= 0 else b""
+        elif body >= 0:
+            framing_line = b"content-length: %d\r\n" % body
+        elif self.head.version == "1.1":  # chunked or up to the backend's close: re-chunked
+            framing_line = b"transfer-encoding: chunked\r\n"
+            self.resp_mode = _CHUNK
+        else:
+            framing_line = b""  # an HTTP/1.0 client reads up to our close
             self.close_after = True
-            headers.append((b"connection", b"close"))
-        elif self.version == "1.0":
-            headers.append((b"connection", b"keep-alive"))
+        if self.close_after or not self.head.keep_alive or self.conn.closing:
+            self.close_after = True
+            framing_line += b"connection: close\r\n"
+        elif self.head.version == "1.0":
+            framing_line += b"connection: keep-alive\r\n"
         self.resp_started = True
-        self.status = status
-        self._write(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, responses.reason(status), serialize(headers)))
+        self.status = head.status
+        self._send(
+            b"HTTP/1.1 %d %s\r\n%s%s\r\n"
+            % (head.status, responses.reason(head.status), framing.serialize(headers), framing_line)
+        )
 
-    def response_body(self, body: bytes) -> None:
-        if not self.resp_started:
+    def response_body(self, data: bytes) -> None:
+        if not self.resp_started or self.done:
             return
-        self.bytes_out += len(body)
-        self._write(b"%x\r\n%s\r\n" % (len(body), body) if self.resp_chunked else body)
+        self.bytes_out += len(data)
+        self._send(framing.chunk(data) if self.resp_mode == _CHUNK else data)
 
-    def response_complete(self) -> None:
-        if not self.resp_started:
-            return  # an interim response, or one we are retrying past
-        if self.resp_chunked:
-            self._write(b"0\r\n\r\n")
+    def response_end(self) -> None:
+        if not self.resp_started or self.done:
+            return
+        if self.resp_mode == _CHUNK:
+            self._send(LAST_CHUNK)
         upstream = self.upstream
         if upstream is not None:
-            upstream.exchange = None
-            upstream.endpoint.active -= 1
             self.upstream = None
-            if self.request_whole and not self.upgrade:
-                self.conn.listener.pool.give(upstream, self.conn.listener.loop.time())
-            else:
-                upstream.close()  # the request is not fully sent: this connection cannot be reused
-                self.close_after = self.close_after or not self.request_whole
+            upstream.endpoint.active -= 1
+            resp = self.resp_head
+            reusable = self.request_whole and resp is not None and resp.keep_alive and not self.head.upgrade
+            upstream.done(reusable=reusable)
+            if not self.request_whole:
+                self.close_after = True  # the rest of the request body would be read as a request
         self.finish()
 
     def upstream_upgraded(self, rest: bytes) -> None:
-        """The backend switched protocols (101): from now on, bytes flow both ways untouched."""
-        upstream = self.upstream
-        if not self.upgrade or self.resp_status != 101 or upstream is None or upstream.transport is None:
-            self.upstream_failed("bad-response", "101 without an upgrade request")
+        """The backend switched protocols (101): bytes now flow both ways untouched."""
+        upstream, head = self.upstream, self.resp_head
+        if not self.head.upgrade or upstream is None or head is None or head.status != 101:
+            self.upstream_failed(BadMessage(502, "the backend switched protocols unasked"))
             return
-        headers = [(n, v) for n, v in self.resp_headers if n.lower() not in HOP_BY_HOP]
-        headers.append((b"connection", b"upgrade"))
-        headers += [(n, v) for n, v in self.resp_headers if n.lower() == b"upgrade"]
+        if self.attempt_timer is not None:
+            self.attempt_timer.cancel()
+            self.attempt_timer = None
         self.resp_started = True
         self.status = 101
-        self._write(b"HTTP/1.1 101 Switching Protocols\r\n%s\r\n" % serialize(headers))
-        conn_transport = self.conn.transport
-        assert conn_transport is not None
-        upstream.tunnel = conn_transport
-        upstream.exchange = None
-        self.conn.start_tunnel(upstream.transport)
-        if rest:
-            self.conn.write(rest)  # after the 101 head, which may still be held
-        if self.tunnel_early:
-            upstream.transport.write(self.tunnel_early)
+        headers = [*head.headers, (b"connection", b"upgrade")]
+        self._send(b"HTTP/1.1 101 Switching Protocols\r\n%s\r\n" % framing.serialize(headers))
+        self.conn.flush_writes()
         self.upstream = None
-        self.finish(tunnel=True)
+        upstream.exchange = None
+        self.listener.health.report_success(upstream.endpoint)
+        self.conn.start_tunnel(self, upstream, rest)  # the endpoint stays active until it ends
+        self.finish()
 
-    def upstream_failed(self, kind: str, message: str) -> None:
-        log.debug("invalid backend response", extra=fields(kind=kind, error=message))
+    def upstream_failed(self, bad: BadMessage) -> None:
+        log.debug("invalid backend response", extra=fields(error=bad.message))
+        self.listener.bad_messages["backend"] += 1
+        if self.endpoint is not None:
+            self.listener.health.report_failure(self.endpoint)
         self._fail(502, "the backend sent an invalid response")
 
     def upstream_lost(self, exc: Exception | None) -> None:
+        """The backend's connection closed while this exchange used it."""
         upstream = self.upstream
-        if upstream is None:
+        if upstream is None or self.done:
             return
         if self.resp_started:
-            if self.resp_close_delimited and exc is None:
-                upstream.exchange = None
+            resp = self.resp_head
+            if resp is not None and resp.body == UNTIL_CLOSE and exc is None:
                 self.upstream = None
                 upstream.endpoint.active -= 1
-                if self.resp_chunked:
-                    self._write(b"0\r\n\r\n")
+                if self.resp_mode == _CHUNK:
+                    self._send(LAST_CHUNK)
                 self.finish()
                 return
-            self._fail(502, "the backend closed the connection")  # mid-response: cut, never truncated
+            self._fail(502, "the backend closed the connection mid-response")  # cut, never truncated
             return
         reused = upstream.reused
-        self._drop_upstream(abort=True)
-        if (
-            reused
-            and self.body_kept
-            and self.resp_status == 0
-            and (self._replayable_method() or not self.body_expected)
-        ):
-            # A pooled connection the backend had just closed: not the backend's fault.
-            self.tried.discard(upstream.endpoint)
-            self._attempt()
-            return
-        if self.endpoint is not None:
-            self.conn.listener.health.report_failure(self.endpoint)
-        if self._may_retry():
-            self._retry("backend closed the connection")
-            return
-        self.local(502, "the backend closed the connection")
+        if self.endpoint is not None and not reused:
+            self.listener.health.report_failure(self.endpoint)
+        self._failed(Failure.RESET, "the backend closed the connection before answering", reused=reused)
 
     # --- timeouts ---
 
-    def _try_timed_out(self) -> None:
-        self.try_timer = None
+    def _attempt_timed_out(self) -> None:
+        self.attempt_timer = None
         if self.done or self.resp_started:
             return
-        rule = self.rule
-        if rule is not None and 504 in rule.retry_codes and self._may_retry():
-            self._retry("backend request timeout")
-            return
-        self._fail(504, "the backend did not answer in time")
+        self._failed(Failure.TIMEOUT, "the backend did not answer in time", reused=False)
 
     def _request_timed_out(self) -> None:
         self.request_timer = None
         if not self.done:
             self._fail(504, "the request timed out")
 
+    def idle_timed_out(self, waiting_for_client: bool) -> None:
+        """Nothing moved for the idle timeout (the connection's check)."""
+        if waiting_for_client:
+            self._fail(408, "the request body stopped arriving", close=True)
+        else:
+            self._fail(504, "the backend did not answer in time")
+
     # --- ending ---
 
-    def _write(self, data: bytes) -> None:
-        self.conn.write(data)
+    def _send(self, data: bytes) -> None:
+        self.conn.send(data)
 
     def local(
         self,
@@ -655,25 +640,25 @@ class Exchange:
         if self.done:
             return
         # Unread body bytes would be taken for the next request: close instead.
-        close = close or not self.keep_alive or not self.request_whole or self.conn.closing
+        close = close or not self.head.keep_alive or not self.request_whole or self.conn.closing
         self.close_after = self.close_after or close
         self.status = status
         self.resp_started = True
         data = responses.local(
-            status, message, close=self.close_after, headers=headers, head_only=self.method == "HEAD"
+            status, message, close=self.close_after, headers=headers, head_only=self.head.method == "HEAD"
         )
         self.bytes_out += len(data)
-        self._write(data)
+        self._send(data)
         self.finish()
 
     def fail_request(self, status: int, message: str) -> None:
-        """The client's request turned out malformed after it was started."""
+        """The client broke HTTP in this request's body or trailers."""
         self._fail(status, message, close=True)
 
     def _fail(self, status: int, message: str, *, close: bool = False) -> None:
         """End on an error: answer status, or, once the client has seen part of a response,
         cut the connection, so a truncated response never looks complete."""
-        self._drop_upstream(abort=True)
+        self._drop_upstream()
         if self.resp_started:
             self.conn.abort()
             self.finish()
@@ -684,51 +669,53 @@ class Exchange:
         """The client went away mid-exchange."""
         if self.done:
             return
-        self._drop_upstream(abort=True)
+        self._drop_upstream()
         if not self.status:
             self.status = 499  # as nginx logs it: client closed request
         self.finish()
 
-    def finish(self, *, tunnel: bool = False) -> None:
+    def finish(self) -> None:
         if self.done:
             return
         self.done = True
-        for timer in (self.request_timer, self.try_timer):
+        for timer in (self.request_timer, self.attempt_timer):
             if timer is not None:
                 timer.cancel()
         if self.upstream is not None:
-            self._drop_upstream(abort=True)
+            self._drop_upstream()
         if self.cluster is not None:
             self.cluster.stats.active_requests -= 1
         seconds = time.monotonic() - self.started if self.started else 0.0
+        status = self.status or 499
         if self.rule is not None:
-            self.rule.stats.observe(self.status or 499, seconds)
-        listener = self.conn.listener
-        listener.count_response(self.status or 499)
+            self.rule.stats.observe(status, seconds)
+        listener = self.listener
+        listener.count_response(status)
         settings = listener.settings
         if settings.access_log and (
             settings.access_log_sample >= 1.0 or random.random() < settings.access_log_sample
         ):
-            self._log(seconds)
-        self.conn.exchange_finished(self, tunnel=tunnel)
+            self._log(seconds, status)
+        self.conn.exchange_finished(self)
 
-    def _log(self, seconds: float) -> None:
-        listener = self.conn.listener
-        host = self.host.decode("latin-1")
-        url = f"{listener.scheme}://{host}{self.path}" + (f"?{self.qs}" if self.qs else "")
+    def _log(self, seconds: float, status: int) -> None:
+        listener = self.listener
+        head = self.head
+        host = head.host.decode("latin-1")
+        url = f"{listener.scheme}://{host}{head.path}" + (f"?{head.query}" if head.query else "")
         rule = self.rule
         log.info(
             "request",
             extra=fields(
                 client=self.conn.client_ip,
-                method=self.method,
+                method=head.method,
                 url=url,
-                status=self.status or 499,
+                status=status,
                 bytes=self.bytes_out,
                 seconds=round(seconds, 6),
                 upstream=self.endpoint.key if self.endpoint else None,
                 route=rule.route if rule else None,
                 rule=rule.index if rule else None,
-                retries=self.retries,
+                retries=self.resent,
             ),
         )

@@ -1,6 +1,9 @@
-"""Header handling on the request path: hop-by-hop removal and the modifier filters.
+"""The header modifier filters (RequestHeaderModifier, ResponseHeaderModifier).
 
 Headers stay as received, a list of (name, value) byte pairs; names compare lower-cased.
+A modifier never touches the fields the proxy writes itself (framing, hop-by-hop,
+Host): a route cannot change how the next hop reads the byte stream. The compiler refuses
+such modifiers with a message; this is the dataplane's own guard.
 """
 
 from __future__ import annotations
@@ -8,18 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import table
+from .framing import FRAMING, HOP_BY_HOP, Headers
 
-Headers = list[tuple[bytes, bytes]]
-
-# RFC 9110 7.6.1: meaningful for one connection only, never forwarded. Headers named in
-# Connection are added per message.
-HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-)
-
-
-def connection_tokens(value: bytes) -> frozenset[bytes]:
-    return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
+_UNTOUCHABLE = HOP_BY_HOP | FRAMING
 
 
 @dataclass(frozen=True)
@@ -34,10 +28,14 @@ class Modifier:
     def of(cls, ops: table.HeaderOps | None) -> Modifier | None:
         if ops is None:
             return None
+
+        def allowed(name: str) -> bool:
+            return name.lower().encode() not in _UNTOUCHABLE
+
         return cls(
-            set=tuple((h.name.encode(), h.value.encode()) for h in ops.set),
-            add=tuple((h.name.encode(), h.value.encode()) for h in ops.add),
-            remove=frozenset(name.lower().encode() for name in ops.remove),
+            set=tuple((h.name.encode(), h.value.encode()) for h in ops.set if allowed(h.name)),
+            add=tuple((h.name.encode(), h.value.encode()) for h in ops.add if allowed(h.name)),
+            remove=frozenset(name.lower().encode() for name in ops.remove if allowed(name)),
         )
 
     def apply(self, headers: Headers) -> Headers:
@@ -47,10 +45,3 @@ class Modifier:
         out.extend(self.set)
         out.extend(self.add)
         return out
-
-
-def serialize(headers: Headers) -> bytes:
-    parts: list[bytes] = []
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    return b"".join(parts)

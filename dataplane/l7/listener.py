@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,8 @@ from ..health import EndpointState
 from ..serving import Serving
 from .client import ClientConnection
 from .config import BUCKETS, L7Config, Memory, build_config
-from .tls import Contexts, server_context
+from .reader import Limits
+from .tls import Certificates, server_context
 from .upstream import Pool
 
 if TYPE_CHECKING:
@@ -39,13 +41,19 @@ class ServingL7(Serving[ClientConnection]):
         self.settings = dataplane.settings
         self.health = dataplane.health
         self.memory = Memory()
-        self.pool = Pool()
+        settings = self.settings
+        self.limits = Limits(head_bytes=settings.max_header_bytes, fields=settings.max_headers)
+        self.pool = Pool(self.limits)
+        # How often an exchange in progress is checked (idle, trailers, slow reader, body rate).
+        self.tick = max(0.05, min(settings.idle_timeout, settings.header_timeout) / 4)
         self.tls = listener.l7 is not None and listener.l7.tls is not None
         self.scheme = "https" if self.tls else "http"
         self.scheme_bytes = self.scheme.encode()
         self.requests = 0
         self.rejected = 0
-        self.header_timeouts = 0
+        self.timeouts: Counter[str] = Counter()  # header, idle, slow_reader, body_rate
+        self.pipeline_overflows = 0
+        self.bad_messages: Counter[str] = Counter()  # refused heads and bodies: client, backend
         self.tunnels = 0
         self.responses = [0] * 6
         self._connects: set[asyncio.Task[None]] = set()
@@ -64,17 +72,23 @@ class ServingL7(Serving[ClientConnection]):
             reuse_address=True,
             backlog=BACKLOG,
             ssl=context,
+            # A TLS client that never finishes its handshake is cut like a slow head.
+            ssl_handshake_timeout=self.settings.header_timeout if context is not None else None,
         )
         self._sweeper = loop.call_later(SWEEP_SECONDS, self._sweep)
 
     def _sweep(self) -> None:
         now = self.loop.time()
         for conn in [c for c in self.connections if c.deadline and c.deadline <= now]:
-            conn.deadline_passed()
+            conn.check(now)
         self.pool.expire(now)
         self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
-    def _contexts(self) -> Contexts | None:
+    @property
+    def header_timeouts(self) -> int:
+        return self.timeouts["header"]
+
+    def _contexts(self) -> Certificates | None:
         return self.config.tls
 
     def update(self, listener: table.Listener, tbl: table.Table) -> None:
@@ -116,13 +130,18 @@ class ServingL7(Serving[ClientConnection]):
     async def drain(self, grace: float) -> None:
         # Idle keep-alive connections close now; busy ones finish their exchange first.
         for conn in list(self.connections):
-            if conn.current is None and not conn.queue:
+            if conn.tunnel is not None:
+                conn.tunnel.close("drain")
+            elif conn.current is None and not conn.queue:
                 conn.close()
             else:
                 conn.closing = True
         await self.wait_idle(grace)
         for conn in list(self.connections):
-            conn.abort()
+            if conn.tunnel is not None:
+                conn.tunnel.abort("drain-timeout")
+            else:
+                conn.abort()
         for task in list(self._connects):
             task.cancel()
         self.pool.close()
@@ -172,12 +191,34 @@ class ServingL7(Serving[ClientConnection]):
             "Connections refused over the connection limit.",
             labels=port_labels,
         )
+        deadlines = CounterMetricFamily(
+            "bilayer_l7_timeouts",
+            "Exchanges and connections cut by a deadline, by kind (header: a head or trailers "
+            "too slow; idle: no byte moved; slow_reader: a client not reading its response; "
+            "body_rate: a request body under the minimum rate).",
+            labels=[*port_labels, "kind"],
+        )
+        bad = CounterMetricFamily(
+            "bilayer_l7_bad_messages",
+            "Messages refused as malformed or over a limit, by who sent them (client, backend).",
+            labels=[*port_labels, "peer"],
+        )
+        overflows = CounterMetricFamily(
+            "bilayer_l7_pipeline_overflows",
+            "Connections closed for pipelining more requests than are queued.",
+            labels=port_labels,
+        )
         for listener in listeners:
             port = str(listener.port)
             connections.add_metric([port], len(listener.connections))
             timeouts.add_metric([port], listener.header_timeouts)
             tunnels.add_metric([port], listener.tunnels)
             rejected.add_metric([port], listener.rejected)
+            overflows.add_metric([port], listener.pipeline_overflows)
+            for kind in ("header", "idle", "slow_reader", "body_rate"):
+                deadlines.add_metric([port, kind], listener.timeouts[kind])
+            for peer in ("client", "backend"):
+                bad.add_metric([port, peer], listener.bad_messages[peer])
             for code in range(1, 6):
                 responses.add_metric([port, f"{code}xx"], listener.responses[code])
             for (route, index), stats in sorted(listener.memory.rules.items()):
@@ -197,6 +238,7 @@ class ServingL7(Serving[ClientConnection]):
                 cluster_retries.add_metric([port, name], cstats.retries)
         yield from (connections, responses, by_route, latency, retries, limited)
         yield from (cluster_requests, cluster_failures, cluster_retries, timeouts, tunnels, rejected)
+        yield from (deadlines, bad, overflows)
 
 
 async def open_l7(dataplane: Dataplane, port: int, listener: table.Listener, tbl: table.Table) -> ServingL7:

@@ -53,34 +53,63 @@ def build_contexts(tls: table.TLS) -> Contexts:
     return [(cert.hostnames, context_for(cert)) for cert in tls.certificates]
 
 
-def choose(contexts: Contexts, server_name: str | None) -> ssl.SSLContext:
-    """Exact hostname, then the longest matching wildcard, then the first certificate."""
-    if server_name:
-        name = normalize_host(server_name)
-        best: tuple[int, ssl.SSLContext] | None = None
+class Certificates:
+    """The certificates of a TLS port, indexed by hostname: which one a server name gets
+    (SNI), and whether a request's Host belongs to another one (421)."""
+
+    __slots__ = ("default", "exact", "source", "wildcard")
+
+    def __init__(self, contexts: Contexts) -> None:
+        self.source = contexts
+        self.default = contexts[0][1]
+        self.exact: dict[str, ssl.SSLContext] = {}
+        self.wildcard: dict[str, ssl.SSLContext] = {}  # ".example.com" for *.example.com
         for hostnames, context in contexts:
             for hostname in hostnames:
-                if hostname == name:
-                    return context
-                wildcard = hostname.startswith("*.") and name.endswith(hostname[1:])
-                if wildcard and (best is None or len(hostname) > best[0]):
-                    best = (len(hostname), context)
-        if best is not None:
-            return best[1]
-    return contexts[0][1]
+                if hostname.startswith("*."):
+                    self.wildcard.setdefault(hostname[1:], context)
+                else:
+                    self.exact.setdefault(hostname, context)
+
+    def covering(self, name: str) -> ssl.SSLContext | None:
+        """The certificate for name (normalized): exact, else the longest wildcard."""
+        found = self.exact.get(name)
+        if found is not None:
+            return found
+        dot = name.find(".")
+        while dot != -1:
+            found = self.wildcard.get(name[dot:])
+            if found is not None:
+                return found
+            dot = name.find(".", dot + 1)
+        return None
+
+    def for_server_name(self, server_name: str | None) -> ssl.SSLContext:
+        if server_name:
+            return self.covering(server_name) or self.default
+        return self.default
+
+    def misdirected(self, server_name: str, host: str) -> bool:
+        """The Host belongs to another certificate than the one this connection's SNI
+        chose: such a request must go on a connection of its own (RFC 9110 15.5.20)."""
+        for_host = self.covering(host)
+        return for_host is not None and for_host is not self.for_server_name(server_name)
 
 
-def server_context(current: Callable[[], Contexts | None]) -> ssl.SSLContext:
+def server_context(current: Callable[[], Certificates | None]) -> ssl.SSLContext:
     """The listener's context: each handshake switches to the certificate that SNI picks
-    among the *current* contexts, so certificate changes apply without a restart."""
+    among the *current* certificates, so certificate changes apply without a restart.
+    The server name is kept on the SSL object for the connection (421 checks)."""
     base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     base.minimum_version = ssl.TLSVersion.TLSv1_2
     base.set_ciphers(CIPHERS)
 
     def pick(sock: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
-        contexts = current()
-        if contexts:
-            sock.context = choose(contexts, server_name)
+        certificates = current()
+        name = normalize_host(server_name) if server_name else None
+        sock.bilayer_sni = name  # type: ignore[attr-defined]
+        if certificates is not None:
+            sock.context = certificates.for_server_name(name)
 
     base.sni_callback = pick
     return base

@@ -1,8 +1,11 @@
 """Connections to backend endpoints, kept alive in a pool per endpoint.
 
-An upstream serves one exchange at a time. Its response parser reports to that exchange;
-once the response is complete (and the request was sent whole) the connection goes back
-to the pool, where it waits at most IDLE_SECONDS.
+An upstream serves one exchange at a time: it writes the request the exchange gives it and
+reports the response (parsed and bounded by a ResponseReader) back to that exchange. A
+connection goes back to the pool only when the exchange says it may (the request was sent
+whole, nobody asked to close) and its response ended exactly at the end of the bytes read:
+bytes past a response's end, a parse error, or an unfinished response close it instead, so a
+backend that frames one response wrongly can never answer another client's request.
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
-import httptools
-
 from ..health import EndpointState
+from .flow import Flow
+from .framing import BadMessage, ResponseHead
+from .reader import Limits, ResponseReader
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -27,105 +31,134 @@ class Upstream(asyncio.Protocol):
     __slots__ = (
         "endpoint",
         "exchange",
+        "feeding",
+        "flow",
         "idle_since",
-        "keep_alive",
-        "parser",
         "pool",
-        "response_headers",
+        "reader",
+        "release",
         "reused",
         "transport",
-        "tunnel",
     )
 
     def __init__(self, endpoint: EndpointState, pool: Pool) -> None:
         self.endpoint = endpoint
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        self.flow = Flow()  # reading responses pauses while the client's socket is full
         self.exchange: Exchange | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.reader = ResponseReader(self, pool.limits)
         self.idle_since = 0.0  # when it went back to the pool
-        self.keep_alive = True
         self.reused = False
-        self.response_headers: list[tuple[bytes, bytes]] = []  # the exchange's list, shared
-        self.tunnel: asyncio.Transport | None = None
+        self.feeding = False
+        self.release: bool | None = None  # set when the exchange let go: may it be pooled?
 
-    # asyncio.Protocol
+    # --- what an exchange calls ---
+
+    def send_head(self, data: bytes, method: str, upgrade: bytes) -> None:
+        """Write a request head (and whatever body is ready); responses are parsed as answers to it."""
+        self.reader.expect(method, upgrade)
+        self.send(data)
+
+    def send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def done(self, *, reusable: bool) -> None:
+        """The exchange is finished with this connection. Pooled only if reusable and the
+        response ended cleanly: decided once the current read is parsed."""
+        self.exchange = None
+        self.release = reusable
+        self.flow.reset()
+        if not self.feeding:
+            self._settle()
+
+    def discard(self) -> None:
+        """Never reuse: the exchange gave up on it (timeout, retry, client gone)."""
+        self.exchange = None
+        self.release = None
+        self.abort()
+
+    # --- asyncio.Protocol ---
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = self.flow.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.write(data)
-            return
         exchange = self.exchange
         if exchange is None:
-            # Bytes on an idle connection: the server broke the protocol. Drop it.
-            self.close()
+            # Bytes on an idle connection: the backend broke the protocol. Drop it.
+            self.abort()
             return
         # Everything this read produces for the client (head, body, chunk framing) leaves
         # in one write: each write is a system call.
-        client = exchange.conn
-        client.hold_writes()
+        exchange.hold()
+        self.feeding = True
         try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            exchange.upstream_upgraded(data[upgrade.args[0] :])
-        except httptools.HttpParserError as err:
-            exchange.upstream_failed("bad-response", str(err))
+            rest = self.reader.feed(data)
+        except BadMessage as bad:
+            self.feeding = False
+            if self.exchange is not None:
+                self.exchange.upstream_failed(bad)
+            self.abort()
+            return
         finally:
-            client.flush_writes()
+            self.feeding = False
+            exchange.flush()
+        if rest is not None:
+            if self.exchange is not None:
+                self.exchange.upstream_upgraded(rest)
+            else:
+                self.abort()
+            return
+        self.reader.after_feed()
+        if self.release is not None:
+            self._settle()
+
+    def _settle(self) -> None:
+        release, self.release = self.release, None
+        reader = self.reader
+        if release and reader.ended and not reader.dirty and not reader.in_message:
+            self.pool.give(self)
+        else:
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.keep_alive = False
         self.pool.forget(self)
-        if self.tunnel is not None:
-            self.tunnel.close()
-        elif self.exchange is not None:
-            self.exchange.upstream_lost(exc)
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.upstream_lost(exc)
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.conn.pause("upstream-backpressure")
-        elif self.tunnel is not None:
-            pass
+            self.exchange.backend_full(True)
 
     def resume_writing(self) -> None:
         if self.exchange is not None:
-            self.exchange.conn.resume("upstream-backpressure")
+            self.exchange.backend_full(False)
 
-    # httptools callbacks, forwarded to the exchange
+    # --- ResponseSink: the reader's events, for the current exchange ---
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.response_headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
+    def response_head(self, head: ResponseHead) -> None:
         if self.exchange is not None:
-            parser = self.parser
-            self.keep_alive = self.keep_alive and parser.should_keep_alive()
-            self.exchange.response_headers_complete(parser.get_status_code(), parser.get_http_version())
+            self.exchange.response_head(head)
 
-    def on_body(self, body: bytes) -> None:
+    def response_body(self, data: bytes) -> None:
         if self.exchange is not None:
-            self.exchange.response_body(body)
+            self.exchange.response_body(data)
 
-    def on_message_complete(self) -> None:
+    def response_end(self) -> None:
         if self.exchange is not None:
-            self.exchange.response_complete()
+            self.exchange.response_end()
 
-    # Life cycle
-
-    def reset_parser(self) -> None:
-        """A fresh parser: after a HEAD response, whose headers announce a body that never comes."""
-        self.parser = httptools.HttpResponseParser(self)
+    # --- life cycle ---
 
     def close(self) -> None:
-        self.keep_alive = False
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
     def abort(self) -> None:
-        self.keep_alive = False
         if self.transport is not None:
             self.transport.abort()
 
@@ -133,11 +166,14 @@ class Upstream(asyncio.Protocol):
 class Pool:
     """Idle upstream connections by endpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
         self.idle: dict[EndpointState, list[Upstream]] = {}
         self.connects = 0
 
     def take(self, endpoint: EndpointState) -> Upstream | None:
+        """The most recently used idle connection to endpoint (the least likely to have
+        been closed by the backend's own keep-alive timeout)."""
         idle = self.idle.get(endpoint)
         while idle:
             upstream = idle.pop()
@@ -146,18 +182,16 @@ class Pool:
                 return upstream
         return None
 
-    def give(self, upstream: Upstream, now: float) -> None:
-        upstream.exchange = None
+    def give(self, upstream: Upstream) -> None:
         transport = upstream.transport
-        if not upstream.keep_alive or transport is None or transport.is_closing():
-            upstream.close()
+        if transport is None or transport.is_closing():
             return
         idle = self.idle.setdefault(upstream.endpoint, [])
         if len(idle) >= MAX_IDLE_PER_ENDPOINT:
             upstream.close()
             return
         idle.append(upstream)
-        upstream.idle_since = now
+        upstream.idle_since = asyncio.get_running_loop().time()
 
     def expire(self, now: float) -> None:
         """Close connections idle longer than IDLE_SECONDS (oldest first in each list)."""

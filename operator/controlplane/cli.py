@@ -128,6 +128,10 @@ def _settings(args: argparse.Namespace) -> Any:
         max_body_size=args.max_body_size,
         header_timeout=args.header_timeout,
         keepalive_timeout=args.keepalive_timeout,
+        idle_timeout=args.idle_timeout,
+        min_body_rate=args.min_body_rate,
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
         connect_timeout=args.connect_timeout,
         via=args.via,
     )
@@ -227,13 +231,42 @@ def _add_serving_options(p: argparse.ArgumentParser, address: str, admin_address
         "--header-timeout",
         type=float,
         default=10.0,
-        help="seconds from a request's first byte to its last header; 408 after (default 10)",
+        help="seconds for a request's head (first byte to last header), its trailers and a TLS "
+        "handshake; 408 after (default 10)",
     )
     p.add_argument(
         "--keepalive-timeout",
         type=float,
         default=60.0,
         help="seconds an idle client connection stays open between requests (default 60)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="seconds without a byte either way before an HTTP exchange is ended (504 while waiting "
+        "for the backend) or a WebSocket tunnel is closed; also how long a client that stops "
+        "reading its response is waited for (default 60)",
+    )
+    p.add_argument(
+        "--min-body-rate",
+        type=int,
+        default=240,
+        help="bytes per second a request body must keep up after its first 5 seconds, 408 below "
+        "it (slow-body attacks; 0: no minimum; default 240)",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=60 * 1024,
+        help="largest request or response head, and trailer section, in bytes: 431 for a "
+        "client's, 502 for a backend's (default 61440)",
+    )
+    p.add_argument(
+        "--max-headers",
+        type=int,
+        default=100,
+        help="most header fields in a request or response head (default 100)",
     )
     p.add_argument(
         "--connect-timeout",

@@ -278,10 +278,8 @@ def _rule(
         responseHeaders=_header_ops(by_type.get("ResponseHeaderModifier"), "responseHeaderModifier"),
         rewrite=_rewrite(by_type.get("URLRewrite")),
         redirect=_redirect(by_type.get("RequestRedirect")),
-        requestTimeout=parse_duration(timeouts.request) if timeouts and timeouts.request else None,
-        backendRequestTimeout=(
-            parse_duration(timeouts.backendRequest) if timeouts and timeouts.backendRequest else None
-        ),
+        requestTimeout=_timeout(timeouts.request if timeouts else None),
+        backendRequestTimeout=_timeout(timeouts.backendRequest if timeouts else None),
         retry=None
         if rule.retry is None
         else table.Retry.build(
@@ -345,3 +343,9 @@ def _redirect(f: Filter | None) -> table.Redirect | None:
         path=_path(r.path),
         statusCode=r.statusCode,
     )
+
+
+def _timeout(duration: str | None) -> float | None:
+    """A rule timeout in seconds; None when unset or 0s (the Gateway API: 0s disables it)."""
+    seconds = parse_duration(duration) if duration else 0.0
+    return seconds or None

@@ -73,7 +73,9 @@ class HeaderMatch(Model):
     """Match one request header (names compare case-insensitively)."""
 
     name: HeaderName = Field(description="Header name.")
-    value: str = Field(max_length=4096, description="Value, or pattern for RegularExpression (full match, RE2 syntax).")
+    value: str = Field(
+        max_length=4096, description="Value, or pattern for RegularExpression (full match, RE2 syntax)."
+    )
     type: Literal["Exact", "RegularExpression"] = Field(
         default="Exact", description="Exact or RegularExpression."
     )
@@ -120,12 +122,45 @@ class HeaderValue(Model):
     value: str = Field(max_length=4096, description="Header value.")
 
 
+# Written by the proxy from its own parse or meaningful for one hop only: a modifier that
+# touched them could change how the next hop splits messages.
+PROXY_MANAGED_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "host",
+    }
+)
+
+
 class HeaderModifier(Model):
     """Set, add or remove headers."""
 
     set: list[HeaderValue] = Field(default_factory=list, max_length=16, description="Replace these headers.")
     add: list[HeaderValue] = Field(default_factory=list, max_length=16, description="Append these headers.")
     remove: list[HeaderName] = Field(default_factory=list, max_length=16, description="Remove these headers.")
+
+    @model_validator(mode="after")
+    def _not_proxy_managed(self) -> HeaderModifier:
+        for op, names in (
+            ("set", [h.name for h in self.set]),
+            ("add", [h.name for h in self.add]),
+            ("remove", self.remove),
+        ):
+            for index, name in enumerate(names):
+                if name.lower() in PROXY_MANAGED_HEADERS:
+                    hint = "; change the host with a URLRewrite filter" if name.lower() == "host" else ""
+                    raise ValueError(
+                        f"{op}[{index}]: header {name} is written by the proxy (framing or hop-by-hop) "
+                        f"and cannot be modified{hint}"
+                    )
+        return self
 
 
 class PathModifier(Model):
@@ -213,12 +248,14 @@ class Filter(Model):
 
 
 class RouteTimeouts(Model):
-    """Request timeouts; a timed-out request gets 504."""
+    """Request timeouts; a timed-out request gets 504. 0s disables a timeout."""
 
     request: Duration | None = Field(
-        default=None, description="Limit on the whole exchange, retries included."
+        default=None, description="Limit on the whole exchange, retries included; 0s: none."
     )
-    backendRequest: Duration | None = Field(default=None, description="Limit on each attempt to a backend.")
+    backendRequest: Duration | None = Field(
+        default=None, description="Limit on each attempt to a backend; 0s: none."
+    )
 
 
 class Retry(Model):
@@ -296,12 +333,9 @@ class RouteRule(Model):
         if replaces_prefix and any(m.path.type != "PathPrefix" for m in self.matches):
             raise ValueError("ReplacePrefixMatch needs every match of the rule to be a PathPrefix match")
         timeouts = self.timeouts
-        if (
-            timeouts
-            and timeouts.request
-            and timeouts.backendRequest
-            and parse_duration(timeouts.backendRequest) > parse_duration(timeouts.request)
-        ):
+        request = parse_duration(timeouts.request) if timeouts and timeouts.request else 0.0
+        backend = parse_duration(timeouts.backendRequest) if timeouts and timeouts.backendRequest else 0.0
+        if request and backend > request:  # 0s disables a timeout: nothing to compare with
             raise ValueError("timeouts.backendRequest must not exceed timeouts.request")
         return self
 

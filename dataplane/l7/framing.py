@@ -1,0 +1,343 @@
+"""HTTP/1.1 heads and framing: what a parsed message means, and the framing the proxy emits.
+
+The proxy never forwards framing it was sent. llhttp splits the bytes into messages
+(reader.py); this module validates each head into a RequestHead or ResponseHead whose body
+is described by that parse (a length, chunked, or up to the close), and the heads the proxy
+writes carry framing built from that description alone. So nothing a peer sends (a
+Connection header naming Content-Length, a Transfer_Encoding spelled with an underscore, a
+length with leading zeros, an absolute-form target) can change how the next hop splits the
+byte stream into messages: the class of bug behind request smuggling.
+
+Everything here is pure: bytes and numbers in, a head or a BadMessage out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .paths import BadPath, normalize, split_target
+
+Headers = list[tuple[bytes, bytes]]
+
+# Body framing, as the parse saw it. A length >= 0 is a Content-Length.
+CHUNKED = -1
+UNTIL_CLOSE = -2  # responses only: the body ends when the backend closes
+NO_BODY = -3  # no framing header: no body (requests), or a response that cannot have one
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
+# Headers the proxy writes itself from its own parse or knowledge; a peer's copies are dropped
+# and a Connection header can never nominate them.
+FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
+FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+PROTECTED = HOP_BY_HOP | FRAMING | FORWARDING
+RESPONSE_FRAMING = HOP_BY_HOP | {b"content-length"}
+# A name that differs from a protected one only by '_' for '-' is refused: CGI-style
+# backends read both as the same variable (Transfer_Encoding as Transfer-Encoding).
+_UNDERSCORED = frozenset(name.replace(b"-", b"_") for name in PROTECTED if b"-" in name)
+
+UPGRADES = frozenset({b"websocket"})  # what a request may upgrade to; h2c is refused (RFC 9113)
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+# reg-name, IPv4 or an IP literal, then an optional port (RFC 3986 3.2.2): no userinfo,
+# no path, no whitespace.
+_HOST = re.compile(rb"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?)?")
+
+# Field kinds looked at while validating a head (one dict lookup per field).
+_HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP = range(7)
+_KINDS = {
+    b"host": _HOST_FIELD,
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _TE,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
+    b"x-forwarded-for": _XFF,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"x-forwarded-proto": _DROP,
+    b"x-forwarded-host": _DROP,
+}
+
+
+class BadMessage(Exception):
+    """A message the proxy refuses; status is what the client gets (502 for a backend's)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A validated request head: where it goes, what to forward, how its body is framed."""
+
+    method: str
+    version: str  # "1.0" or "1.1"
+    host: bytes  # as sent (validated), or the authority of an absolute-form target
+    path: str  # normalized: dot segments removed, unreserved escapes decoded
+    query: str
+    encoded_slash: bool
+    headers: Headers  # end-to-end fields to forward, in order
+    forwarded_for: bytes  # the client's X-Forwarded-For values, joined
+    body: int  # a length >= 0, CHUNKED or NO_BODY
+    keep_alive: bool
+    upgrade: bytes  # b"websocket", or b"" for none
+    reparse: bool  # llhttp switched to upgrade mode but the proxy refused it: parse on
+
+    @property
+    def has_body(self) -> bool:
+        return self.body > 0 or self.body == CHUNKED
+
+    @property
+    def idempotent(self) -> bool:
+        return self.method in IDEMPOTENT
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """A validated response head from a backend."""
+
+    status: int
+    headers: Headers  # end-to-end fields to forward
+    body: int  # a length >= 0, CHUNKED, UNTIL_CLOSE or NO_BODY
+    length: int  # the Content-Length to announce when body is NO_BODY (HEAD, 304), or -1
+    keep_alive: bool  # the backend connection may carry another request after this one
+
+
+def _connection_tokens(value: bytes) -> list[bytes]:
+    return [token.strip().lower() for token in value.split(b",") if token.strip()]
+
+
+def _length(value: bytes, current: int, status: int) -> int:
+    """A Content-Length value (llhttp checked it is digits and not repeated)."""
+    if not value.strip().isdigit():
+        raise BadMessage(status, "invalid Content-Length")
+    length = int(value)
+    if current >= 0 and current != length:
+        raise BadMessage(status, "conflicting Content-Length values")
+    return length
+
+
+def _drop_named(headers: Headers, named: set[bytes]) -> Headers:
+    """Remove the fields a Connection header nominates, except the protected ones."""
+    named -= PROTECTED
+    named -= {b"close", b"keep-alive", b"upgrade"}
+    if not named:
+        return headers
+    return [(n, v) for n, v in headers if n.lower() not in named]
+
+
+def _target(url: bytes) -> tuple[bytes | None, str, str]:
+    """(authority of an absolute-form target or None, raw path, query)."""
+    if url[:1] == b"/":
+        path, query = split_target(url.decode("latin-1"))
+        return None, path, query
+    lowered = url[:8].lower()
+    if lowered.startswith((b"http://", b"https://")):
+        rest = url[url.index(b"//") + 2 :]
+        end = len(rest)
+        for stop in (b"/", b"?", b"#"):
+            found = rest.find(stop)
+            if found != -1 and found < end:
+                end = found
+        authority, rest = rest[:end], rest[end:]
+        if b"@" in authority:
+            raise BadMessage(400, "the request target has user information, which is not allowed")
+        if not authority or _HOST.fullmatch(authority) is None:
+            raise BadMessage(400, "the request target's authority is not a valid host")
+        if not rest.startswith(b"/"):
+            rest = b"/" + rest
+        path, query = split_target(rest.decode("latin-1"))
+        return authority, path, query
+    if url == b"*":
+        raise BadMessage(400, "asterisk-form request targets (OPTIONS *) are not routed")
+    raise BadMessage(400, "the request target must be a path starting with '/' or an absolute URL")
+
+
+def request_head(
+    method: bytes, version: str, url: bytes, fields: Headers, *, keep_alive: bool, upgrading: bool
+) -> RequestHead:
+    """Validate what llhttp parsed; raises BadMessage with the status to answer.
+
+    upgrading: llhttp switched to upgrade mode after this head (Connection: upgrade with an
+    Upgrade field, or CONNECT), so the bytes after it were not parsed as HTTP.
+    """
+    if version not in ("1.1", "1.0"):
+        if version.startswith("0"):
+            raise BadMessage(400, "HTTP/0.9 requests are not supported")
+        raise BadMessage(505, f"HTTP/{version} is not supported on this connection; use HTTP/1.1")
+    name = method.decode("ascii", "replace")
+    if name == "CONNECT":
+        raise BadMessage(405, "CONNECT is not supported: this is a reverse proxy")
+    hosts: list[bytes] = []
+    body = NO_BODY
+    chunked = False
+    connection: list[bytes] = []
+    upgrade = b""
+    forwarded_for = b""
+    headers: Headers = []
+    kinds = _KINDS
+    for field, value in fields:
+        lower = field.lower()
+        kind = kinds.get(lower)
+        if kind is None:
+            if b"_" in lower and lower in _UNDERSCORED:
+                raise BadMessage(
+                    400, f"header {field.decode('latin-1')} is refused: spell it with '-' instead of '_'"
+                )
+            headers.append((field, value))
+        elif kind == _HOST_FIELD:
+            hosts.append(value)
+        elif kind == _LENGTH:
+            body = _length(value, body, 400)
+        elif kind == _TE:
+            if value.strip().lower() != b"chunked":
+                raise BadMessage(501, "only the chunked transfer coding is supported")
+            chunked = True
+        elif kind == _CONNECTION:
+            connection += _connection_tokens(value)
+        elif kind == _UPGRADE:
+            upgrade = value.split(b",", 1)[0].strip().lower()
+        elif kind == _XFF:
+            forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+    if chunked:
+        if version == "1.0":
+            raise BadMessage(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
+        body = CHUNKED
+    if len(hosts) > 1:
+        raise BadMessage(400, "more than one Host header")
+    host = hosts[0] if hosts else b""
+    if not hosts and version == "1.1":
+        raise BadMessage(400, "the Host header is missing")
+    if host and _HOST.fullmatch(host) is None:
+        raise BadMessage(400, "the Host header is not a valid host[:port]")
+    authority, raw_path, query = _target(url)
+    if authority is not None:
+        host = authority  # RFC 9112 3.2.2: the target's authority replaces Host
+    if "\\" in raw_path:
+        raise BadMessage(400, "the request path has a backslash")
+    try:
+        path, encoded_slash = normalize(raw_path)
+    except BadPath as err:
+        raise BadMessage(400, str(err)) from None
+    if connection:
+        named = set(connection)
+        headers = _drop_named(headers, named)
+        wants_upgrade = b"upgrade" in named and bool(upgrade)
+    else:
+        wants_upgrade = False
+    reparse = False
+    if upgrading or wants_upgrade:
+        has_body = body > 0 or body == CHUNKED
+        if upgrade in UPGRADES and name == "GET" and not has_body:
+            pass
+        elif has_body and upgrading:
+            # llhttp handed the body over as tunnel bytes: it cannot be forwarded as a body.
+            raise BadMessage(400, "an Upgrade request must not have a body")
+        else:
+            upgrade, reparse = b"", upgrading  # refused: forwarded as a plain request
+    else:
+        upgrade = b""
+    return RequestHead(
+        method=name,
+        version=version,
+        host=host,
+        path=path,
+        query=query,
+        encoded_slash=encoded_slash,
+        headers=headers,
+        forwarded_for=forwarded_for,
+        body=body,
+        keep_alive=keep_alive,
+        upgrade=upgrade,
+        reparse=reparse,
+    )
+
+
+def response_head(
+    status: int, version: str, fields: Headers, *, keep_alive: bool, method: str, upgrade: bytes
+) -> ResponseHead:
+    """Validate a backend's response head to a request (method, upgrade asked for)."""
+    if version not in ("1.1", "1.0"):
+        raise BadMessage(502, f"the backend answered with HTTP/{version}")
+    if status == 101 and not upgrade:
+        raise BadMessage(502, "the backend switched protocols without an upgrade request")
+    length = -1
+    chunked = False
+    close = False
+    named: set[bytes] = set()
+    headers: Headers = []
+    for field, value in fields:
+        lower = field.lower()
+        if lower not in RESPONSE_FRAMING:
+            if b"_" in lower and lower in _UNDERSCORED:
+                continue  # never forwarded: a client could read it as the framing field
+            headers.append((field, value))
+        elif lower == b"content-length":
+            length = _length(value, length, 502)
+        elif lower == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                raise BadMessage(502, "the backend used a transfer coding other than chunked")
+            chunked = True
+        elif lower == b"connection":
+            tokens = _connection_tokens(value)
+            close = close or b"close" in tokens
+            named.update(tokens)
+        elif lower == b"upgrade" and status == 101:
+            headers.append((field, value))
+    if named:
+        headers = _drop_named(headers, named)
+    if status < 200 or status in (204, 304) or method == "HEAD":
+        body = NO_BODY
+    elif chunked:
+        body = CHUNKED
+    elif length >= 0:
+        body = length
+    else:
+        body = UNTIL_CLOSE
+    announced = length if method == "HEAD" or status == 304 else -1
+    return ResponseHead(
+        status=status,
+        headers=headers,
+        body=body,
+        length=announced,
+        keep_alive=keep_alive and not close and body != UNTIL_CLOSE,
+    )
+
+
+def serialize(headers: Headers) -> bytes:
+    parts: list[bytes] = []
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    return b"".join(parts)
+
+
+def request_bytes(method: str, target: bytes, host: bytes, headers: Headers, body: int) -> bytes:
+    """The request head for a backend, with framing from the proxy's own parse."""
+    if body >= 0:
+        framing = b"content-length: %d\r\n" % body
+    elif body == CHUNKED:
+        framing = b"transfer-encoding: chunked\r\n"
+    else:
+        framing = b""
+    return b"%s %s HTTP/1.1\r\nhost: %s\r\n%s%s\r\n" % (
+        method.encode("ascii"),
+        target,
+        host,
+        serialize(headers),
+        framing,
+    )
+
+
+def chunk(data: bytes) -> bytes:
+    """data as one chunk of a chunked body (never empty: an empty chunk ends the body)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"

@@ -1,0 +1,281 @@
+"""Reading HTTP/1.1 from a peer: llhttp (httptools) splits the bytes into messages, and what
+a peer can make the proxy hold is bounded while it arrives.
+
+httptools hands a header over only once it is complete, growing it by concatenation until
+then; a limit checked in the callback comes too late (one 64 MB header cost seconds of CPU).
+So the bytes are counted as they are fed: from the end of one message to the end of the next
+head, and from each chunk-size line to the end of the trailers. While counting, no more than
+the remaining allowance is fed at once, so the parser never holds more than the limit.
+
+A request reader turns each head into a validated RequestHead (framing.py) for its sink, the
+client connection; a response reader does the same for the upstream connection, and knows
+whether a response ended exactly at the end of the bytes read (a connection with bytes past
+a response's end is never reused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import httptools
+
+from . import framing
+from .framing import BadMessage, RequestHead, ResponseHead
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one message's head and trailers (Envoy's defaults: 60 KiB, 100 fields)."""
+
+    head_bytes: int = 60 * 1024
+    fields: int = 100
+    url_bytes: int = 8 * 1024
+
+
+class RequestSink(Protocol):
+    def message_begin(self) -> None: ...
+
+    def request_head(self, head: RequestHead) -> None: ...
+
+    def request_body(self, data: bytes) -> None: ...
+
+    def request_end(self) -> None: ...
+
+
+class ResponseSink(Protocol):
+    def response_head(self, head: ResponseHead) -> None: ...
+
+    def response_body(self, data: bytes) -> None: ...
+
+    def response_end(self) -> None: ...
+
+
+class Reader:
+    """The bounded feeding shared by both directions."""
+
+    __slots__ = (
+        "counted",
+        "counting",
+        "fields",
+        "in_head",
+        "in_message",
+        "limits",
+        "malformed",
+        "nfields",
+        "parser",
+        "phase",
+        "too_large",
+    )
+
+    def __init__(self, limits: Limits, *, malformed: int, too_large: int) -> None:
+        self.limits = limits
+        self.malformed = malformed  # the status for a message llhttp cannot parse
+        self.too_large = too_large  # the status for a head or trailers over the limits
+        self.counting = True  # feeding a head or trailers: bytes count against the limit
+        self.counted = 0
+        self.phase = 0  # incremented whenever counting starts (a head, trailers)
+        self.in_message = False
+        self.in_head = False
+        self.fields: framing.Headers = []
+        self.nfields = 0
+        self.parser: httptools.HttpRequestParser | httptools.HttpResponseParser
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Parse data. Returns the bytes after a head that switched protocols (Upgrade,
+        101), else None; raises BadMessage when the peer broke HTTP or a limit."""
+        try:
+            room = self.limits.head_bytes - self.counted
+            if not self.counting or len(data) <= room:
+                if self.counting:
+                    self.counted += len(data)
+                self.parser.feed_data(data)
+                return None
+            return self._feed_bounded(memoryview(data))
+        except httptools.HttpParserUpgrade as upgrade:
+            return data[upgrade.args[0] :]
+        except httptools.HttpParserCallbackError as err:
+            cause = err.__context__ or err.__cause__
+            if isinstance(cause, BadMessage):
+                raise cause from None
+            raise
+        except httptools.HttpParserError as err:
+            raise BadMessage(self.malformed, f"malformed HTTP: {err}") from None
+
+    def _feed_bounded(self, view: memoryview) -> bytes | None:
+        while view:
+            if not self.counting:
+                self.parser.feed_data(view)
+                return None
+            room = self.limits.head_bytes - self.counted
+            if room <= 0:
+                raise BadMessage(self.too_large, self._too_large_message())
+            piece, view = view[:room], view[room:]
+            self.counted += len(piece)
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade as upgrade:
+                return bytes(piece[upgrade.args[0] :]) + bytes(view)
+        return None
+
+    def _too_large_message(self) -> str:
+        return "headers too large" if self.in_head or not self.in_message else "trailers too large"
+
+    def _start_counting(self) -> None:
+        self.counting = True
+        self.counted = 0
+        self.phase += 1
+
+    # httptools callbacks shared by both directions
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.nfields += 1
+        if self.nfields > self.limits.fields:
+            raise BadMessage(self.too_large, f"more than {self.limits.fields} header fields")
+        if self.in_head:
+            self.fields.append((name, value))
+        # else: a trailer after a chunked body, counted and dropped (never forwarded)
+
+    def on_chunk_header(self) -> None:
+        # A chunk-size line; if it was the last chunk, trailers follow and count.
+        self._start_counting()
+        self.nfields = 0
+
+
+class RequestReader(Reader):
+    """Requests from a client."""
+
+    __slots__ = ("sink", "url")
+
+    def __init__(self, sink: RequestSink, limits: Limits) -> None:
+        super().__init__(limits, malformed=400, too_large=431)
+        self.sink = sink
+        self.url = b""
+        self.parser = httptools.HttpRequestParser(self)
+
+    def restart(self) -> None:
+        """A fresh parser, after a head llhttp took for an upgrade the proxy refused."""
+        self.parser = httptools.HttpRequestParser(self)
+        self._start_counting()
+        self.in_message = self.in_head = False
+
+    def on_message_begin(self) -> None:
+        self.in_message = self.in_head = True
+        self.fields = []
+        self.nfields = 0
+        self.url = b""
+        self.sink.message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.url_bytes:
+            raise BadMessage(414, "request line too long")
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.counting = False
+        parser = self.parser
+        assert isinstance(parser, httptools.HttpRequestParser)
+        head = framing.request_head(
+            parser.get_method(),
+            parser.get_http_version(),
+            self.url,
+            self.fields,
+            keep_alive=parser.should_keep_alive(),
+            upgrading=parser.should_upgrade(),
+        )
+        self.fields = []
+        self.sink.request_head(head)
+
+    def on_body(self, body: bytes) -> None:
+        self.counting = False
+        self.sink.request_body(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        self._start_counting()
+        self.sink.request_end()
+
+
+class ResponseReader(Reader):
+    """Responses from a backend, to the request the upstream connection sent last."""
+
+    __slots__ = ("dirty", "ended", "interim", "method", "sink", "skip_body", "upgrade")
+
+    def __init__(self, sink: ResponseSink, limits: Limits) -> None:
+        super().__init__(limits, malformed=502, too_large=502)
+        self.sink = sink
+        self.parser = httptools.HttpResponseParser(self)
+        self.method = "GET"
+        self.upgrade = b""
+        self.ended = False  # the response to the current request has ended
+        self.dirty = False  # bytes came after its end: the connection cannot be reused
+        self.interim = False
+        self.skip_body = False  # a HEAD response: no body follows, whatever the head says
+
+    def expect(self, method: str, upgrade: bytes) -> None:
+        """A request was sent: what its response is parsed against."""
+        self.method = method
+        self.upgrade = upgrade
+        self.ended = False
+
+    def on_message_begin(self) -> None:
+        if self.ended:
+            self.dirty = True  # a second response with no request: never reuse this connection
+        self.in_message = self.in_head = True
+        self.fields = []
+        self.nfields = 0
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.counting = False
+        if self.ended:
+            return  # the head of an extra response (dirty): nobody asked for it
+        parser = self.parser
+        assert isinstance(parser, httptools.HttpResponseParser)
+        status = parser.get_status_code()
+        head = framing.response_head(
+            status,
+            parser.get_http_version(),
+            self.fields,
+            keep_alive=parser.should_keep_alive(),
+            method=self.method,
+            upgrade=self.upgrade,
+        )
+        self.fields = []
+        self.interim = status < 200 and status != 101
+        self.sink.response_head(head)
+        if self.method == "HEAD" and not self.interim and status != 101:
+            # llhttp does not know the request was HEAD and would wait for the body the
+            # head announces: the response ends here, and any byte that follows is extra.
+            self.skip_body = True
+            self._end()
+
+    def on_body(self, body: bytes) -> None:
+        self.counting = False
+        if self.skip_body or self.ended:
+            self.dirty = True
+            return
+        self.sink.response_body(body)
+
+    def on_message_complete(self) -> None:
+        self.in_message = False
+        self._start_counting()
+        if self.interim:
+            self.interim = False  # 100 Continue, 103: the real response follows
+        elif not self.skip_body:
+            self._end()
+
+    def _end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.sink.response_end()
+
+    def after_feed(self) -> None:
+        """Once a read is parsed: a HEAD response ended inside llhttp's view of a body."""
+        if self.skip_body:
+            self.skip_body = False
+            self.parser = httptools.HttpResponseParser(self)
+            self.in_message = False
+            self._start_counting()
