@@ -53,7 +53,6 @@ class ClientConnection(asyncio.Protocol):
         "deadline",
         "eof",
         "flow",
-        "held",
         "last",
         "linger_limit",
         "lingering",
@@ -76,6 +75,7 @@ class ClientConnection(asyncio.Protocol):
         "tunnel",
         "upgrading",
         "waiting",
+        "write_blocked",
         "write_paused_at",
     )
 
@@ -99,7 +99,6 @@ class ClientConnection(asyncio.Protocol):
         self.linger_limit = 0
         self.refusing = False  # the pipeline overflowed: later requests are dropped
         self.eof = False
-        self.held: list[bytes] | None = None  # writes collected while hold_writes is on
         self.started = 0.0
         # Deadlines: `deadline` is loop time; `waiting` says what for (see check()).
         self.deadline = 0.0
@@ -112,6 +111,7 @@ class ClientConnection(asyncio.Protocol):
         self.phase = -1
         self.phase_at = 0.0
         self.write_paused_at = 0.0
+        self.write_blocked = False  # the client's socket is full
         self.rate_from = 0.0
         self.rate_bytes = 0
 
@@ -146,7 +146,22 @@ class ClientConnection(asyncio.Protocol):
         if upgrading is not None:
             upgrading.tunnel_early += data  # reading is paused: at most one read
             return
-        self._feed(data)
+        waiting = self.waiting
+        if waiting == "idle":
+            # A request begins: its head must be whole within the header timeout.
+            self.began = self.listener.loop.time()
+            self.waiting = "head"
+            self.deadline = self.began + self.listener.settings.header_timeout
+        elif waiting == "new":  # the first request: the deadline set at accept stands
+            self.began = self.listener.loop.time()
+            self.waiting = "head"
+        try:
+            rest = self.reader.feed(data)
+        except BadMessage as bad:
+            self._protocol_error(bad.status, bad.message)
+            return
+        if rest is not None:
+            self._upgrade_parsed(rest)
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -177,25 +192,17 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The client reads slower than the backend sends: stop reading the backend.
         self.write_paused_at = self.listener.loop.time()
+        self.write_blocked = True
         if self.current is not None:
             self.current.client_full(True)
 
     def resume_writing(self) -> None:
         self.write_paused_at = 0.0
+        self.write_blocked = False
         if self.current is not None:
             self.current.client_full(False)
 
-    @property
-    def write_blocked(self) -> bool:
-        return self.write_paused_at != 0.0
-
     # --- RequestSink: the reader's events ---
-
-    def message_begin(self) -> None:
-        if self.current is None and not self.queue:
-            self.began = self.listener.loop.time()
-            self.waiting = "head"
-            self.deadline = self.began + self.listener.settings.header_timeout
 
     def request_head(self, head: RequestHead) -> None:
         if self.closing or self.refusing:
@@ -231,23 +238,10 @@ class ClientConnection(asyncio.Protocol):
     # --- writing ---
 
     def send(self, data: bytes) -> None:
-        if self.held is not None:
-            self.held.append(data)
-            return
         transport = self.transport
         if transport is not None and not transport.is_closing():
             self.sent += len(data)
             transport.write(data)
-
-    def hold_writes(self) -> None:
-        """Collect writes until flush_writes: one system call instead of several."""
-        if self.held is None:
-            self.held = []
-
-    def flush_writes(self) -> None:
-        held, self.held = self.held, None
-        if held:
-            self.send(held[0] if len(held) == 1 else b"".join(held))
 
     # --- flow control (Downstream) ---
 
@@ -255,7 +249,8 @@ class ClientConnection(asyncio.Protocol):
         self.flow.pause(reason)
 
     def resume(self, reason: str) -> None:
-        self.flow.resume(reason)
+        if reason in self.flow.reasons:
+            self.flow.resume(reason)
 
     # --- exchanges ---
 
@@ -311,7 +306,8 @@ class ClientConnection(asyncio.Protocol):
         elif self.closing or self.eof:
             self.close()
         else:
-            self.flow.resume("pipeline")
+            if self.flow.reasons:
+                self.flow.resume("pipeline")
             self._wait("idle", self.listener.settings.keepalive_timeout)
 
     def _upgrade_parsed(self, rest: bytes) -> None:
@@ -450,7 +446,6 @@ class ClientConnection(asyncio.Protocol):
         answered early is read (and dropped) a while first, so it sees the answer rather
         than a reset; a client that does not read what is left is cut after the idle timeout."""
         self.closing = True
-        self.flush_writes()
         transport = self.transport
         if transport is None or transport.is_closing() or self.lingering:
             return
@@ -471,6 +466,5 @@ class ClientConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closing = True
-        self.held = None
         if self.transport is not None:
             self.transport.abort()

@@ -7,7 +7,8 @@ connections' protocols and `call_later` timers; a task exists only while a new u
 connection is being made.
 
 What the exchange uses of its client connection is `Downstream` below; of its backend
-connection, the Upstream methods send_head/send/done/discard. Framing, in both directions,
+connection, the Upstream methods attach/send/done/discard; the upstream's response reader
+reports to the exchange directly (it is a ResponseSink). Framing, in both directions,
 is written from the proxy's own parse (framing.py), never copied from a peer.
 
 Resends follow retry.may_resend: never once the client has seen a byte of the response,
@@ -31,7 +32,6 @@ from . import framing, responses
 from .config import Cluster, Rule, retry_after
 from .framing import CHUNKED, LAST_CHUNK, NO_BODY, UNTIL_CLOSE, BadMessage, RequestHead, ResponseHead
 from .retry import Failure, give_up_status, may_resend
-from .router import normalize_host
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -55,13 +55,7 @@ class Downstream(Protocol):
     def send(self, data: bytes) -> None:
         """Write to the client (collected while writes are held)."""
 
-    @property
-    def write_blocked(self) -> bool:
-        """The client's socket is full (its reader is slower than the backend)."""
-
-    def hold_writes(self) -> None: ...
-
-    def flush_writes(self) -> None: ...
+    write_blocked: bool  # the client's socket is full (its reader is slower than the backend)
 
     def pause(self, reason: str) -> None:
         """Stop reading the client's request bytes for this reason."""
@@ -83,6 +77,7 @@ class Exchange:
     __slots__ = (
         "_query_values",
         "attempt_timer",
+        "batch",
         "bytes_out",
         "close_after",
         "cluster",
@@ -97,6 +92,7 @@ class Exchange:
         "received",
         "request_done",
         "request_timer",
+        "request_whole",
         "resent",
         "resp_head",
         "resp_mode",
@@ -115,10 +111,12 @@ class Exchange:
         self.conn = conn
         self.head = head
         self.request_done = False
+        self.request_whole = not head.has_body  # the client has sent the whole request
         self.received = 0  # body bytes from the client
         self.pending: list[bytes] = []  # body bytes not yet written to the current upstream
         self.sent: list[bytes] | None = []  # body bytes written and kept for a resend; None: dropped
         self.tunnel_early = b""  # client bytes after an upgrade request, held until the 101
+        self.batch: list[bytes] | None = None  # response bytes of the current read
         self.rule: Rule | None = None
         self.entry_prefix = ""
         self.cluster: Cluster | None = None
@@ -158,7 +156,7 @@ class Exchange:
             self.conn.pause("waiting-upstream")
 
     def request_end(self) -> None:
-        self.request_done = True
+        self.request_done = self.request_whole = True
         if self.upstream is not None and self.head.body == CHUNKED:
             self.upstream.send(LAST_CHUNK)
 
@@ -169,11 +167,6 @@ class Exchange:
                 sent.append(data)
             else:
                 self.sent = None  # too big to keep: this request can no longer be resent
-
-    @property
-    def request_whole(self) -> bool:
-        """The client has sent the whole request (a request without a body is whole at once)."""
-        return self.request_done or not self.head.has_body
 
     # --- RequestView, for matching ---
 
@@ -197,7 +190,7 @@ class Exchange:
         head = self.head
         listener = self.listener
         config = listener.config
-        host = normalize_host(head.host.decode("latin-1"))
+        host = head.host_name
         sni = self.conn.sni
         if sni is not None and config.tls is not None and config.tls.misdirected(sni, host):
             self.local(421, "this connection's certificate does not cover the requested host")
@@ -255,11 +248,7 @@ class Exchange:
         assert redirect is not None
         listener = self.listener
         scheme = redirect.scheme or listener.scheme
-        host = (
-            normalize_host(self.head.host.decode("latin-1"))
-            if redirect.hostname is None
-            else redirect.hostname
-        )
+        host = self.head.host_name if redirect.hostname is None else redirect.hostname
         if redirect.port is not None:
             port = redirect.port
         elif redirect.scheme is not None:
@@ -293,7 +282,7 @@ class Exchange:
     def _attempt(self) -> None:
         cluster, rule = self.cluster, self.rule
         assert cluster is not None and rule is not None
-        key = self._hash_key(rule)
+        key = self._hash_key(rule) if rule.policy == "ConsistentHash" else b""
         balancer = cluster.balancer(rule.policy)
         endpoint = balancer.pick(key, time.monotonic(), frozenset(self.tried))
         if endpoint is None:
@@ -310,8 +299,6 @@ class Exchange:
         listener.connect(self, endpoint)
 
     def _hash_key(self, rule: Rule) -> bytes:
-        if rule.policy != "ConsistentHash":
-            return b""
         if rule.key_header is not None:
             return (self.header(rule.key_header.decode()) or "").encode()
         return self.conn.client_ip.encode()
@@ -339,7 +326,6 @@ class Exchange:
         self.endpoint = upstream.endpoint
         upstream.endpoint.active += 1
         upstream.endpoint.total += 1
-        upstream.exchange = self
         self.resp_head = None
         head = self.head
         data = self._request_head(rule)
@@ -355,7 +341,7 @@ class Exchange:
                     self.sent = None
         if self.request_done and head.body == CHUNKED:
             data += LAST_CHUNK
-        upstream.send_head(data, head.method, head.upgrade)
+        upstream.attach(self, data, head.method, head.upgrade)
         if self.conn.write_blocked:
             upstream.flow.pause("client-full")
         if rule.backend_request_timeout is not None:
@@ -470,10 +456,22 @@ class Exchange:
     # --- the response (upstream reader events) ---
 
     def hold(self) -> None:
-        self.conn.hold_writes()
+        """Collect what this read of the response produces (head, body, chunk framing)
+        until flush: one write, one system call, instead of several."""
+        self.batch = []
 
     def flush(self) -> None:
-        self.conn.flush_writes()
+        batch, self.batch = self.batch, None
+        if batch:
+            self.conn.send(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def _out(self, data: bytes) -> None:
+        """Write to the client, after what is batched."""
+        batch = self.batch
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.conn.send(data)
 
     def response_head(self, head: ResponseHead) -> None:
         status = head.status
@@ -482,7 +480,7 @@ class Exchange:
                 self.resp_head = head  # the tunnel starts when the reader hands over the rest
             elif self.head.version == "1.1":
                 # Interim (100 Continue, 103 Early Hints): pass it on, the real response follows.
-                self._send(
+                self._out(
                     b"HTTP/1.1 %d %s\r\n%s\r\n"
                     % (status, responses.reason(status), framing.serialize(head.headers))
                 )
@@ -528,22 +526,31 @@ class Exchange:
             framing_line += b"connection: keep-alive\r\n"
         self.resp_started = True
         self.status = head.status
-        self._send(
-            b"HTTP/1.1 %d %s\r\n%s%s\r\n"
-            % (head.status, responses.reason(head.status), framing.serialize(headers), framing_line)
-        )
+        line = responses.STATUS_LINES.get(head.status) or responses.status_line(head.status)
+        data = b"%s%s%s\r\n" % (line, framing.serialize(headers), framing_line)
+        batch = self.batch  # _out, inlined: this runs for every response
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.conn.send(data)
 
     def response_body(self, data: bytes) -> None:
         if not self.resp_started or self.done:
             return
         self.bytes_out += len(data)
-        self._send(framing.chunk(data) if self.resp_mode == _CHUNK else data)
+        if self.resp_mode == _CHUNK:
+            data = framing.chunk(data)
+        batch = self.batch  # _out, inlined: this runs for every read of a body
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.conn.send(data)
 
     def response_end(self) -> None:
         if not self.resp_started or self.done:
             return
         if self.resp_mode == _CHUNK:
-            self._send(LAST_CHUNK)
+            self._out(LAST_CHUNK)
         upstream = self.upstream
         if upstream is not None:
             self.upstream = None
@@ -567,8 +574,8 @@ class Exchange:
         self.resp_started = True
         self.status = 101
         headers = [*head.headers, (b"connection", b"upgrade")]
-        self._send(b"HTTP/1.1 101 Switching Protocols\r\n%s\r\n" % framing.serialize(headers))
-        self.conn.flush_writes()
+        self._out(b"HTTP/1.1 101 Switching Protocols\r\n%s\r\n" % framing.serialize(headers))
+        self.flush()  # before the sockets change hands
         self.upstream = None
         upstream.exchange = None
         self.listener.health.report_success(upstream.endpoint)
@@ -593,7 +600,7 @@ class Exchange:
                 self.upstream = None
                 upstream.endpoint.active -= 1
                 if self.resp_mode == _CHUNK:
-                    self._send(LAST_CHUNK)
+                    self._out(LAST_CHUNK)
                 self.finish()
                 return
             self._fail(502, "the backend closed the connection mid-response")  # cut, never truncated
@@ -625,9 +632,6 @@ class Exchange:
 
     # --- ending ---
 
-    def _send(self, data: bytes) -> None:
-        self.conn.send(data)
-
     def local(
         self,
         status: int,
@@ -648,7 +652,7 @@ class Exchange:
             status, message, close=self.close_after, headers=headers, head_only=self.head.method == "HEAD"
         )
         self.bytes_out += len(data)
-        self._send(data)
+        self._out(data)
         self.finish()
 
     def fail_request(self, status: int, message: str) -> None:
@@ -678,6 +682,8 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        if self.batch:
+            self.flush()  # before the connection may close or start the next exchange
         for timer in (self.request_timer, self.attempt_timer):
             if timer is not None:
                 timer.cancel()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .hostnames import normalize_host
 from .paths import BadPath, normalize, split_target
 
 Headers = list[tuple[bytes, bytes]]
@@ -38,6 +39,8 @@ RESPONSE_FRAMING = HOP_BY_HOP | {b"content-length"}
 # A name that differs from a protected one only by '_' for '-' is refused: CGI-style
 # backends read both as the same variable (Transfer_Encoding as Transfer-Encoding).
 _UNDERSCORED = frozenset(name.replace(b"-", b"_") for name in PROTECTED if b"-" in name)
+# (Tested as `lower in _UNDERSCORED`, never `b"_" in lower` first: `bytes in bytes` tries the
+# needle as an integer before searching, raising and clearing an exception each time.)
 
 UPGRADES = frozenset({b"websocket"})  # what a request may upgrade to; h2c is refused (RFC 9113)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -46,9 +49,16 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # no path, no whitespace.
 _HOST = re.compile(rb"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?)?")
 
-# Field kinds looked at while validating a head (one dict lookup per field).
-_HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP = range(7)
+# Hosts seen valid, and their names for routing: a dict lookup instead of the pattern and
+# the normalization for the hosts a listener serves over and over. Cleared when full, so a
+# client sending random hosts cannot grow it.
+_HOST_NAMES: dict[bytes, str] = {}
+_HOST_NAMES_KEPT = 4096
+
+# Field kinds looked at while validating a head: one dict lookup per field decides.
+_HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP, _UNDERSCORE = range(8)
 _KINDS = {
+    **dict.fromkeys(_UNDERSCORED, _UNDERSCORE),
     b"host": _HOST_FIELD,
     b"content-length": _LENGTH,
     b"transfer-encoding": _TE,
@@ -61,6 +71,14 @@ _KINDS = {
     b"trailer": _DROP,
     b"x-forwarded-proto": _DROP,
     b"x-forwarded-host": _DROP,
+}
+_RESPONSE_KINDS = {
+    **dict.fromkeys(_UNDERSCORED, _UNDERSCORE),
+    **dict.fromkeys(HOP_BY_HOP, _DROP),
+    b"content-length": _LENGTH,
+    b"transfer-encoding": _TE,
+    b"connection": _CONNECTION,
+    b"upgrade": _UPGRADE,
 }
 
 
@@ -80,6 +98,7 @@ class RequestHead:
     method: str
     version: str  # "1.0" or "1.1"
     host: bytes  # as sent (validated), or the authority of an absolute-form target
+    host_name: str  # host as routing compares it: lower case, no port, no trailing dot
     path: str  # normalized: dot segments removed, unreserved escapes decoded
     query: str
     encoded_slash: bool
@@ -89,10 +108,7 @@ class RequestHead:
     keep_alive: bool
     upgrade: bytes  # b"websocket", or b"" for none
     reparse: bool  # llhttp switched to upgrade mode but the proxy refused it: parse on
-
-    @property
-    def has_body(self) -> bool:
-        return self.body > 0 or self.body == CHUNKED
+    has_body: bool  # a length above 0, or chunked
 
     @property
     def idempotent(self) -> bool:
@@ -116,7 +132,7 @@ def _connection_tokens(value: bytes) -> list[bytes]:
 
 def _length(value: bytes, current: int, status: int) -> int:
     """A Content-Length value (llhttp checked it is digits and not repeated)."""
-    if not value.strip().isdigit():
+    if not value.isdigit() and not value.strip().isdigit():
         raise BadMessage(status, "invalid Content-Length")
     length = int(value)
     if current >= 0 and current != length:
@@ -134,10 +150,8 @@ def _drop_named(headers: Headers, named: set[bytes]) -> Headers:
 
 
 def _target(url: bytes) -> tuple[bytes | None, str, str]:
-    """(authority of an absolute-form target or None, raw path, query)."""
-    if url[:1] == b"/":
-        path, query = split_target(url.decode("latin-1"))
-        return None, path, query
+    """(authority of an absolute-form target or None, raw path, query) of a target that is
+    not in origin form."""
     lowered = url[:8].lower()
     if lowered.startswith((b"http://", b"https://")):
         rest = url[url.index(b"//") + 2 :]
@@ -187,15 +201,15 @@ def request_head(
         lower = field.lower()
         kind = kinds.get(lower)
         if kind is None:
-            if b"_" in lower and lower in _UNDERSCORED:
-                raise BadMessage(
-                    400, f"header {field.decode('latin-1')} is refused: spell it with '-' instead of '_'"
-                )
             headers.append((field, value))
         elif kind == _HOST_FIELD:
             hosts.append(value)
         elif kind == _LENGTH:
             body = _length(value, body, 400)
+        elif kind == _UNDERSCORE:
+            raise BadMessage(
+                400, f"header {field.decode('latin-1')} is refused: spell it with '-' instead of '_'"
+            )
         elif kind == _TE:
             if value.strip().lower() != b"chunked":
                 raise BadMessage(501, "only the chunked transfer coding is supported")
@@ -215,11 +229,14 @@ def request_head(
     host = hosts[0] if hosts else b""
     if not hosts and version == "1.1":
         raise BadMessage(400, "the Host header is missing")
-    if host and _HOST.fullmatch(host) is None:
+    if host and host not in _HOST_NAMES and _HOST.fullmatch(host) is None:
         raise BadMessage(400, "the Host header is not a valid host[:port]")
-    authority, raw_path, query = _target(url)
-    if authority is not None:
-        host = authority  # RFC 9112 3.2.2: the target's authority replaces Host
+    if url[:1] == b"/":  # origin form, nearly every request
+        raw_path, query = split_target(url.decode("latin-1"))
+    else:
+        authority, raw_path, query = _target(url)
+        if authority is not None:
+            host = authority  # RFC 9112 3.2.2: the target's authority replaces Host
     if "\\" in raw_path:
         raise BadMessage(400, "the request path has a backslash")
     try:
@@ -233,8 +250,8 @@ def request_head(
     else:
         wants_upgrade = False
     reparse = False
+    has_body = body > 0 or body == CHUNKED
     if upgrading or wants_upgrade:
-        has_body = body > 0 or body == CHUNKED
         if upgrade in UPGRADES and name == "GET" and not has_body:
             pass
         elif has_body and upgrading:
@@ -244,19 +261,28 @@ def request_head(
             upgrade, reparse = b"", upgrading  # refused: forwarded as a plain request
     else:
         upgrade = b""
+    host_name = _HOST_NAMES.get(host)
+    if host_name is None:
+        host_name = normalize_host(host.decode("latin-1"))
+        if len(_HOST_NAMES) >= _HOST_NAMES_KEPT:
+            _HOST_NAMES.clear()
+        _HOST_NAMES[host] = host_name
+    # Positional: keyword arguments cost a microsecond per request here.
     return RequestHead(
-        method=name,
-        version=version,
-        host=host,
-        path=path,
-        query=query,
-        encoded_slash=encoded_slash,
-        headers=headers,
-        forwarded_for=forwarded_for,
-        body=body,
-        keep_alive=keep_alive,
-        upgrade=upgrade,
-        reparse=reparse,
+        name,  # method
+        version,
+        host,
+        host_name,
+        path,
+        query,
+        encoded_slash,
+        headers,
+        forwarded_for,
+        body,
+        keep_alive,
+        upgrade,
+        reparse,
+        has_body,
     )
 
 
@@ -273,24 +299,30 @@ def response_head(
     close = False
     named: set[bytes] = set()
     headers: Headers = []
+    kinds = _RESPONSE_KINDS
     for field, value in fields:
         lower = field.lower()
-        if lower not in RESPONSE_FRAMING:
-            if b"_" in lower and lower in _UNDERSCORED:
-                continue  # never forwarded: a client could read it as the framing field
+        kind = kinds.get(lower)
+        if kind is None:
             headers.append((field, value))
-        elif lower == b"content-length":
+        elif kind == _LENGTH:
             length = _length(value, length, 502)
-        elif lower == b"transfer-encoding":
+        elif kind == _TE:
             if value.strip().lower() != b"chunked":
                 raise BadMessage(502, "the backend used a transfer coding other than chunked")
             chunked = True
-        elif lower == b"connection":
-            tokens = _connection_tokens(value)
-            close = close or b"close" in tokens
-            named.update(tokens)
-        elif lower == b"upgrade" and status == 101:
+        elif kind == _CONNECTION:
+            lowered = value.lower()
+            if lowered == b"close":
+                close = True
+            elif lowered != b"keep-alive":
+                tokens = _connection_tokens(value)
+                close = close or b"close" in tokens
+                named.update(tokens)
+        elif kind == _UPGRADE and status == 101:
             headers.append((field, value))
+        # else: hop-by-hop, or an underscore spelling of a framing field a client could take
+        # for the real one: never forwarded
     if named:
         headers = _drop_named(headers, named)
     if status < 200 or status in (204, 304) or method == "HEAD":
@@ -302,13 +334,7 @@ def response_head(
     else:
         body = UNTIL_CLOSE
     announced = length if method == "HEAD" or status == 304 else -1
-    return ResponseHead(
-        status=status,
-        headers=headers,
-        body=body,
-        length=announced,
-        keep_alive=keep_alive and not close and body != UNTIL_CLOSE,
-    )
+    return ResponseHead(status, headers, body, announced, keep_alive and not close and body != UNTIL_CLOSE)
 
 
 def serialize(headers: Headers) -> bytes:

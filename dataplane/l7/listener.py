@@ -43,7 +43,7 @@ class ServingL7(Serving[ClientConnection]):
         self.memory = Memory()
         settings = self.settings
         self.limits = Limits(head_bytes=settings.max_header_bytes, fields=settings.max_headers)
-        self.pool = Pool(self.limits)
+        self.pool = Pool(self.limits, self.loop.time())
         # How often an exchange in progress is checked (idle, trailers, slow reader, body rate).
         self.tick = max(0.05, min(settings.idle_timeout, settings.header_timeout) / 4)
         self.tls = listener.l7 is not None and listener.l7.tls is not None

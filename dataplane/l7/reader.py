@@ -34,8 +34,6 @@ class Limits:
 
 
 class RequestSink(Protocol):
-    def message_begin(self) -> None: ...
-
     def request_head(self, head: RequestHead) -> None: ...
 
     def request_body(self, data: bytes) -> None: ...
@@ -51,6 +49,26 @@ class ResponseSink(Protocol):
     def response_end(self) -> None: ...
 
 
+class Parser(Protocol):
+    def feed_data(self, data: bytes | memoryview) -> None: ...
+
+
+class _NoSink:
+    """Where a response goes when no exchange waits for it (an extra one is dropped)."""
+
+    def response_head(self, head: ResponseHead) -> None:
+        pass
+
+    def response_body(self, data: bytes) -> None:
+        pass
+
+    def response_end(self) -> None:
+        pass
+
+
+NO_SINK = _NoSink()
+
+
 class Reader:
     """The bounded feeding shared by both directions."""
 
@@ -58,10 +76,12 @@ class Reader:
         "counted",
         "counting",
         "fields",
+        "head_bytes",
         "in_head",
         "in_message",
         "limits",
         "malformed",
+        "max_fields",
         "nfields",
         "parser",
         "phase",
@@ -70,6 +90,8 @@ class Reader:
 
     def __init__(self, limits: Limits, *, malformed: int, too_large: int) -> None:
         self.limits = limits
+        self.head_bytes = limits.head_bytes  # (read on every feed and field: one lookup)
+        self.max_fields = limits.fields
         self.malformed = malformed  # the status for a message llhttp cannot parse
         self.too_large = too_large  # the status for a head or trailers over the limits
         self.counting = True  # feeding a head or trailers: bytes count against the limit
@@ -79,13 +101,13 @@ class Reader:
         self.in_head = False
         self.fields: framing.Headers = []
         self.nfields = 0
-        self.parser: httptools.HttpRequestParser | httptools.HttpResponseParser
+        self.parser: Parser
 
     def feed(self, data: bytes) -> bytes | None:
         """Parse data. Returns the bytes after a head that switched protocols (Upgrade,
         101), else None; raises BadMessage when the peer broke HTTP or a limit."""
         try:
-            room = self.limits.head_bytes - self.counted
+            room = self.head_bytes - self.counted
             if not self.counting or len(data) <= room:
                 if self.counting:
                     self.counted += len(data)
@@ -107,7 +129,7 @@ class Reader:
             if not self.counting:
                 self.parser.feed_data(view)
                 return None
-            room = self.limits.head_bytes - self.counted
+            room = self.head_bytes - self.counted
             if room <= 0:
                 raise BadMessage(self.too_large, self._too_large_message())
             piece, view = view[:room], view[room:]
@@ -130,8 +152,8 @@ class Reader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.nfields += 1
-        if self.nfields > self.limits.fields:
-            raise BadMessage(self.too_large, f"more than {self.limits.fields} header fields")
+        if self.nfields > self.max_fields:
+            raise BadMessage(self.too_large, f"more than {self.max_fields} header fields")
         if self.in_head:
             self.fields.append((name, value))
         # else: a trailer after a chunked body, counted and dropped (never forwarded)
@@ -145,17 +167,17 @@ class Reader:
 class RequestReader(Reader):
     """Requests from a client."""
 
-    __slots__ = ("sink", "url")
+    __slots__ = ("requests", "sink", "url")
 
     def __init__(self, sink: RequestSink, limits: Limits) -> None:
         super().__init__(limits, malformed=400, too_large=431)
         self.sink = sink
         self.url = b""
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = self.requests = httptools.HttpRequestParser(self)
 
     def restart(self) -> None:
         """A fresh parser, after a head llhttp took for an upgrade the proxy refused."""
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser = self.requests = httptools.HttpRequestParser(self)
         self._start_counting()
         self.in_message = self.in_head = False
 
@@ -164,7 +186,6 @@ class RequestReader(Reader):
         self.fields = []
         self.nfields = 0
         self.url = b""
-        self.sink.message_begin()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -174,8 +195,7 @@ class RequestReader(Reader):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.counting = False
-        parser = self.parser
-        assert isinstance(parser, httptools.HttpRequestParser)
+        parser = self.requests
         head = framing.request_head(
             parser.get_method(),
             parser.get_http_version(),
@@ -193,19 +213,21 @@ class RequestReader(Reader):
 
     def on_message_complete(self) -> None:
         self.in_message = False
-        self._start_counting()
+        self.counting = True  # the next head starts here
+        self.counted = 0
+        self.phase += 1
         self.sink.request_end()
 
 
 class ResponseReader(Reader):
     """Responses from a backend, to the request the upstream connection sent last."""
 
-    __slots__ = ("dirty", "ended", "interim", "method", "sink", "skip_body", "upgrade")
+    __slots__ = ("dirty", "ended", "interim", "method", "responses", "sink", "skip_body", "upgrade")
 
-    def __init__(self, sink: ResponseSink, limits: Limits) -> None:
+    def __init__(self, limits: Limits) -> None:
         super().__init__(limits, malformed=502, too_large=502)
-        self.sink = sink
-        self.parser = httptools.HttpResponseParser(self)
+        self.sink: ResponseSink = NO_SINK  # the exchange being answered
+        self.parser = self.responses = httptools.HttpResponseParser(self)
         self.method = "GET"
         self.upgrade = b""
         self.ended = False  # the response to the current request has ended
@@ -213,8 +235,10 @@ class ResponseReader(Reader):
         self.interim = False
         self.skip_body = False  # a HEAD response: no body follows, whatever the head says
 
-    def expect(self, method: str, upgrade: bytes) -> None:
-        """A request was sent: what its response is parsed against."""
+    def expect(self, sink: ResponseSink, method: str, upgrade: bytes) -> None:
+        """A request was sent: its response goes to sink and is parsed against method and
+        upgrade."""
+        self.sink = sink
         self.method = method
         self.upgrade = upgrade
         self.ended = False
@@ -231,8 +255,7 @@ class ResponseReader(Reader):
         self.counting = False
         if self.ended:
             return  # the head of an extra response (dirty): nobody asked for it
-        parser = self.parser
-        assert isinstance(parser, httptools.HttpResponseParser)
+        parser = self.responses
         status = parser.get_status_code()
         head = framing.response_head(
             status,
@@ -260,11 +283,14 @@ class ResponseReader(Reader):
 
     def on_message_complete(self) -> None:
         self.in_message = False
-        self._start_counting()
+        self.counting = True  # the next head (there should be none) counts from here
+        self.counted = 0
+        self.phase += 1
         if self.interim:
             self.interim = False  # 100 Continue, 103: the real response follows
-        elif not self.skip_body:
-            self._end()
+        elif not self.skip_body and not self.ended:
+            self.ended = True
+            self.sink.response_end()
 
     def _end(self) -> None:
         if self.ended:
@@ -276,6 +302,6 @@ class ResponseReader(Reader):
         """Once a read is parsed: a HEAD response ended inside llhttp's view of a body."""
         if self.skip_body:
             self.skip_body = False
-            self.parser = httptools.HttpResponseParser(self)
+            self.parser = self.responses = httptools.HttpResponseParser(self)
             self.in_message = False
             self._start_counting()

@@ -11,6 +11,15 @@ def reason(status: int) -> bytes:
     return _REASONS.get(status, "Unknown").encode()
 
 
+STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason(status)) for status in _REASONS}
+
+
+def status_line(status: int) -> bytes:
+    """b"HTTP/1.1 200 OK\\r\\n" for status."""
+    line = STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
+
+
 def local(
     status: int,
     message: str,

@@ -16,7 +16,10 @@ from urllib.parse import parse_qsl
 
 from .. import table
 from ..regex import Pattern
+from .hostnames import normalize_host
 from .paths import prefix_matches
+
+__all__ = ["Router", "SimpleRequest", "normalize_host"]
 
 
 class RequestView(Protocol):
@@ -150,17 +153,6 @@ class Group:
         yield from self.regex
         for key in sorted(self.prefix, key=len, reverse=True):
             yield from self.prefix[key]
-
-
-def normalize_host(host: str) -> str:
-    """Lower case, without port and trailing dot: host comparison ignores both."""
-    if host.startswith("["):  # IPv6 literal
-        end = host.find("]")
-        return host[: end + 1].lower() if end != -1 else host.lower()
-    colon = host.rfind(":")
-    if colon != -1:
-        host = host[:colon]
-    return host.rstrip(".").lower()
 
 
 def _groups(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import table
-from .router import normalize_host
+from .hostnames import normalize_host
 
 # Mozilla's "intermediate" profile: TLS 1.2+ with forward-secret AEAD ciphers.
 CIPHERS = (

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, cast
 
 from ..health import EndpointState
 from .flow import Flow
-from .framing import BadMessage, ResponseHead
-from .reader import Limits, ResponseReader
+from .framing import BadMessage
+from .reader import NO_SINK, Limits, ResponseReader
 
 if TYPE_CHECKING:
     from .exchange import Exchange
@@ -47,7 +47,7 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.flow = Flow()  # reading responses pauses while the client's socket is full
         self.exchange: Exchange | None = None
-        self.reader = ResponseReader(self, pool.limits)
+        self.reader = ResponseReader(pool.limits)
         self.idle_since = 0.0  # when it went back to the pool
         self.reused = False
         self.feeding = False
@@ -55,9 +55,11 @@ class Upstream(asyncio.Protocol):
 
     # --- what an exchange calls ---
 
-    def send_head(self, data: bytes, method: str, upgrade: bytes) -> None:
-        """Write a request head (and whatever body is ready); responses are parsed as answers to it."""
-        self.reader.expect(method, upgrade)
+    def attach(self, exchange: Exchange, data: bytes, method: str, upgrade: bytes) -> None:
+        """Serve exchange: write its request head (and whatever body is ready); the
+        response is parsed as the answer to it and reported to the exchange."""
+        self.exchange = exchange
+        self.reader.expect(exchange, method, upgrade)
         self.send(data)
 
     def send(self, data: bytes) -> None:
@@ -69,14 +71,17 @@ class Upstream(asyncio.Protocol):
         """The exchange is finished with this connection. Pooled only if reusable and the
         response ended cleanly: decided once the current read is parsed."""
         self.exchange = None
+        self.reader.sink = NO_SINK
         self.release = reusable
-        self.flow.reset()
+        if self.flow.reasons:
+            self.flow.reset()
         if not self.feeding:
             self._settle()
 
     def discard(self) -> None:
         """Never reuse: the exchange gave up on it (timeout, retry, client gone)."""
         self.exchange = None
+        self.reader.sink = NO_SINK
         self.release = None
         self.abort()
 
@@ -112,7 +117,8 @@ class Upstream(asyncio.Protocol):
             else:
                 self.abort()
             return
-        self.reader.after_feed()
+        if self.reader.skip_body:
+            self.reader.after_feed()
         if self.release is not None:
             self._settle()
 
@@ -126,6 +132,7 @@ class Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
+        self.reader.sink = NO_SINK
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.upstream_lost(exc)
@@ -137,20 +144,6 @@ class Upstream(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.exchange is not None:
             self.exchange.backend_full(False)
-
-    # --- ResponseSink: the reader's events, for the current exchange ---
-
-    def response_head(self, head: ResponseHead) -> None:
-        if self.exchange is not None:
-            self.exchange.response_head(head)
-
-    def response_body(self, data: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.response_body(data)
-
-    def response_end(self) -> None:
-        if self.exchange is not None:
-            self.exchange.response_end()
 
     # --- life cycle ---
 
@@ -166,10 +159,11 @@ class Upstream(asyncio.Protocol):
 class Pool:
     """Idle upstream connections by endpoint."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, now: float) -> None:
         self.limits = limits
         self.idle: dict[EndpointState, list[Upstream]] = {}
         self.connects = 0
+        self.clock = now  # loop time of the last expiry sweep: idle times are that coarse
 
     def take(self, endpoint: EndpointState) -> Upstream | None:
         """The most recently used idle connection to endpoint (the least likely to have
@@ -191,10 +185,11 @@ class Pool:
             upstream.close()
             return
         idle.append(upstream)
-        upstream.idle_since = asyncio.get_running_loop().time()
+        upstream.idle_since = self.clock
 
     def expire(self, now: float) -> None:
         """Close connections idle longer than IDLE_SECONDS (oldest first in each list)."""
+        self.clock = now
         cutoff = now - IDLE_SECONDS
         for idle in self.idle.values():
             while idle and idle[0].idle_since <= cutoff:
