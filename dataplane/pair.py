@@ -211,7 +211,7 @@ class Pair:
             if exc is not None:
                 other.transport.abort()
             else:
-                other.transport.close()
+                self._close_soon(other.transport)
         self.lost_side(side)
         self._finish()
 
@@ -223,15 +223,18 @@ class Pair:
         those bytes within the idle timeout is aborted: it cannot hold the pair open."""
         if not self.reason:
             self.reason = reason
-        unsent: list[asyncio.Transport] = []
         for side in (self.client, self.backend):
             if side is not None and side.transport is not None and not side.transport.is_closing():
-                if side.transport.get_write_buffer_size():
-                    unsent.append(side.transport)
-                side.transport.close()
+                self._close_soon(side.transport)
         self._finish()
+
+    def _close_soon(self, transport: asyncio.Transport) -> None:
+        """Close after what is buffered; abort if the peer has not taken it within the
+        idle timeout (a peer that never reads cannot hold the socket and its bytes)."""
+        unsent = transport.get_write_buffer_size()
+        transport.close()
         if unsent:
-            asyncio.get_running_loop().call_later(self.idle_timeout, _abort_all, unsent)
+            asyncio.get_running_loop().call_later(self.idle_timeout, transport.abort)
 
     def abort(self, reason: str) -> None:
         """Close both sockets at once, dropping unsent bytes (drain deadline)."""
@@ -251,8 +254,3 @@ class Pair:
 
     def ended(self) -> None:
         """Both sides are done or going (subclasses account for it)."""
-
-
-def _abort_all(transports: list[asyncio.Transport]) -> None:
-    for transport in transports:
-        transport.abort()  # a no-op once the transport has closed

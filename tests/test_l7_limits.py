@@ -5,6 +5,8 @@ tunnels with flow control and an idle timeout, patterns that cannot stall the pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import ssl
 import time
@@ -349,6 +351,7 @@ class TunnelBackend:
         self.port = 0
         self.received = 0
         self.writers: list[asyncio.StreamWriter] = []
+        self.readers: list[asyncio.StreamReader] = []
 
     async def start(self) -> TunnelBackend:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -357,6 +360,7 @@ class TunnelBackend:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
+        self.readers.append(reader)
         writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         await reader.readuntil(b"\r\n\r\n")
         writer.write(WS_ACCEPT)
@@ -400,6 +404,34 @@ async def test_a_tunnel_holds_back_a_client_the_backend_does_not_read() -> None:
     # Kernel buffers on the way (client send, proxy receive and send, backend receive) hold
     # a few MB; the proxy itself holds one read.
     assert sent < 32 * 1024 * 1024, sent
+
+
+async def test_a_tunnel_whose_client_left_does_not_keep_bytes_for_a_backend_that_never_reads() -> None:
+    """The client writes into a tunnel and leaves; the backend never reads. The proxy's
+    socket to the backend, and what it still held for it, are released after the idle
+    timeout (before: kept open as long as the backend's socket stayed open, to flush)."""
+    backend = await TunnelBackend(reads=False).start()
+    port = free_port()
+    table = l7_table([route("r", port, [{"backendRefs": [backend_ref("ws")]}])], {"ws": [backend.port]})
+    try:
+        async with serving(table, idle_timeout=0.5):
+            before = open_files()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+            assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
+            with contextlib.suppress(TimeoutError):
+                for _ in range(64):
+                    writer.write(b"w" * 1024 * 1024)
+                    await asyncio.wait_for(writer.drain(), 0.5)
+            writer.transport.abort()
+            # Left open: only the backend's own end of its connection (it never reads).
+            await async_wait_for(lambda: open_files() == before + 1, 5, what="the proxy's sockets closed")
+    finally:
+        await backend.stop()
+
+
+def open_files() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 async def test_an_idle_tunnel_is_closed() -> None:
