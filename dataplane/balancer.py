@@ -3,7 +3,10 @@
 A balancer is built once per table swap from weighted endpoints (for L4, each backend's
 weight split evenly over its endpoints). Endpoints that are unhealthy or
 ejected are skipped; when none is available every endpoint is eligible again (Envoy's
-"panic mode": a health-check misconfiguration must not become an outage).
+"panic mode": a health-check misconfiguration must not become an outage). And when fewer
+than half are available, passive ejections are ignored: clients can make an endpoint
+answer 5xx, and must not be able to eject most of a Service by doing so (Envoy's panic
+threshold).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from .health import EndpointState
 
 Pick = Callable[[bytes, float, frozenset[EndpointState]], EndpointState | None]
 
+PANIC_SHARE = 0.5  # below this share of available endpoints, ejections are ignored
+PANIC_RECHECK_SECONDS = 1.0
+_EVERY_EJECTION_OVER = float("inf")  # a time at which every ejection has ended
+
 
 class Balancer:
     """Base: endpoints with weights, and the policy's pick."""
@@ -27,6 +34,17 @@ class Balancer:
         positive = [(e, w) for e, w in endpoints if w > 0]
         self.endpoints = [e for e, _ in positive]
         self.weights = [w for _, w in positive]
+        self.panic_checked = float("-inf")
+        self.panic = False
+
+    def clock(self, now: float) -> float:
+        """The time picks compare ejections with: now, or (in panic) a time at which every
+        ejection is over. The share of available endpoints is counted at most once a second."""
+        if now - self.panic_checked >= PANIC_RECHECK_SECONDS:
+            self.panic_checked = now
+            available = sum(1 for e in self.endpoints if e.available(now))
+            self.panic = available < PANIC_SHARE * len(self.endpoints)
+        return _EVERY_EJECTION_OVER if self.panic else now
 
     def pick(
         self, key: bytes, now: float, exclude: frozenset[EndpointState] = frozenset()
@@ -53,6 +71,7 @@ class RoundRobin(Balancer):
     def pick(
         self, key: bytes, now: float, exclude: frozenset[EndpointState] = frozenset()
     ) -> EndpointState | None:
+        now = self.clock(now)
         n = len(self.endpoints)
         if self._equal:
             # Equal weights: plain rotation, O(1) when the next endpoint is available.
@@ -81,7 +100,7 @@ class LeastConnections(Balancer):
     def pick(
         self, key: bytes, now: float, exclude: frozenset[EndpointState] = frozenset()
     ) -> EndpointState | None:
-        indexes = self._eligible(now, exclude)
+        indexes = self._eligible(self.clock(now), exclude)
         if not indexes:
             return None
         best: list[int] = []
@@ -111,6 +130,7 @@ class LeastRequest(Balancer):
             return endpoints[0] if endpoints[0] not in exclude else None
         if n == 0:
             return None
+        now = self.clock(now)
         if n > 1:
             a, b = random.sample(range(n), 2)
             first, second = endpoints[a], endpoints[b]
@@ -138,6 +158,7 @@ class Random(Balancer):
     ) -> EndpointState | None:
         if not self.endpoints:
             return None
+        now = self.clock(now)
         for _ in range(3):  # usually the first draw is available
             i = bisect.bisect(self._cumulative, random.random() * self._cumulative[-1])
             endpoint = self.endpoints[min(i, len(self.endpoints) - 1)]
@@ -231,6 +252,7 @@ class ConsistentHash(Balancer):
     ) -> EndpointState | None:
         if not self.endpoints:
             return None
+        now = self.clock(now)
         slot = zlib.crc32(key) % self.size
         for probe in range(len(self.endpoints) * 4):
             endpoint = self.endpoints[self.table[(slot + probe) % self.size]]

@@ -141,6 +141,10 @@ class Pair:
         "reason",
     )
 
+    # Whether an idle pair is reset rather than closed: a close leaves whatever the kernel
+    # still holds for a peer that stopped reading in its send buffer for minutes.
+    ABORT_WHEN_IDLE = False
+
     def __init__(self, idle_timeout: float) -> None:
         self.client = self.new_side()
         self.backend: Side | None = None
@@ -184,7 +188,10 @@ class Pair:
             self.idle_bytes = moved
             self.idle_since = now
         if now - self.idle_since >= self.idle_timeout:
-            self.close("idle-timeout")
+            if self.ABORT_WHEN_IDLE:
+                self.abort("idle-timeout")
+            else:
+                self.close("idle-timeout")
             return
         self.idle_handle = asyncio.get_running_loop().call_later(self.idle_timeout / 4, self._check_idle)
 

@@ -34,6 +34,13 @@ SCHEMA = "bilayer.dev/table/v1"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 Seconds = Annotated[float, Field(gt=0, le=31_536_000)]
+# What the proxy writes into HTTP heads from the table must not be able to end a line:
+# no control characters (a CR/LF in a header value or a path would start a new header or
+# a new request).
+HeaderToken = Annotated[str, Field(pattern=r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")]
+FieldValue = Annotated[str, Field(pattern=r"^[^\x00-\x08\x0a-\x1f\x7f]*$")]
+TargetPath = Annotated[str, Field(pattern=r"^/([-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*$")]
+HostName = Annotated[str, Field(max_length=253, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?$")]
 
 
 class TableError(ValueError):
@@ -246,29 +253,29 @@ class HostIndex(_Model):
 
 
 class HeaderValue(_Model):
-    name: str
-    value: str
+    name: HeaderToken
+    value: FieldValue
 
 
 class HeaderOps(_Model):
     set: list[HeaderValue] = Field(default_factory=list)
     add: list[HeaderValue] = Field(default_factory=list)
-    remove: list[str] = Field(default_factory=list)
+    remove: list[HeaderToken] = Field(default_factory=list)
 
 
 class PathRewrite(_Model):
     type: Literal["ReplaceFullPath", "ReplacePrefixMatch"]
-    value: str
+    value: TargetPath
 
 
 class Rewrite(_Model):
-    hostname: str | None = None
+    hostname: HostName | None = None
     path: PathRewrite | None = None
 
 
 class Redirect(_Model):
     scheme: Literal["http", "https"] | None = None
-    hostname: str | None = None
+    hostname: HostName | None = None
     port: Port | None = None
     path: PathRewrite | None = None
     statusCode: Literal[301, 302] = 302

@@ -8,8 +8,10 @@ from collections import Counter
 import pytest
 
 from dataplane.balancer import (
+    Balancer,
     ConsistentHash,
     LeastConnections,
+    LeastRequest,
     Random,
     RoundRobin,
     maglev_table,
@@ -81,6 +83,20 @@ def test_panic_mode_when_nothing_is_available() -> None:
         state.healthy = False
     assert RoundRobin(eps).pick(b"", 0.0) is not None
     assert LeastConnections(eps).pick(b"", 0.0) is not None
+
+
+@pytest.mark.parametrize("policy", [RoundRobin, LeastConnections, LeastRequest, Random, ConsistentHash])
+def test_ejections_are_ignored_below_half_available(policy: type[Balancer]) -> None:
+    """Clients can make endpoints answer 5xx and so get them ejected; they must not be able
+    to take most of a Service out that way (Envoy's panic threshold, 50 %)."""
+    eps = endpoints(3)
+    balancer = policy(eps)
+    eps[0][0].ejected_until = 100.0  # one of three ejected: skipped
+    keys = [b"k%d" % i for i in range(300)]
+    assert "10.0.0.1" not in picks(balancer, 300, keys)
+    eps[1][0].ejected_until = 100.0  # two of three: below half available, ejections ignored
+    balancer.panic_checked = float("-inf")  # (it recounts at most once a second)
+    assert set(picks(balancer, 300, keys)) == {"10.0.0.1", "10.0.0.2", "10.0.0.3"}
 
 
 def test_exclude_is_respected_for_failover() -> None:

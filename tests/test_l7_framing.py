@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -179,6 +180,11 @@ async def test_a_short_response_body_is_never_reused_nor_passed_as_complete() ->
         (b"GET http://user@b.test/ HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nX-Forwarded_For: 6.6.6.6\r\n\r\n", 400),
+        (b"GET /a HTTP/1.1\r\nHost: x\r\nX_Forwarded-Host: evil\r\n\r\n", 400),
+        (b"GET /public/..;/admin HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /public/%2e%2e;x/admin HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET /a%5C..%5Cadmin HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (
             b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
             b"Content-Length: 3\r\n\r\nabc",
@@ -271,3 +277,84 @@ async def test_h2c_and_unknown_upgrades_are_forwarded_as_plain_requests() -> Non
     assert first.header("upgrade") == [] and first.header("http2-settings") == []
     assert [json.loads(b)["target"] for _, _, b in split_responses(plain)] == ["/plain", "/after"]
     assert switched.startswith(b"HTTP/1.1 502")
+
+
+LATE = b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 12\r\n\r\n<script>pwn"
+
+
+def late_body(first: bytes) -> Callable[[Connection, Request], Awaitable[bytes]]:
+    """A backend that answers the first request with `first`, writes 50 ms later what looks
+    like another response on the same connection (a HEAD answered like a GET, a 204 with a
+    body after all), and answers what comes next on that connection after that."""
+
+    async def answer(conn: Connection, request: Request) -> bytes:
+        if conn.backend.count == 1:
+            assert conn.writer is not None
+            asyncio.get_running_loop().call_later(0.05, conn.writer.write, LATE)
+            return first
+        if len(conn.requests) > 1:
+            await asyncio.sleep(0.1)  # busy with the late body, as a one-thread server is
+        return echo_response(conn, request)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("request_line", "first"),
+    [
+        (b"HEAD /page HTTP/1.1", b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n"),
+        (b"GET /nothing HTTP/1.1", b"HTTP/1.1 204 No Content\r\ncontent-length: 12\r\n\r\n"),
+    ],
+)
+async def test_a_connection_a_backend_may_still_write_on_is_not_reused(
+    request_line: bytes, first: bytes
+) -> None:
+    """After a HEAD, or a 204 that announced a body, the backend may write a body late;
+    on a reused connection it would be the next client's answer (20/20 before)."""
+    backend = await RawBackend(late_body(first)).start()
+    port = free_port()
+    try:
+        async with serving(raw_table(port, backend)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(request_line + b"\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            victim = await exchange_raw(
+                port, b"GET /account HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            writer.close()
+    finally:
+        await backend.stop()
+    (status, _, body), *_ = split_responses(victim)
+    assert status == 200 and json.loads(body)["target"] == "/account"
+
+
+async def test_a_connection_that_carried_a_get_body_is_not_reused(raw: RawBackend) -> None:
+    """Many servers never read a GET's body and would read it later as a request of its own
+    (CL.0): such a connection is closed after the response."""
+    port = free_port()
+    async with serving(raw_table(port, raw)):
+        await exchange_raw(
+            port, b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"
+        )
+        await exchange_raw(port, b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await exchange_raw(
+            port, b"POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"
+        )
+        await exchange_raw(port, b"GET /d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    by_connection = [[r.target for r in c.requests] for c in raw.connections]
+    assert by_connection == [["/a"], ["/b", "/c", "/d"]]
+
+
+async def test_a_pipelined_body_that_comes_after_its_head_is_read(raw: RawBackend) -> None:
+    port = free_port()
+    async with serving(raw_table(port, raw)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nPOST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+        )
+        await asyncio.sleep(0.3)  # the body comes later: the test is about that gap
+        writer.write(b"helloGET /3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    assert [json.loads(b)["target"] for _, _, b in split_responses(answer)] == ["/1", "/2", "/3"]
+    assert [r.body for r in raw.requests if r.target == "/2"] == [b"hello"]

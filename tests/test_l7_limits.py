@@ -471,3 +471,77 @@ async def test_websocket_through_the_tunnel_with_aiohttp() -> None:
                 assert (await ws.receive_str()) == f"echo: {word}"
     finally:
         await web.stop()
+
+
+async def test_tiny_chunks_are_coalesced_and_bounded(raw: RawBackend) -> None:
+    """A body of 1-byte chunks made each byte a write to the backend (one client stalled all
+    the others for 12-26 s): the chunks of one read leave in one write, and a body of more
+    than MAX_TINY_CHUNKS chunks averaging under MIN_CHUNK_AVERAGE bytes is refused."""
+    from dataplane.l7.reader import MAX_TINY_CHUNKS
+
+    port = free_port()
+    async with serving(raw_table(port, raw)):
+        body = b"1\r\na\r\n" * 2000 + b"0\r\n\r\n"
+        ok = await exchange_raw(
+            port,
+            b"POST /ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + body,
+        )
+        flood = await exchange_raw(
+            port,
+            b"POST /flood HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"1\r\na\r\n" * (MAX_TINY_CHUNKS + 100),
+        )
+    assert ok.startswith(b"HTTP/1.1 200")
+    (forwarded,) = [r for r in raw.requests if r.target == "/ok"]
+    assert forwarded.body == b"a" * 2000
+    (conn,) = [c for c in raw.connections if any(r.target == "/ok" for r in c.requests)]
+    assert conn.received.count(b"\r\n") < 100  # a few chunks, not 2,000
+    assert flood.startswith(b"HTTP/1.1 400") or b"HTTP/1.1 400" in flood
+
+
+async def test_an_endless_chunk_extension_is_refused(raw: RawBackend) -> None:
+    """A chunk-size line counts like a head: 3.6 GB of one extension went through before."""
+    port = free_port()
+    async with serving(raw_table(port, raw), header_timeout=30) as dp:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1;e=")
+        sent = 0
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            for _ in range(256):  # up to 16 MB of one chunk-size line
+                writer.write(b"x" * 65536)
+                await asyncio.wait_for(writer.drain(), 1)
+                sent += 65536
+        writer.close()
+        listener = dp.listeners[port]
+        assert listener.bad_messages["client"] == 1  # type: ignore[attr-defined]
+        await async_wait_for(lambda: not listener.connections, 5, what="the connection closed")  # type: ignore[attr-defined]
+    # The line was refused past 60 KiB; what was written after is the 1 MiB read and dropped
+    # while lingering, and what the kernels' buffers held.
+    assert sent < 12 * 1024 * 1024, sent
+
+
+async def test_interim_responses_are_bounded() -> None:
+    """A backend sending 1xx forever kept the exchange alive past every idle timeout."""
+    backend = await RawBackend(lambda conn, request: b"HTTP/1.1 102 Processing\r\n\r\n" * 1000).start()
+    port = free_port()
+    try:
+        async with serving(raw_table(port, backend)):
+            answer = await exchange_raw(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    finally:
+        await backend.stop()
+    assert answer.count(b"HTTP/1.1 102") == 32
+    assert b"HTTP/1.1 502" in answer
+
+
+async def test_a_head_begun_during_an_exchange_gets_the_header_timeout(raw: RawBackend) -> None:
+    """A pipelined head still arriving when the exchange before it ends must finish within
+    the header timeout, not the keep-alive timeout (60 s)."""
+    port = free_port()
+    async with serving(raw_table(port, raw), header_timeout=0.5, keepalive_timeout=30):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n")
+        started = time.monotonic()
+        answer = await read_until_closed(reader, 5)
+        writer.close()
+    assert time.monotonic() - started < 3
+    assert answer.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in answer

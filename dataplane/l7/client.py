@@ -27,7 +27,7 @@ from . import responses
 from .exchange import Exchange
 from .flow import Flow
 from .framing import BadMessage, RequestHead
-from .reader import RequestReader
+from .reader import RequestReader, StopReading
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class ClientConnection(asyncio.Protocol):
         "deadline",
         "eof",
         "flow",
+        "flushing",
         "last",
         "linger_limit",
         "lingering",
@@ -83,6 +84,7 @@ class ClientConnection(asyncio.Protocol):
         self.listener = listener
         self.reader = RequestReader(self, listener.limits)
         self.flow = Flow()  # reading the client's bytes
+        self.flushing: list[Exchange] = []  # exchanges with request body bytes of this read
         self.transport: asyncio.Transport | None = None
         self.client_ip = ""
         self.sni: str | None = None
@@ -155,22 +157,32 @@ class ClientConnection(asyncio.Protocol):
         elif waiting == "new":  # the first request: the deadline set at accept stands
             self.began = self.listener.loop.time()
             self.waiting = "head"
-        try:
-            rest = self.reader.feed(data)
-        except BadMessage as bad:
-            self._protocol_error(bad.status, bad.message)
-            return
-        if rest is not None:
-            self._upgrade_parsed(rest)
+        self._feed(data)
 
     def _feed(self, data: bytes) -> None:
         try:
             rest = self.reader.feed(data)
         except BadMessage as bad:
+            self._flush_bodies()
             self._protocol_error(bad.status, bad.message)
             return
+        except StopReading:
+            rest = None
+            self.broken_input = True  # the pipeline overflowed: the rest is never answered
+            self.flow.pause("refusing")
+        if self.flushing:
+            self._flush_bodies()
         if rest is not None:
             self._upgrade_parsed(rest)
+
+    def flush_after_read(self, exchange: Exchange) -> None:
+        """exchange batched request body bytes: write them once this read is parsed."""
+        self.flushing.append(exchange)
+
+    def _flush_bodies(self) -> None:
+        flushing, self.flushing = self.flushing, []
+        for exchange in flushing:
+            exchange.flush_body()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -222,6 +234,7 @@ class ClientConnection(asyncio.Protocol):
             self.refusing = True
             self.queue[-1].close_after = True
             self.receiving = self.last = None
+            raise StopReading  # parse no further: nothing more of this stream is answered
         else:
             self.queue.append(exchange)
             self.flow.pause("pipeline")
@@ -294,6 +307,8 @@ class ClientConnection(asyncio.Protocol):
             self._idle()
             return
         nxt = self.current = self.queue.popleft()
+        if not self.queue and "pipeline" in self.flow.reasons:
+            self.flow.resume("pipeline")  # its body may still be on the way
         self._activate()
         nxt.start()  # a local answer finishes at once and schedules the next
 
@@ -308,7 +323,12 @@ class ClientConnection(asyncio.Protocol):
         else:
             if self.flow.reasons:
                 self.flow.resume("pipeline")
-            self._wait("idle", self.listener.settings.keepalive_timeout)
+            if self.reader.in_message:  # the next head has begun: it has the header timeout
+                self.began = self.listener.loop.time()
+                self.waiting = "head"
+                self.deadline = self.began + self.listener.settings.header_timeout
+            else:
+                self._wait("idle", self.listener.settings.keepalive_timeout)
 
     def _upgrade_parsed(self, rest: bytes) -> None:
         """llhttp switched to upgrade mode after the last head; rest is what followed it."""

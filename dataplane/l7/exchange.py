@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("bilayer.access")
 
 KEEP_BODY = 64 * 1024
+# Interim responses (1xx) passed on per request: each one moves bytes, so a backend sending
+# them forever would otherwise hold the exchange past every idle timeout.
+MAX_INTERIM = 32
 
 # How the response body goes to the client.
 _IDENTITY, _CHUNK = 0, 1
@@ -56,6 +59,9 @@ class Downstream(Protocol):
         """Write to the client (collected while writes are held)."""
 
     write_blocked: bool  # the client's socket is full (its reader is slower than the backend)
+
+    def flush_after_read(self, exchange: Exchange) -> None:
+        """Call exchange.flush_body() once the client's current read is parsed."""
 
     def pause(self, reason: str) -> None:
         """Stop reading the client's request bytes for this reason."""
@@ -78,6 +84,7 @@ class Exchange:
         "_query_values",
         "attempt_timer",
         "batch",
+        "body_out",
         "bytes_out",
         "close_after",
         "cluster",
@@ -87,6 +94,7 @@ class Exchange:
         "entry_prefix",
         "fresh",
         "head",
+        "interims",
         "listener",
         "pending",
         "received",
@@ -117,6 +125,7 @@ class Exchange:
         self.sent: list[bytes] | None = []  # body bytes written and kept for a resend; None: dropped
         self.tunnel_early = b""  # client bytes after an upgrade request, held until the 101
         self.batch: list[bytes] | None = None  # response bytes of the current read
+        self.body_out: list[bytes] | None = None  # request body bytes of the client's current read
         self.rule: Rule | None = None
         self.entry_prefix = ""
         self.cluster: Cluster | None = None
@@ -124,6 +133,7 @@ class Exchange:
         self.endpoint: EndpointState | None = None
         self.tried: set[EndpointState] = set()
         self.resent = 0
+        self.interims = 0
         self.fresh = False  # the next attempt opens a new connection (a pooled one went stale)
         self.resp_head: ResponseHead | None = None
         self.resp_started = False
@@ -147,16 +157,31 @@ class Exchange:
         if limit and self.received > limit:
             self._fail(413, "request body too large", close=True)
             return
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.send(framing.chunk(data) if self.head.body == CHUNKED else data)
-            self._keep(data)
+        if self.upstream is not None:
+            out = self.body_out
+            if out is None:
+                # What this read of the client holds for the body leaves in one write (and
+                # one chunk), when the connection flushes after parsing the read.
+                self.body_out = [data]
+                self.conn.flush_after_read(self)
+            else:
+                out.append(data)
         else:
             self.pending.append(data)  # no backend yet: sent on attach
             self.conn.pause("waiting-upstream")
 
+    def flush_body(self) -> None:
+        out, self.body_out = self.body_out, None
+        upstream = self.upstream
+        if out and upstream is not None:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            upstream.send(framing.chunk(data) if self.head.body == CHUNKED else data)
+            self._keep(data)
+
     def request_end(self) -> None:
         self.request_done = self.request_whole = True
+        if self.body_out:
+            self.flush_body()
         if self.upstream is not None and self.head.body == CHUNKED:
             self.upstream.send(LAST_CHUNK)
 
@@ -203,7 +228,7 @@ class Exchange:
         if entry.path_type == "PathPrefix":
             self.entry_prefix = entry.path_value
         if head.encoded_slash and not rule.allow_encoded_slashes:
-            self.local(400, "encoded slash (%2F) in the path", close=True)
+            self.local(400, "encoded slash (%2F) or backslash (%5C) in the path", close=True)
             return
         if rule.limiter is not None and self._rate_limited(rule):
             return
@@ -331,8 +356,8 @@ class Exchange:
         data = self._request_head(rule)
         if self.pending:
             pending, self.pending = self.pending, []
-            chunked = head.body == CHUNKED
-            data += b"".join(framing.chunk(piece) if chunked else piece for piece in pending)
+            body = pending[0] if len(pending) == 1 else b"".join(pending)
+            data += framing.chunk(body) if head.body == CHUNKED else body
             sent = self.sent
             if sent is not None:
                 if self.received <= KEEP_BODY:
@@ -428,6 +453,9 @@ class Exchange:
 
     def _drop_upstream(self) -> None:
         """Let go of the current upstream connection, which is not reused."""
+        out, self.body_out = self.body_out, None
+        if out:
+            self.pending.extend(out)  # read but never written: held for the next attempt
         upstream = self.upstream
         if upstream is not None:
             self.upstream = None
@@ -478,12 +506,16 @@ class Exchange:
         if status < 200:
             if status == 101:
                 self.resp_head = head  # the tunnel starts when the reader hands over the rest
-            elif self.head.version == "1.1":
-                # Interim (100 Continue, 103 Early Hints): pass it on, the real response follows.
-                self._out(
-                    b"HTTP/1.1 %d %s\r\n%s\r\n"
-                    % (status, responses.reason(status), framing.serialize(head.headers))
-                )
+            else:
+                self.interims += 1
+                if self.interims > MAX_INTERIM:
+                    self.upstream_failed(BadMessage(502, "too many interim responses"))
+                elif self.head.version == "1.1":
+                    # Interim (100 Continue, 103 Early Hints): passed on, the real response follows.
+                    self._out(
+                        b"HTTP/1.1 %d %s\r\n%s\r\n"
+                        % (status, responses.reason(status), framing.serialize(head.headers))
+                    )
             return
         if self.attempt_timer is not None:
             self.attempt_timer.cancel()
@@ -556,7 +588,13 @@ class Exchange:
             self.upstream = None
             upstream.endpoint.active -= 1
             resp = self.resp_head
-            reusable = self.request_whole and resp is not None and resp.keep_alive and not self.head.upgrade
+            reusable = (
+                self.request_whole
+                and resp is not None
+                and resp.keep_alive
+                and not self.head.upgrade
+                and not (self.head.has_body and self.head.method in framing.BODYLESS_METHODS)
+            )
             upstream.done(reusable=reusable)
             if not self.request_whole:
                 self.close_after = True  # the rest of the request body would be read as a request

@@ -35,15 +35,20 @@ HOP_BY_HOP = frozenset(
 FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
 FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 PROTECTED = HOP_BY_HOP | FRAMING | FORWARDING
-RESPONSE_FRAMING = HOP_BY_HOP | {b"content-length"}
-# A name that differs from a protected one only by '_' for '-' is refused: CGI-style
-# backends read both as the same variable (Transfer_Encoding as Transfer-Encoding).
-_UNDERSCORED = frozenset(name.replace(b"-", b"_") for name in PROTECTED if b"-" in name)
-# (Tested as `lower in _UNDERSCORED`, never `b"_" in lower` first: `bytes in bytes` tries the
-# needle as an integer before searching, raising and clearing an exception each time.)
+# A name that differs from a protected one only by '_' for '-' (in any position) is refused:
+# CGI-style backends and servers such as gunicorn read both as the same variable
+# (Transfer_Encoding as Transfer-Encoding, X-Forwarded_For as X-Forwarded-For).
+# They are found as `95 in name` (95 is "_") then the name with '-' for '_': never as
+# `b"_" in name`, since `bytes in bytes` first tries the needle as an integer, raising and
+# clearing an exception each time (thousands of instructions per header).
 
 UPGRADES = frozenset({b"websocket"})  # what a request may upgrade to; h2c is refused (RFC 9113)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Methods whose request content many servers never read (RFC 9110 gives it no meaning): a
+# backend connection that carried such a body is not reused, since the server may read
+# the body later as a request of its own (CL.0 desync).
+BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 # reg-name, IPv4 or an IP literal, then an optional port (RFC 3986 3.2.2): no userinfo,
 # no path, no whitespace.
@@ -56,9 +61,8 @@ _HOST_NAMES: dict[bytes, str] = {}
 _HOST_NAMES_KEPT = 4096
 
 # Field kinds looked at while validating a head: one dict lookup per field decides.
-_HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP, _UNDERSCORE = range(8)
+_HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP = range(7)
 _KINDS = {
-    **dict.fromkeys(_UNDERSCORED, _UNDERSCORE),
     b"host": _HOST_FIELD,
     b"content-length": _LENGTH,
     b"transfer-encoding": _TE,
@@ -73,7 +77,6 @@ _KINDS = {
     b"x-forwarded-host": _DROP,
 }
 _RESPONSE_KINDS = {
-    **dict.fromkeys(_UNDERSCORED, _UNDERSCORE),
     **dict.fromkeys(HOP_BY_HOP, _DROP),
     b"content-length": _LENGTH,
     b"transfer-encoding": _TE,
@@ -186,7 +189,7 @@ def request_head(
         if version.startswith("0"):
             raise BadMessage(400, "HTTP/0.9 requests are not supported")
         raise BadMessage(505, f"HTTP/{version} is not supported on this connection; use HTTP/1.1")
-    name = method.decode("ascii", "replace")
+    name = _METHODS.get(method) or method.decode("ascii", "replace")
     if name == "CONNECT":
         raise BadMessage(405, "CONNECT is not supported: this is a reverse proxy")
     hosts: list[bytes] = []
@@ -201,15 +204,15 @@ def request_head(
         lower = field.lower()
         kind = kinds.get(lower)
         if kind is None:
+            if 95 in lower and lower.replace(b"_", b"-") in PROTECTED:  # 95: "_"
+                raise BadMessage(
+                    400, f"header {field.decode('latin-1')} is refused: spell it with '-' instead of '_'"
+                )
             headers.append((field, value))
         elif kind == _HOST_FIELD:
             hosts.append(value)
         elif kind == _LENGTH:
             body = _length(value, body, 400)
-        elif kind == _UNDERSCORE:
-            raise BadMessage(
-                400, f"header {field.decode('latin-1')} is refused: spell it with '-' instead of '_'"
-            )
         elif kind == _TE:
             if value.strip().lower() != b"chunked":
                 raise BadMessage(501, "only the chunked transfer coding is supported")
@@ -287,11 +290,15 @@ def request_head(
 
 
 def response_head(
-    status: int, version: str, fields: Headers, *, keep_alive: bool, method: str, upgrade: bytes
+    status: int, fields: Headers, keep_alive: bool, method: str, upgrade: bytes
 ) -> ResponseHead:
-    """Validate a backend's response head to a request (method, upgrade asked for)."""
-    if version not in ("1.1", "1.0"):
-        raise BadMessage(502, f"the backend answered with HTTP/{version}")
+    """Validate a backend's response head to a request (method, upgrade asked for).
+
+    keep_alive: llhttp's reading of the version and Connection. (The version itself is not
+    looked at: whatever a backend says, the client gets HTTP/1.1 framed by the proxy.)
+    """
+    if status < 100:
+        raise BadMessage(502, f"the backend answered with status {status}")
     if status == 101 and not upgrade:
         raise BadMessage(502, "the backend switched protocols without an upgrade request")
     length = -1
@@ -304,7 +311,10 @@ def response_head(
         lower = field.lower()
         kind = kinds.get(lower)
         if kind is None:
-            headers.append((field, value))
+            # Never forwarded: a client could read an underscore spelling of a framing or
+            # forwarding field as the field itself.
+            if not (95 in lower and lower.replace(b"_", b"-") in PROTECTED):
+                headers.append((field, value))
         elif kind == _LENGTH:
             length = _length(value, length, 502)
         elif kind == _TE:
@@ -321,8 +331,7 @@ def response_head(
                 named.update(tokens)
         elif kind == _UPGRADE and status == 101:
             headers.append((field, value))
-        # else: hop-by-hop, or an underscore spelling of a framing field a client could take
-        # for the real one: never forwarded
+        # else: hop-by-hop, never forwarded
     if named:
         headers = _drop_named(headers, named)
     if status < 200 or status in (204, 304) or method == "HEAD":
@@ -334,7 +343,17 @@ def response_head(
     else:
         body = UNTIL_CLOSE
     announced = length if method == "HEAD" or status == 304 else -1
-    return ResponseHead(status, headers, body, announced, keep_alive and not close and body != UNTIL_CLOSE)
+    # A connection is not reused after a HEAD (servers commonly write the GET body anyway,
+    # later than the head) nor after a 204 that announced a body: bytes arriving after the
+    # proxy thought the response done would be taken for the next client's answer.
+    reusable = (
+        keep_alive
+        and not close
+        and body != UNTIL_CLOSE
+        and method != "HEAD"
+        and not (status == 204 and (length > 0 or chunked))
+    )
+    return ResponseHead(status, headers, body, announced, reusable)
 
 
 def serialize(headers: Headers) -> bytes:

@@ -8,8 +8,10 @@ that resolves the dot segments itself: a routing bypass. Steps:
 2. repeated slashes merge;
 3. dot segments are removed (RFC 3986 5.2.4); climbing above the root is refused.
 
-An encoded slash (``%2F``) stays encoded, so it never acts as a separator; the caller
-refuses it unless the matched route opts in.
+An encoded slash (``%2F``) or backslash (``%5C``) stays encoded, so it never acts as a
+separator here; the caller refuses it unless the matched route opts in (some backends
+decode it and split there). A dot segment with parameters (``..;`` or ``.;x``), which Java
+servlet containers resolve as a dot segment, is refused outright.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def normalize(path: str) -> tuple[str, bool]:
     if "//" in path:
         path = _SLASHES.sub("/", path)
     if "/." in path:
+        if "/.;" in path or "/..;" in path:
+            raise BadPath("the request path has a dot segment with parameters (..;)")
         path = _remove_dot_segments(path)
     return path, encoded_slash
 
@@ -69,7 +73,7 @@ def _decode_unreserved(path: str) -> tuple[str, bool]:
         if decoded in _UNRESERVED:
             out.append(decoded)
         else:
-            if decoded == "/":
+            if decoded in "/\\":
                 encoded_slash = True
             out.append("%" + pair.upper())
         i += 3

@@ -23,6 +23,11 @@ import httptools
 from . import framing
 from .framing import BadMessage, RequestHead, ResponseHead
 
+# A chunked body of more than this many chunks must average at least MIN_CHUNK_AVERAGE
+# bytes a chunk: a client sending 1-byte chunks made each byte cost a Python callback.
+MAX_TINY_CHUNKS = 4096
+MIN_CHUNK_AVERAGE = 32
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -31,6 +36,10 @@ class Limits:
     head_bytes: int = 60 * 1024
     fields: int = 100
     url_bytes: int = 8 * 1024
+
+
+class StopReading(Exception):
+    """Raised by a sink: parse no further (the rest of the stream is dropped)."""
 
 
 class RequestSink(Protocol):
@@ -73,6 +82,8 @@ class Reader:
     """The bounded feeding shared by both directions."""
 
     __slots__ = (
+        "body_bytes",
+        "chunks",
         "counted",
         "counting",
         "fields",
@@ -101,6 +112,8 @@ class Reader:
         self.in_head = False
         self.fields: framing.Headers = []
         self.nfields = 0
+        self.chunks = 0  # chunks of the current body
+        self.body_bytes = 0  # bytes of the current chunked body
         self.parser: Parser
 
     def feed(self, data: bytes) -> bytes | None:
@@ -118,7 +131,7 @@ class Reader:
             return data[upgrade.args[0] :]
         except httptools.HttpParserCallbackError as err:
             cause = err.__context__ or err.__cause__
-            if isinstance(cause, BadMessage):
+            if isinstance(cause, (BadMessage, StopReading)):
                 raise cause from None
             raise
         except httptools.HttpParserError as err:
@@ -158,10 +171,27 @@ class Reader:
             self.fields.append((name, value))
         # else: a trailer after a chunked body, counted and dropped (never forwarded)
 
-    def on_chunk_header(self) -> None:
-        # A chunk-size line; if it was the last chunk, trailers follow and count.
+    def on_chunk_complete(self) -> None:
+        # A chunk's data ended: the next chunk-size line (extensions and all) counts, and
+        # after the last chunk, the trailers. The chunks of one body are counted too:
+        # thousands of tiny ones are a way to make each byte cost the proxy microseconds.
         self._start_counting()
         self.nfields = 0
+        self.chunks += 1
+        if self.chunks > MAX_TINY_CHUNKS and self.body_bytes < MIN_CHUNK_AVERAGE * self.chunks:
+            raise BadMessage(
+                self.malformed,
+                f"more than {MAX_TINY_CHUNKS} chunks averaging under {MIN_CHUNK_AVERAGE} bytes",
+            )
+
+    def _body_begins(self, chunked: bool) -> None:
+        """The head is done; a chunked body's first chunk-size line counts like the others."""
+        self.in_head = False
+        self.chunks = self.body_bytes = 0
+        if chunked:
+            self._start_counting()
+        else:
+            self.counting = False
 
 
 class RequestReader(Reader):
@@ -193,8 +223,6 @@ class RequestReader(Reader):
             raise BadMessage(414, "request line too long")
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
-        self.counting = False
         parser = self.requests
         head = framing.request_head(
             parser.get_method(),
@@ -205,10 +233,12 @@ class RequestReader(Reader):
             upgrading=parser.should_upgrade(),
         )
         self.fields = []
+        self._body_begins(head.body == framing.CHUNKED)
         self.sink.request_head(head)
 
     def on_body(self, body: bytes) -> None:
         self.counting = False
+        self.body_bytes += len(body)
         self.sink.request_body(body)
 
     def on_message_complete(self) -> None:
@@ -251,21 +281,16 @@ class ResponseReader(Reader):
         self.nfields = 0
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
-        self.counting = False
         if self.ended:
+            self._body_begins(False)
             return  # the head of an extra response (dirty): nobody asked for it
         parser = self.responses
         status = parser.get_status_code()
         head = framing.response_head(
-            status,
-            parser.get_http_version(),
-            self.fields,
-            keep_alive=parser.should_keep_alive(),
-            method=self.method,
-            upgrade=self.upgrade,
+            status, self.fields, parser.should_keep_alive(), self.method, self.upgrade
         )
         self.fields = []
+        self._body_begins(head.body == framing.CHUNKED)
         self.interim = status < 200 and status != 101
         self.sink.response_head(head)
         if self.method == "HEAD" and not self.interim and status != 101:
@@ -276,6 +301,7 @@ class ResponseReader(Reader):
 
     def on_body(self, body: bytes) -> None:
         self.counting = False
+        self.body_bytes += len(body)
         if self.skip_body or self.ended:
             self.dirty = True
             return

@@ -22,6 +22,10 @@ class Tunnel(Pair):
 
     __slots__ = ("conn", "endpoint")
 
+    # A WebSocket silent both ways for the idle timeout is dead or stuck: reset it, so no
+    # kernel buffer waits on a peer that stopped reading.
+    ABORT_WHEN_IDLE = True
+
     def __init__(
         self,
         conn: ClientConnection,

@@ -31,6 +31,20 @@ Hostname = Annotated[
         description="A lower-case DNS name, or *.suffix for any name below suffix.",
     ),
 ]
+PRECISE_HOSTNAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+PATTERN_HELP[PRECISE_HOSTNAME_PATTERN] = "a lower-case DNS name (api.example.com), no wildcard"
+PreciseHostname = Annotated[str, Field(max_length=253, pattern=PRECISE_HOSTNAME_PATTERN)]
+# A header value may hold any visible character, space and tab, never a control character:
+# a CR or LF would end the header line the proxy writes it on.
+HEADER_VALUE_PATTERN = r"^[^\x00-\x08\x0a-\x1f\x7f]*$"
+PATTERN_HELP[HEADER_VALUE_PATTERN] = "a header value without control characters (no CR, LF or NUL)"
+# Gateway API's HTTPPathModifier: RFC 3986 path characters and percent-escapes only.
+REWRITE_PATH_PATTERN = r"^/([-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*$"
+PATTERN_HELP[REWRITE_PATH_PATTERN] = (
+    "a path starting with '/' of RFC 3986 path characters and %XX escapes "
+    "(no space, '?' or control character)"
+)
+RewritePath = Annotated[str, Field(max_length=1024, pattern=REWRITE_PATH_PATTERN)]
 Method = Literal["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"]
 
 # Gateway API refuses these in Exact and PathPrefix values: they would never match a
@@ -119,7 +133,9 @@ class HeaderValue(Model):
     """A header name and value."""
 
     name: HeaderName = Field(description="Header name.")
-    value: str = Field(max_length=4096, description="Header value.")
+    value: str = Field(
+        max_length=4096, pattern=HEADER_VALUE_PATTERN, description="Header value (no control characters)."
+    )
 
 
 # Written by the proxy from its own parse or meaningful for one hop only: a modifier that
@@ -154,7 +170,7 @@ class HeaderModifier(Model):
             ("remove", self.remove),
         ):
             for index, name in enumerate(names):
-                if name.lower() in PROXY_MANAGED_HEADERS:
+                if name.lower().replace("_", "-") in PROXY_MANAGED_HEADERS:
                     hint = "; change the host with a URLRewrite filter" if name.lower() == "host" else ""
                     raise ValueError(
                         f"{op}[{index}]: header {name} is written by the proxy (framing or hop-by-hop) "
@@ -169,13 +185,9 @@ class PathModifier(Model):
     type: Literal["ReplaceFullPath", "ReplacePrefixMatch"] = Field(
         description="ReplaceFullPath or ReplacePrefixMatch."
     )
-    replaceFullPath: str | None = Field(
-        default=None, max_length=1024, description="New path for ReplaceFullPath."
-    )
-    replacePrefixMatch: str | None = Field(
-        default=None,
-        max_length=1024,
-        description="Replaces the matched prefix for ReplacePrefixMatch.",
+    replaceFullPath: RewritePath | None = Field(default=None, description="New path for ReplaceFullPath.")
+    replacePrefixMatch: RewritePath | None = Field(
+        default=None, description="Replaces the matched prefix for ReplacePrefixMatch."
     )
 
     @model_validator(mode="after")
@@ -194,9 +206,7 @@ class PathModifier(Model):
 class URLRewrite(Model):
     """Rewrite the request before it goes to the backend."""
 
-    hostname: Annotated[str, Field(max_length=253)] | None = Field(
-        default=None, description="New Host header."
-    )
+    hostname: PreciseHostname | None = Field(default=None, description="New Host header (a DNS name).")
     path: PathModifier | None = Field(default=None, description="New path.")
 
 
@@ -204,9 +214,7 @@ class RequestRedirect(Model):
     """Answer with a redirect instead of forwarding."""
 
     scheme: Literal["http", "https"] | None = Field(default=None, description="Scheme of the Location.")
-    hostname: Annotated[str, Field(max_length=253)] | None = Field(
-        default=None, description="Host of the Location."
-    )
+    hostname: PreciseHostname | None = Field(default=None, description="Host of the Location (a DNS name).")
     port: Port | None = Field(default=None, description="Port of the Location.")
     path: PathModifier | None = Field(default=None, description="Path of the Location.")
     statusCode: Literal[301, 302] = Field(default=302, description="301 or 302.")
