@@ -245,6 +245,10 @@ class Exchange:
         if not cluster.endpoints:
             self.local(503, "no ready endpoint")
             return
+        limit = listener.settings.max_body_size
+        if limit and head.body > limit:  # announced too big: refused before any backend sees it
+            self.local(413, "request body too large", close=True)
+            return
         self.cluster = cluster
         cluster.stats.requests += 1
         cluster.stats.active_requests += 1
