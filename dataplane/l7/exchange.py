@@ -533,7 +533,7 @@ class Exchange:
                 return
         elif status in (502, 503, 504):
             self.listener.health.report_failure(endpoint)
-        else:
+        elif endpoint.failures:  # (most answers find nothing to reset)
             self.listener.health.report_success(endpoint)
         self.resp_head = head
         self._send_response_head(head)

@@ -61,7 +61,7 @@ _HOST_NAMES: dict[bytes, str] = {}
 _HOST_NAMES_KEPT = 4096
 
 # Field kinds looked at while validating a head: one dict lookup per field decides.
-_HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP = range(7)
+_PLAIN, _HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP, _DISGUISED = range(9)
 _KINDS = {
     b"host": _HOST_FIELD,
     b"content-length": _LENGTH,
@@ -83,6 +83,35 @@ _RESPONSE_KINDS = {
     b"connection": _CONNECTION,
     b"upgrade": _UPGRADE,
 }
+
+
+class _FieldKinds(dict[bytes, int]):
+    """Field name as sent -> kind, learned: peers send the same names in the same case
+    over and over, so most fields cost one lookup, not a lower() and a search. Cleared when
+    full, so a peer sending random names cannot grow it."""
+
+    KEPT = 4096
+
+    def __init__(self, kinds: dict[bytes, int]) -> None:
+        super().__init__()
+        self.kinds = kinds
+
+    def __missing__(self, name: bytes) -> int:
+        lower = name.lower()
+        kind = self.kinds.get(lower, _PLAIN)
+        # A name with '_' for '-' in a framing or forwarding field: CGI-style backends
+        # (and gunicorn) read X-Forwarded_For as X-Forwarded-For. (Searched as 95, "_":
+        # `b"_" in name` tries the needle as an integer first, raising an exception.)
+        if kind == _PLAIN and 95 in lower and lower.replace(b"_", b"-") in PROTECTED:
+            kind = _DISGUISED
+        if len(self) >= self.KEPT:
+            self.clear()
+        self[name] = kind
+        return kind
+
+
+_REQUEST_FIELDS = _FieldKinds(_KINDS)
+_RESPONSE_FIELDS = _FieldKinds(_RESPONSE_KINDS)
 
 
 class BadMessage(Exception):
@@ -199,15 +228,10 @@ def request_head(
     upgrade = b""
     forwarded_for = b""
     headers: Headers = []
-    kinds = _KINDS
+    kinds = _REQUEST_FIELDS
     for field, value in fields:
-        lower = field.lower()
-        kind = kinds.get(lower)
-        if kind is None:
-            if 95 in lower and lower.replace(b"_", b"-") in PROTECTED:  # 95: "_"
-                raise BadMessage(
-                    400, f"header {field.decode('latin-1')} is refused: spell it with '-' instead of '_'"
-                )
+        kind = kinds[field]
+        if kind == _PLAIN:
             headers.append((field, value))
         elif kind == _HOST_FIELD:
             hosts.append(value)
@@ -223,6 +247,10 @@ def request_head(
             upgrade = value.split(b",", 1)[0].strip().lower()
         elif kind == _XFF:
             forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+        elif kind == _DISGUISED:
+            raise BadMessage(
+                400, f"header {field.decode('latin-1')} is refused: spell it with '-' instead of '_'"
+            )
     if chunked:
         if version == "1.0":
             raise BadMessage(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
@@ -306,15 +334,11 @@ def response_head(
     close = False
     named: set[bytes] = set()
     headers: Headers = []
-    kinds = _RESPONSE_KINDS
+    kinds = _RESPONSE_FIELDS
     for field, value in fields:
-        lower = field.lower()
-        kind = kinds.get(lower)
-        if kind is None:
-            # Never forwarded: a client could read an underscore spelling of a framing or
-            # forwarding field as the field itself.
-            if not (95 in lower and lower.replace(b"_", b"-") in PROTECTED):
-                headers.append((field, value))
+        kind = kinds[field]
+        if kind == _PLAIN:
+            headers.append((field, value))
         elif kind == _LENGTH:
             length = _length(value, length, 502)
         elif kind == _TE:
@@ -331,7 +355,8 @@ def response_head(
                 named.update(tokens)
         elif kind == _UPGRADE and status == 101:
             headers.append((field, value))
-        # else: hop-by-hop, never forwarded
+        # else: hop-by-hop, or an underscore spelling of a framing or forwarding field
+        # (a client could read it as the field itself): never forwarded
     if named:
         headers = _drop_named(headers, named)
     if status < 200 or status in (204, 304) or method == "HEAD":

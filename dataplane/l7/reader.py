@@ -184,14 +184,10 @@ class Reader:
                 f"more than {MAX_TINY_CHUNKS} chunks averaging under {MIN_CHUNK_AVERAGE} bytes",
             )
 
-    def _body_begins(self, chunked: bool) -> None:
-        """The head is done; a chunked body's first chunk-size line counts like the others."""
-        self.in_head = False
+    def _body_begins(self) -> None:
+        """A chunked body begins: its first chunk-size line counts like the others."""
         self.chunks = self.body_bytes = 0
-        if chunked:
-            self._start_counting()
-        else:
-            self.counting = False
+        self._start_counting()
 
 
 class RequestReader(Reader):
@@ -233,7 +229,11 @@ class RequestReader(Reader):
             upgrading=parser.should_upgrade(),
         )
         self.fields = []
-        self._body_begins(head.body == framing.CHUNKED)
+        self.in_head = False
+        if head.body == framing.CHUNKED:
+            self._body_begins()
+        else:
+            self.counting = False
         self.sink.request_head(head)
 
     def on_body(self, body: bytes) -> None:
@@ -281,8 +281,9 @@ class ResponseReader(Reader):
         self.nfields = 0
 
     def on_headers_complete(self) -> None:
+        self.in_head = False
         if self.ended:
-            self._body_begins(False)
+            self.counting = False
             return  # the head of an extra response (dirty): nobody asked for it
         parser = self.responses
         status = parser.get_status_code()
@@ -290,7 +291,10 @@ class ResponseReader(Reader):
             status, self.fields, parser.should_keep_alive(), self.method, self.upgrade
         )
         self.fields = []
-        self._body_begins(head.body == framing.CHUNKED)
+        if head.body == framing.CHUNKED:
+            self._body_begins()
+        else:
+            self.counting = False
         self.interim = status < 200 and status != 101
         self.sink.response_head(head)
         if self.method == "HEAD" and not self.interim and status != 101:

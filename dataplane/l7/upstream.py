@@ -110,7 +110,8 @@ class Upstream(asyncio.Protocol):
             return
         finally:
             self.feeding = False
-            exchange.flush()
+            if exchange.batch is not None:
+                exchange.flush()
         if rest is not None:
             if self.exchange is not None:
                 self.exchange.upstream_upgraded(rest)
