@@ -9,6 +9,7 @@ token configured the API must be bound to loopback (the caller enforces that).
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,11 @@ def _json(body: dict[str, Any], status: int = 200) -> web.Response:
     return web.json_response(body, status=status, dumps=lambda v: json.dumps(v, indent=2) + "\n")
 
 
+def _too_deep(dataplane: Dataplane) -> web.Response:
+    dataplane.tables_refused += 1
+    return _json({"error": "not a table: JSON nested too deep"}, status=400)
+
+
 def build_app(
     dataplane: Dataplane,
     token: str | None,
@@ -48,8 +54,10 @@ def build_app(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         if token and request.path not in _OPEN_PATHS:
-            sent = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+            # aiohttp hands undecodable header bytes on as surrogates: encode them back to
+            # the bytes that were sent, so any such header compares as wrong, never raises.
+            sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(sent, f"Bearer {token}".encode()):
                 return _json({"error": "missing or wrong bearer token"}, status=401)
         return await handler(request)
 
@@ -99,6 +107,8 @@ def build_app(
         try:
             with gc_paused():  # a table of 10,000 routes is some 200,000 objects
                 table = Table.parse(body)
+        except RecursionError:
+            return _too_deep(dataplane)
         except TableError as err:
             dataplane.tables_refused += 1
             log.warning("table refused", extra=fields(error=str(err), remote=request.remote))
@@ -120,6 +130,8 @@ def build_app(
         try:
             change = delta.parse(body)
             changed = await dataplane.apply_delta(change)
+        except RecursionError:  # json.loads of arrays nested 100,000 deep
+            return _too_deep(dataplane)
         except delta.BaseMismatch as err:
             return _json({"error": str(err), **brief()}, status=412)
         except GenerationConflict as err:
@@ -161,4 +173,11 @@ async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+    """Whether host is a loopback address (or "localhost"): a name such as
+    127.example.com resolves anywhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

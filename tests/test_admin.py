@@ -124,3 +124,58 @@ async def test_corrupt_saved_table_is_ignored(tmp_path: Path) -> None:
     dataplane = Dataplane(Settings(state_dir=tmp_path), factories={})
     assert not await dataplane.load_persisted()
     assert not dataplane.ready
+
+
+async def raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:
+    """One request sent as bytes (aiohttp would refuse to send what these tests need)."""
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return answer
+
+
+def port_of(admin: Admin) -> int:
+    return int(admin.url.rsplit(":", 1)[1])
+
+
+async def test_a_non_utf8_authorization_header_is_refused_not_a_server_error(admin: Admin) -> None:
+    answer = await raw_request(
+        port_of(admin), b"GET /v1/table HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xc3\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+
+
+async def test_json_nested_too_deep_is_a_bad_request(admin: Admin) -> None:
+    await admin.call("PUT", "/v1/table", table("l7-basic", 1).to_json())
+    deep = "[" * 100_000 + "]" * 100_000
+    for method in ("PATCH", "PUT"):
+        status, body = await admin.call(method, "/v1/table", deep)
+        assert status == 400, (method, status, body[:200])
+    deep_object = '{"changes": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert (await admin.call("PATCH", "/v1/table", deep_object))[0] == 400
+    assert (await admin.call("GET", "/v1/table"))[0] == 200  # and it still serves
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("localhost", True),
+        ("127.example.com", False),
+        ("127.0.0.1.nip.io", False),
+        ("1270.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+    ],
+)
+def test_is_loopback_means_a_loopback_address(host: str, loopback: bool) -> None:
+    from dataplane.admin import is_loopback
+
+    assert is_loopback(host) is loopback
