@@ -22,7 +22,7 @@ from . import delta
 from .eventloop import gc_paused
 from .logs import fields
 from .metrics import DataplaneCollector
-from .runtime import Dataplane, GenerationConflict
+from .runtime import Dataplane, GenerationConflict, StaleTerm
 from .table import Table, TableError
 
 log = logging.getLogger("bilayer.admin")
@@ -30,6 +30,10 @@ log = logging.getLogger("bilayer.admin")
 StatusProvider = Callable[[], dict[str, Any]]
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 MAX_TABLE_BYTES = 256 * 1024 * 1024
+# The pushing operator's leadership term, "<leaseTransitions>/<holder>": a pod refuses
+# (403) a push whose term is older than one it has seen, so a deposed leader that has
+# not noticed yet cannot undo its successor's table.
+TERM_HEADER = "Bilayer-Term"
 
 
 def _json(body: dict[str, Any], status: int = 200) -> web.Response:
@@ -39,6 +43,11 @@ def _json(body: dict[str, Any], status: int = 200) -> web.Response:
 def _too_deep(dataplane: Dataplane) -> web.Response:
     dataplane.tables_refused += 1
     return _json({"error": "not a table: JSON nested too deep"}, status=400)
+
+
+def _stale(err: StaleTerm) -> web.Response:
+    log.warning("push from an older leader term refused", extra=fields(error=str(err)))
+    return _json({"error": str(err)}, status=403)
 
 
 def build_app(
@@ -86,6 +95,7 @@ def build_app(
         return {
             "version": table.version if table else None,
             "generation": table.generation if table else None,
+            "term": dataplane.term_text,
             "listeners": listeners,
         }
 
@@ -96,6 +106,7 @@ def build_app(
         return {
             "version": table.version if table else None,
             "generation": table.generation if table else None,
+            "term": dataplane.term_text,
             "failedListeners": {str(p): e for p, e in sorted(dataplane.listener_errors.items())},
         }
 
@@ -114,7 +125,9 @@ def build_app(
             log.warning("table refused", extra=fields(error=str(err), remote=request.remote))
             return _json({"error": str(err)}, status=400)
         try:
-            changed = await dataplane.apply(table)
+            changed = await dataplane.apply(table, term=request.headers.get(TERM_HEADER), fenced=True)
+        except StaleTerm as err:
+            return _stale(err)
         except GenerationConflict as err:
             return _json({"error": str(err), **brief()}, status=409)
         except TableError as err:  # found while preparing, e.g. a certificate that does not load
@@ -129,9 +142,11 @@ def build_app(
         body = await request.read()
         try:
             change = delta.parse(body)
-            changed = await dataplane.apply_delta(change)
+            changed = await dataplane.apply_delta(change, term=request.headers.get(TERM_HEADER), fenced=True)
         except RecursionError:  # json.loads of arrays nested 100,000 deep
             return _too_deep(dataplane)
+        except StaleTerm as err:
+            return _stale(err)
         except delta.BaseMismatch as err:
             return _json({"error": str(err), **brief()}, status=412)
         except GenerationConflict as err:

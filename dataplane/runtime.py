@@ -39,6 +39,20 @@ class GenerationConflict(Exception):
         self.current = current
 
 
+class StaleTerm(Exception):
+    """A push from an operator whose leadership term is older than one already seen: a
+    deposed leader that does not know it yet. Refused, so that it cannot undo the
+    current leader's table."""
+
+
+def parse_term(value: str) -> tuple[int, str]:
+    """A term header, "<leaseTransitions>/<holder>"; ValueError when malformed."""
+    count, sep, holder = value.partition("/")
+    if not sep or not holder or not count.isdigit() or len(value) > 300:
+        raise ValueError(f"a term is <lease transitions>/<holder>, not {value[:80]!r}")
+    return int(count), holder
+
+
 class ServingListener(Protocol):
     """A running listener on one port; L4 and L7 listeners implement it."""
 
@@ -106,6 +120,9 @@ class Dataplane:
         self._draining: set[asyncio.Task[None]] = set()
         self._persisting: asyncio.Task[None] | None = None
         self.persist_delay = 1.0  # seconds; saves of a burst of changes are merged
+        # The newest leadership term that pushed to this pod (see controlplane.leader).
+        self.term: tuple[int, str] | None = None
+        self.stale_pushes = 0
 
     @property
     def ready(self) -> bool:
@@ -115,8 +132,58 @@ class Dataplane:
     def state_file(self) -> Path | None:
         return self.settings.state_dir / "table.json" if self.settings.state_dir else None
 
+    def admit(self, term: str | None) -> None:
+        """Fencing: accept a push of this term (None: an operator without leader
+        election), or raise StaleTerm. A newer term is remembered (and saved)."""
+        if term is None:
+            if self.term is not None:
+                self.stale_pushes += 1
+                raise StaleTerm(f"this pod is programmed by term {self._term_text()}; a push needs a term")
+            return
+        try:
+            pushed = parse_term(term)
+        except ValueError as err:
+            raise TableError(f"Bilayer-Term header: {err}") from None
+        current = self.term
+        if current is not None and (
+            pushed[0] < current[0] or (pushed[0] == current[0] and pushed != current)
+        ):
+            self.stale_pushes += 1
+            raise StaleTerm(f"term {term} is older than term {self._term_text()}, which programs this pod")
+        if pushed != current:
+            self.term = pushed
+            self._save_term()
+            log.info("new leader term", extra=fields(term=term))
+
+    @property
+    def term_text(self) -> str | None:
+        return self._term_text() if self.term else None
+
+    def _term_text(self) -> str:
+        return f"{self.term[0]}/{self.term[1]}" if self.term else "none"
+
+    def _save_term(self) -> None:
+        if self.settings.state_dir is None or self.term is None:
+            return
+        try:
+            self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+            (self.settings.state_dir / "term").write_text(self._term_text())
+        except OSError as err:
+            log.error("cannot save the term", extra=fields(error=str(err)))
+
+    def load_term(self) -> None:
+        """The newest term seen before a restart, so a restarted pod stays fenced."""
+        if self.settings.state_dir is None:
+            return
+        path = self.settings.state_dir / "term"
+        try:
+            self.term = parse_term(path.read_text().strip()) if path.exists() else None
+        except (OSError, ValueError) as err:
+            log.error("ignoring the saved term", extra=fields(path=str(path), error=str(err)))
+
     async def load_persisted(self) -> bool:
         """Serve the last good table from disk, if there is one; True when loaded."""
+        self.load_term()
         path = self.state_file
         if path is None or not path.exists():
             return False
@@ -132,15 +199,20 @@ class Dataplane:
         )
         return True
 
-    async def apply(self, table: Table, *, persist: bool = True) -> bool:
+    async def apply(
+        self, table: Table, *, persist: bool = True, term: str | None = None, fenced: bool = False
+    ) -> bool:
         """Swap table in; False when it is the table already served (nothing changes).
 
-        Raises GenerationConflict for a push older than the current table. The caller has
+        Raises GenerationConflict for a push older than the current table, and (when
+        fenced: a push over the admin API) StaleTerm for a push of an older term. The caller has
         validated the table (Table.parse); listeners that cannot bind are reported in
         listener_errors and the rest of the table is served.
         """
         table = table if table.version else table.stamped(table.generation)
         async with self._lock:
+            if fenced:
+                self.admit(term)
             if not await self._swap(table):
                 return False
             if persist:
@@ -156,7 +228,9 @@ class Dataplane:
         )
         return True
 
-    async def apply_delta(self, change: delta.Delta) -> bool:
+    async def apply_delta(
+        self, change: delta.Delta, *, term: str | None = None, fenced: bool = False
+    ) -> bool:
         """Patch the served table with change and swap the result in, as apply() does.
 
         Raises delta.BaseMismatch when change was made for another version (the pusher
@@ -164,6 +238,8 @@ class Dataplane:
         GenerationConflict as apply() does.
         """
         async with self._lock:
+            if fenced:
+                self.admit(term)
             if self.table is None:
                 raise delta.BaseMismatch("no table is served yet; push the whole table")
             if self.table.version == change.version:

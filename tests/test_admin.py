@@ -179,3 +179,33 @@ def test_is_loopback_means_a_loopback_address(host: str, loopback: bool) -> None
     from dataplane.admin import is_loopback
 
     assert is_loopback(host) is loopback
+
+
+async def put(admin: Admin, body: str, term: str | None) -> tuple[int, dict[str, object]]:
+    headers = {"Authorization": f"Bearer {TOKEN}", **({"Bilayer-Term": term} if term else {})}
+    async with admin.session.put(admin.url + "/v1/table", data=body, headers=headers) as response:
+        return response.status, json.loads(await response.text())
+
+
+async def test_pushes_from_an_older_leader_term_are_refused(admin: Admin, tmp_path: Path) -> None:
+    """Fencing: a deposed leader that has not noticed yet cannot undo its successor's table."""
+    status, answer = await put(admin, table("l7-basic", 1).to_json(), "3/operator-a")
+    assert status == 200 and answer["term"] == "3/operator-a"
+    status, answer = await put(admin, table("l4-basic", 2).to_json(), "4/operator-b")  # the next leader
+    assert status == 200 and answer["term"] == "4/operator-b"
+    stale = table("shared-cluster", 9)
+    for term in ("3/operator-a", "4/operator-a", None):  # older; same count, other holder; none
+        status, answer = await put(admin, stale.to_json(), term)
+        assert status == 403, (term, answer)
+    patch = '{"base": "x", "version": "y", "generation": 10, "changes": []}'
+    headers = {"Authorization": f"Bearer {TOKEN}", "Bilayer-Term": "3/operator-a"}
+    async with admin.session.patch(admin.url + "/v1/table", data=patch, headers=headers) as response:
+        assert response.status == 403
+    status, _ = await put(admin, stale.to_json(), "not-a-term")
+    assert status == 400
+    assert admin.dataplane.table is not None and admin.dataplane.table.generation == 2
+    # The term survives a restart (it is saved with the table).
+    restarted = Dataplane(Settings(address="127.0.0.1", state_dir=tmp_path), factories={})
+    await restarted.load_persisted()
+    assert restarted.term == (4, "operator-b")
+    await restarted.close()
