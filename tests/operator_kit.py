@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import kmock
-import kopf
 
 from controlplane.cluster import Operator, OperatorSettings
 from controlplane.kube import Credentials, KubeClient, resource_path
@@ -216,12 +215,13 @@ class Cluster:
             "max_holdoff": 0.2,
             "resync": 2.0,
             "status_delay": 0.05,
+            "health_port": None,
         }
         settings = OperatorSettings(**{**defaults, **overrides})
         url = self.url
 
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=url, priority=100, insecure=True)
+        def login(**_: Any) -> Credentials:
+            return Credentials(server=url, insecure=True)
 
         self._stop.clear()
         self._ready.clear()

@@ -105,6 +105,13 @@ def test_pods_are_locked_down(values: list[str]) -> None:
             assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
             assert container["lifecycle"]["preStop"]
             assert pod["terminationGracePeriodSeconds"] >= 35
+        if container["name"] == "operator":
+            port = container["ports"][0]["containerPort"]
+            assert f"--health-port={port}" in container["args"]
+            assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            startup = container["startupProbe"]
+            assert startup["httpGet"]["path"] == "/readyz"
+            assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
 
 def test_rbac_is_least_privilege() -> None:
@@ -200,10 +207,8 @@ async def test_the_operator_entry_point_starts_as_the_chart_runs_it(tmp_path: Pa
 
     _, container = next((d, c) for d, c in containers(render()) if c["name"] == "operator")
     health = free_port()
-    args = [
-        a if not a.startswith("--liveness") else f"--liveness=http://127.0.0.1:{health}/healthz"
-        for a in _args(container)
-    ]
+    args = [a if not a.startswith("--health-port") else f"--health-port={health}" for a in _args(container)]
+    args.append("--health-address=127.0.0.1")
     async with running_cluster() as cluster:
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(

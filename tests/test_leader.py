@@ -1,45 +1,171 @@
-"""Leader election on a Lease: one holder at a time, takeover after expiry."""
+"""Leader election on a Lease, as client-go does it.
+
+An in-memory Lease store (with resourceVersion checks, like the API server's) that can
+hang or fail calls; short durations (lease 1.5 s > renew deadline 1 s > retry 0.2 s).
+The real API server's side is in tests/test_envtest_operator.py (two replicas).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import datetime
+from typing import Any
 
-from controlplane.kube import Credentials, KubeClient
-from controlplane.leader import Leader
+import aiohttp
+import pytest
+
+from controlplane.kube import KubeError
+from controlplane.leader import Leader, Term
 
 from .helpers import async_wait_for
-from .operator_kit import running_cluster
+
+LEASE = dict(lease_seconds=1.5, renew_deadline=1.0, retry_period=0.2)
 
 
-async def test_one_leader_and_takeover_after_expiry() -> None:
-    async with running_cluster() as cluster:
-        events: list[tuple[str, bool]] = []
-        clients = [KubeClient(Credentials(server=cluster.url)) for _ in range(2)]
-        leaders = [
-            Leader(
-                client,
-                "bilayer-system",
-                f"replica-{i}",
-                lease_seconds=1,
-                renew_seconds=0.1,
-                on_change=lambda leading, i=i: events.append((f"replica-{i}", leading)),
-            )
-            for i, client in enumerate(clients)
-        ]
-        tasks = [asyncio.create_task(leader.run()) for leader in leaders]
-        await async_wait_for(lambda: any(leader.leading for leader in leaders), what="a leader")
-        await asyncio.sleep(0.5)
-        assert sum(leader.leading for leader in leaders) == 1  # never two
-        first = next(leader for leader in leaders if leader.leading)
-        other = next(leader for leader in leaders if leader is not first)
-        tasks[leaders.index(first)].cancel()  # the leader dies without releasing
-        await async_wait_for(lambda: other.leading, deadline_s=10, what="the standby to take over")
-        lease = await cluster.api.get(
-            "/apis/coordination.k8s.io/v1/namespaces/bilayer-system/leases/bilayer-operator"
-        )
-        assert lease is not None and lease["spec"]["holderIdentity"] == other.identity
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for client in clients:
-            await client.close()
+class Leases:
+    """One Lease, kept like the API server keeps it; calls can be made to hang or fail."""
+
+    def __init__(self) -> None:
+        self.lease: dict[str, Any] | None = None
+        self.version = 0
+        self.hang = asyncio.Event()  # set: every call hangs
+        self.fail = False  # every call fails as a dropped connection does
+        self.calls = 0
+
+    async def _gate(self) -> None:
+        self.calls += 1
+        if self.hang.is_set():
+            await asyncio.Event().wait()
+        if self.fail:
+            raise aiohttp.ServerDisconnectedError()
+
+    async def get(self, path: str) -> dict[str, Any] | None:
+        await self._gate()
+        return copy.deepcopy(self.lease)
+
+    async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        await self._gate()
+        if self.lease is not None:
+            raise KubeError(409, "exists")
+        self.version += 1
+        self.lease = {
+            **copy.deepcopy(body),
+            "metadata": {**body["metadata"], "resourceVersion": str(self.version)},
+        }
+        return copy.deepcopy(self.lease)
+
+    async def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        await self._gate()
+        assert self.lease is not None
+        if body["metadata"]["resourceVersion"] != self.lease["metadata"]["resourceVersion"]:
+            raise KubeError(409, "the object has been modified")
+        self.version += 1
+        spec = {k: v for k, v in {**self.lease["spec"], **body["spec"]}.items() if v is not None}
+        self.lease = {
+            **self.lease,
+            "spec": spec,
+            "metadata": {**self.lease["metadata"], "resourceVersion": str(self.version)},
+        }
+        return copy.deepcopy(self.lease)
+
+
+class Replica:
+    def __init__(self, leases: Leases, name: str, **options: Any) -> None:
+        self.changes: list[Term | None] = []
+        self.leader = Leader(leases, "ns", name, on_change=self.changes.append, **{**LEASE, **options})  # type: ignore[arg-type]
+        self.task = asyncio.create_task(self.leader.run())
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def stop_all(*replicas: Replica) -> None:
+    for replica in replicas:
+        await replica.stop()
+
+
+async def test_one_leader_then_the_standby_takes_over_after_the_lease_expires() -> None:
+    leases = Leases()
+    a, b = Replica(leases, "a"), Replica(leases, "b")
+    await async_wait_for(lambda: a.leader.leading or b.leader.leading, what="a leader")
+    first, other = (a, b) if a.leader.leading else (b, a)
+    for _ in range(10):  # a few retry periods: still one leader
+        await asyncio.sleep(0.1)
+        assert a.leader.leading != b.leader.leading
+    assert first.leader.term == Term(0, first.leader.identity)
+    await first.stop()  # dies without releasing
+    loop = asyncio.get_running_loop()
+    gone = loop.time()
+    await async_wait_for(lambda: other.leader.leading, deadline_s=5, what="the standby to take over")
+    # Not before a lease duration after the standby last saw the record change (it looks
+    # every retry period, up to 0.24 s apart).
+    assert loop.time() - gone >= 1.5 - 0.24 - 0.1
+    assert other.leader.term == Term(1, other.leader.identity)  # a new term
+    await stop_all(other)
+
+
+async def test_expiry_is_measured_on_the_observers_clock_not_by_comparing_with_renew_time() -> None:
+    """A standby whose wall clock is 16 s ahead of the leader's does not take a Lease that
+    is being renewed (before: it compared renewTime with its own clock and took it)."""
+    leases = Leases()
+    a = Replica(leases, "a")
+    await async_wait_for(lambda: a.leader.leading, what="a to lead")
+    ahead = Replica(
+        leases, "b", wall=lambda: datetime.datetime.now(tz=datetime.UTC) + datetime.timedelta(seconds=16)
+    )
+    await asyncio.sleep(2.5)  # more than a lease duration of tries
+    assert a.leader.leading and not ahead.leader.leading
+    assert ahead.changes == []
+    await stop_all(a, ahead)
+
+
+async def test_a_hung_renewal_steps_down_within_the_renew_deadline_and_the_process_lives_on() -> None:
+    leases = Leases()
+    a = Replica(leases, "a")
+    await async_wait_for(lambda: a.leader.leading, what="a to lead")
+    loop = asyncio.get_running_loop()
+    leases.hang.set()  # every call hangs from now on (before: one renew could hang 30 s)
+    hung = loop.time()
+    await async_wait_for(lambda: not a.leader.leading, deadline_s=3, what="a to step down")
+    # Stepped down before the Lease expires for anyone else (lease 1.5 s after the last renewal).
+    assert loop.time() - hung < 1.5
+    assert a.changes[-1] is None and not a.task.done()  # a candidate again, not exited
+    leases.hang.clear()
+    await async_wait_for(lambda: a.leader.leading, deadline_s=5, what="a to lead again")
+    assert a.leader.term == Term(1, "a")  # a new term: pushes of the old one are refused
+    await stop_all(a)
+
+
+async def test_failed_renewals_within_the_deadline_keep_leadership() -> None:
+    leases = Leases()
+    a = Replica(leases, "a")
+    await async_wait_for(lambda: a.leader.leading, what="a to lead")
+    leases.fail = True
+    await asyncio.sleep(0.5)  # two or three failed renewals, within the 1 s deadline
+    leases.fail = False
+    await asyncio.sleep(1.0)
+    assert a.changes == [Term(0, "a")]  # never lost
+    await stop_all(a)
+
+
+async def test_release_on_shutdown_hands_over_at_once() -> None:
+    leases = Leases()
+    a = Replica(leases, "a", lease_seconds=30, renew_deadline=20)
+    await async_wait_for(lambda: a.leader.leading, what="a to lead")
+    b = Replica(leases, "b", lease_seconds=30, renew_deadline=20)
+    await asyncio.sleep(0.3)
+    await a.leader.release()
+    await a.stop()
+    loop = asyncio.get_running_loop()
+    released = loop.time()
+    await async_wait_for(lambda: b.leader.leading, deadline_s=5, what="b to take over")
+    assert loop.time() - released < 1.0  # a retry period, not the 30 s lease
+    assert a.changes == [Term(0, "a"), None]
+    await stop_all(b)
+
+
+def test_durations_must_be_ordered() -> None:
+    with pytest.raises(ValueError, match="lease duration > renew deadline > retry period"):
+        Leader(Leases(), "ns", "a", lease_seconds=10, renew_deadline=10, retry_period=2)  # type: ignore[arg-type]

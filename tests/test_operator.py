@@ -97,7 +97,7 @@ async def test_route_lifecycle_programs_every_pod(cluster: Cluster, web: HTTPBac
     port = free_port()
     await cluster.create(l7route("api", port, "/api"))
     programmed = await cluster.wait_condition("L7Route", "api", "Programmed", generation=1)
-    assert programmed["message"] == "2/2 dataplane pods"
+    assert programmed["message"] == "served by every dataplane pod that serves a table"
     conditions = await cluster.conditions("L7Route", "default", "api")
     assert conditions["Accepted"]["status"] == "True" and conditions["ResolvedRefs"]["status"] == "True"
     for pod in cluster.pods:
@@ -342,7 +342,7 @@ async def test_a_pod_with_another_token_is_retried_not_given_up(cluster: Cluster
     port = free_port()
     await cluster.create(l7route("api", port))
     pending = await cluster.wait_condition("L7Route", "api", "Programmed", status="False")
-    assert pending["message"] == "0/1 dataplane pods"
+    assert pending["reason"] == "NoDataplanes"  # the pod answers 401: it serves nothing we know of
     state = next(iter(cluster.operator.publisher.pods.values()))
     await async_wait_for(lambda: state.failures >= 2, what="retries")
     assert state.refused_version is None and "answered 401" in (state.error or "")

@@ -185,12 +185,16 @@ def cmd_operator(args: argparse.Namespace) -> int:
         max_holdoff=args.max_holdoff,
         leader_election=not args.no_leader_election,
         lease_name=args.lease_name,
+        health_address=args.health_address,
+        health_port=args.health_port or None,
+        api_qps=args.api_qps,
+        api_burst=args.api_burst,
     )
     if settings.admin_token is None:
         raise SystemExit(
             "the operator needs the dataplanes' admin token: set BILAYER_ADMIN_TOKEN or --admin-token-file"
         )
-    eventloop.run(run(settings, liveness=args.liveness))
+    eventloop.run(run(settings))
     return 0
 
 
@@ -345,7 +349,7 @@ def parser() -> argparse.ArgumentParser:
         "operator",
         help="watch the cluster and program the dataplane pods",
         description="Watch L4Listeners, L7Routes, Services, EndpointSlices and TLS Secrets; compile one "
-        "table; push it to every ready dataplane pod; write status. Two replicas: the Lease holder acts.",
+        "table; push it to every running dataplane pod; write status. Two replicas: the Lease holder acts.",
     )
     p.add_argument(
         "--namespace",
@@ -390,7 +394,24 @@ def parser() -> argparse.ArgumentParser:
         "--no-leader-election", action="store_true", help="act without holding the Lease (a single replica)"
     )
     p.add_argument("--lease-name", default="bilayer-operator", help="the Lease whose holder acts")
-    p.add_argument("--liveness", default="http://0.0.0.0:8080/healthz", help="kopf's liveness endpoint")
+    p.add_argument(
+        "--health-address",
+        default="0.0.0.0",
+        help="address of /healthz, /readyz and /metrics (default 0.0.0.0)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=9902,
+        help="port of /healthz, /readyz and /metrics (default 9902; 0: none)",
+    )
+    p.add_argument(
+        "--api-qps",
+        type=float,
+        default=100.0,
+        help="API calls a second, on average (watches excluded; default 100)",
+    )
+    p.add_argument("--api-burst", type=int, default=200, help="API calls allowed in a burst (default 200)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_operator)
 

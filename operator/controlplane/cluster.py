@@ -1,10 +1,12 @@
 """The operator in a cluster: watch events in, pushed tables and honest status out.
 
-kopf delivers events (controlplane/main.py); this module does the rest: the initial
-listing (nothing compiles before it is complete), the compile loop, pushes to the
-dataplane pods, `Programmed` from their acknowledgements, the dataplane Service's ports.
-It keeps no state of its own beyond caches: a restarted operator lists, compiles the
-same table, finds the pods already serving it and pushes nothing.
+kopf runs the process (controlplane/main.py: login, startup, shutdown); this module does
+the rest: list and watch every kind (controlplane.informer; nothing compiles before every
+list is complete), the compile loop, leader election, pushes to the dataplane pods,
+`Programmed` from their acknowledgements, the dataplane Service's ports, health and
+metrics. Every long-lived task is supervised. It keeps no state of its own beyond caches:
+a restarted operator lists, compiles the same table, finds the pods already serving it
+and pushes nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+
+from aiohttp import web
 
 from dataplane.eventloop import freeze_heap
 from dataplane.logs import fields
@@ -26,14 +29,18 @@ from . import status
 from .compiler import Compiled, ObjectKey
 from .compiler import conditions as c
 from .compiler.snapshot import ROUTE_KINDS
-from .kube import KubeClient, KubeError, resource_path
-from .leader import Leader
+from .informer import Informer
+from .kube import TRANSIENT, KubeClient, KubeError, backoff, resource_path
+from .leader import Leader, Term
 from .loop import CompileLoop
-from .publisher import Pod, Publisher
+from .observe import Metrics, health_app
+from .publisher import Pod, PodState, Publisher
 from .resources.common import Condition
+from .resources.kube import TLS_SECRET_TYPE
 from .statuswriter import StatusWriter, reconcile_service_ports
 from .statuswriter import observed_conditions as _conditions
-from .store import KINDS, Store
+from .store import KINDS, Kind, Store
+from .supervisor import Supervisor
 
 log = logging.getLogger("bilayer.operator")
 
@@ -68,6 +75,16 @@ class OperatorSettings:
     status_settle: float = 10.0  # wait up to this long for pushes to settle before a pass
     leader_election: bool = True
     lease_name: str = "bilayer-operator"
+    # /healthz, /readyz, /metrics. Not kopf's 0.0.0.0:8080: where operator and
+    # dataplanes share a network, that took port 8080 from listeners.
+    health_address: str = "0.0.0.0"
+    health_port: int | None = 9902
+    # Client-side rate limit of API calls (watches excluded). client-go's default is 5
+    # QPS (controller-runtime's 20, burst 30): a first start at 10,000 routes writes
+    # 11,000 statuses, 2 minutes at 100 a second, 9 at 20. The API server's priority
+    # and fairness still protects it; 429s are honoured with backoff.
+    api_qps: float = 100.0
+    api_burst: int = 200
 
 
 def _summary(conditions: list[Condition]) -> tuple[tuple[Any, ...], ...]:
@@ -81,20 +98,24 @@ class Operator:
     def __init__(self, settings: OperatorSettings, client: KubeClient) -> None:
         self.settings = settings
         self.client = client
+        self.metrics = Metrics()
+        self.supervisor = Supervisor(self.metrics)
         self.store = Store()
         self.loop = CompileLoop(
             self.store.snapshot,
             self._compiled,
             holdoff=settings.holdoff,
             max_holdoff=settings.max_holdoff,
+            metrics=self.metrics,
         )
         self.publisher = Publisher(
             settings.admin_token,
             resync=settings.resync,
             on_change=self._acks_changed,
             on_conflict=self._conflict,
+            metrics=self.metrics,
         )
-        self.status = StatusWriter(client, self.store)
+        self.status = StatusWriter(client, self.store, metrics=self.metrics)
         self.latest: Compiled | None = None
         # Which table generation each compiled version has, and for each served object
         # the generation of the first table that served it as it is now: a pod that
@@ -103,7 +124,9 @@ class Operator:
         self.versions: OrderedDict[str, int] = OrderedDict()
         self.since: dict[ObjectKey, int] = {}
         self.pods: dict[str, Pod] = {}
-        self.leading = not settings.leader_election
+        self.leading = False
+        self.leader: Leader | None = None
+        self.informers: list[Informer] = []
         self._status_due = asyncio.Event()
         self._wanted: dict[ObjectKey, tuple[tuple[Any, ...], ...]] = {}  # last desired, summarized
         # Objects whose desired status must be worked out again at the next status pass:
@@ -113,72 +136,120 @@ class Operator:
         self._unprogrammed: set[ObjectKey] = set()
         self._recheck_all = True
         self._pods_view: tuple[Any, ...] = ()
+        self._first_pass = True
         self._service_ports: tuple[Any, ...] | None = None
         self._service_checked = 0.0
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._health: web.AppRunner | None = None
         self.synced = asyncio.Event()
 
     # --- life cycle ---
 
     async def start(self) -> None:
-        """List everything, learn what the pods serve, then start compiling (if leading)."""
+        """Serve health, list and watch everything, then compile (when leading)."""
+        if self.settings.health_port is not None:
+            app = health_app(self.metrics, self.supervisor_healthy, self.synced.is_set, self._refresh_metrics)
+            self._health = web.AppRunner(app, access_log=None, handle_signals=False)
+            await self._health.setup()
+            await web.TCPSite(self._health, self.settings.health_address, self.settings.health_port).start()
+        scopes: list[str | None] = [*self.settings.watch_namespaces] or [None]
         for kind in KINDS:
-            items: list[dict[str, Any]] = []
-            scopes: list[str | None] = [*self.settings.watch_namespaces] or [None]
             for namespace in scopes:
-                found, _ = await self.client.list(
-                    resource_path(kind.group, kind.version, kind.plural, namespace)
-                )
-                items += found
-            self.store.replace_all(kind.kind, items)
+                self._inform(kind, namespace)
+        pods = Informer(
+            self.client,
+            "pods",
+            resource_path("", "v1", "pods", self.settings.namespace),
+            self._pods_listed,
+            self._pod_event,
+            params=self._selector,
+            metrics=self.metrics,
+        )
+        self.informers.append(pods)
+        for informer in self.informers:
+            self.supervisor.spawn(f"watch {informer.name}", informer.run)
+        # Every kind listed before anything compiles; listing retries on its own (429
+        # while a CRD's storage initializes, outages), each list in pages.
+        await asyncio.gather(*(informer.synced.wait() for informer in self.informers))
         self.loop.warm()
-        pods_version = await self._list_pods()
-        self.loop.advance_generation(await self.publisher.discover_generation())
         log.info(
             "initial listing complete",
-            extra=fields(
-                objects=len(self.store.objects),
-                dataplane_pods=len(self.pods),
-                generation=self.loop.generation,
-            ),
+            extra=fields(objects=len(self.store.objects), dataplane_pods=len(self.pods)),
         )
         self.synced.set()
-        spawn = asyncio.get_running_loop().create_task
-        self._tasks = [
-            spawn(self.loop.run()),
-            spawn(self._status_loop()),
-            spawn(self._watch_pods(pods_version)),
-        ]
+        self.supervisor.spawn("compile loop", self.loop.run)
+        self.supervisor.spawn("status loop", self._status_loop)
         if self.settings.leader_election:
-            leader = Leader(
+            self.leader = Leader(
                 self.client,
                 self.settings.namespace,
                 self.settings.identity,
                 name=self.settings.lease_name,
                 on_change=self._leadership,
             )
-            self._tasks.append(spawn(leader.run()))
+            self.supervisor.spawn("leader election", self.leader.run)
         else:
-            self.loop.mark_synced()
+            self._leadership(None, elected=False)
+
+    def supervisor_healthy(self) -> bool:
+        return self.supervisor.healthy
+
+    def _inform(self, kind: Kind, namespace: str | None) -> None:
+        params = {"fieldSelector": f"type={TLS_SECRET_TYPE}"} if kind.kind == "Secret" else {}
+        name = kind.plural + (f" in {namespace}" if namespace else "")
+        self.informers.append(
+            Informer(
+                self.client,
+                name,
+                resource_path(kind.group, kind.version, kind.plural, namespace),
+                lambda items: self._listed(kind.kind, namespace, items),
+                lambda event, body: self.on_event(kind.kind, event, body),
+                params=params,
+                metrics=self.metrics,
+            )
+        )
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Release the Lease (a standby takes over at once), stop every task."""
+        if self.leader is not None:
+            await self.leader.release()
+        await self.supervisor.stop()
         await self.publisher.close()
+        if self._health is not None:
+            await self._health.cleanup()
 
-    def _leadership(self, leading: bool) -> None:
-        if leading:
-            self.leading = True
-            self.loop.mark_synced()
+    def _leadership(self, term: Term | None, *, elected: bool = True) -> None:
+        """Leadership changed: act, or stop pushing at once."""
+        if term is None and elected:
+            self.leading = False
+            self.metrics.leader.set(0)
+            self.publisher.active = False
+            for state in self.publisher.pods.values():
+                if state.task is not None:
+                    state.task.cancel()
             return
-        if self.leading:
-            # As controller-runtime does: a leader that lost its Lease exits, and restarts
-            # as a standby, rather than risk acting alongside the new leader.
-            log.error("lost the leader Lease; exiting so that one replica acts at a time")
-            os._exit(1)
+        self.leading = True
+        self.metrics.leader.set(1)
+        if term is not None:
+            self.metrics.term.set(term.transitions)
+        self.supervisor.spawn("take over", lambda: self._take_over(term), once=True)
 
-    # --- events from kopf ---
+    async def _take_over(self, term: Term | None) -> None:
+        """Start acting: above the generation any pod serves, then push and write status."""
+        self.loop.advance_generation(await self.publisher.discover_generation())
+        self.loop.version = ""  # the next table gets a generation above what pods serve
+        if not self.leading:
+            return
+        self.publisher.activate(term.header if term is not None else None)
+        self._recheck_all = True
+        self.loop.mark_synced()
+        self._status_due.set()
+
+    # --- events ---
+
+    def _listed(self, kind: str, namespace: str | None, items: list[dict[str, Any]]) -> None:
+        """A (re)list of one kind: it replaces what the store held, deletions included."""
+        if self.store.replace_all(kind, items, namespace):
+            self.loop.mark_dirty()
 
     def on_event(self, kind: str, event: str | None, body: Mapping[str, Any]) -> None:
         if self.store.apply(kind, event, body):
@@ -193,15 +264,18 @@ class Operator:
                     self._recheck.add(key)
                     self._status_due.set()
 
-    def on_pod(self, event: str | None, body: Mapping[str, Any]) -> None:
+    def _pods_listed(self, items: list[dict[str, Any]]) -> None:
+        self.pods = {}
+        for body in items:
+            pod = self._running_pod(body)
+            if pod is not None:
+                self.pods[pod.uid] = pod
+        self.publisher.set_pods(list(self.pods.values()))
+
+    def _pod_event(self, event: str, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        if meta.get("namespace") != self.settings.namespace:
-            return
-        if any(labels.get(k) != v for k, v in self.settings.dataplane_labels.items()):
-            return
         uid = str(meta.get("uid") or meta.get("name"))
-        pod = self._ready_pod(body) if event != "DELETED" and not meta.get("deletionTimestamp") else None
+        pod = self._running_pod(body) if event != "DELETED" else None
         before = self.pods.get(uid)
         if pod is None:
             self.pods.pop(uid, None)
@@ -213,67 +287,47 @@ class Operator:
             self.publisher.poke(uid)  # e.g. its container restarted: check what it serves
 
     @property
-    def _pods_path(self) -> str:
-        return resource_path("", "v1", "pods", self.settings.namespace)
-
-    @property
     def _selector(self) -> dict[str, str]:
         return {"labelSelector": ",".join(f"{k}={v}" for k, v in self.settings.dataplane_labels.items())}
 
-    async def _list_pods(self) -> str:
-        items, version = await self.client.list(self._pods_path + "?" + self._selector_query())
-        seen = set()
-        for pod in items:
-            seen.add(str((pod.get("metadata") or {}).get("uid")))
-            self.on_pod(None, pod)
-        for uid in [u for u in self.pods if u not in seen]:
-            self.pods.pop(uid)
-        self.publisher.set_pods(list(self.pods.values()))
-        return version
-
-    def _selector_query(self) -> str:
-        return urlencode(self._selector)
-
-    async def _watch_pods(self, version: str) -> None:
-        """The dataplane pods in our namespace: watched here, not through kopf, so that
-        the operator needs pod access only in its own namespace."""
-        while True:
-            try:
-                async for event in self.client.watch(self._pods_path, version, self._selector):
-                    kind = event.get("type")
-                    obj = event.get("object") or {}
-                    version = str((obj.get("metadata") or {}).get("resourceVersion") or version)
-                    if kind in ("ADDED", "MODIFIED", "DELETED"):
-                        self.on_pod(kind, obj)
-                    elif kind == "ERROR":
-                        version = await self._list_pods()  # e.g. 410 Gone: start over
-            except (KubeError, OSError, TimeoutError, ValueError) as err:
-                log.warning("pod watch interrupted", extra=fields(error=str(err)))
-                await asyncio.sleep(1.0)
-                with contextlib.suppress(KubeError, OSError, TimeoutError):
-                    version = await self._list_pods()
-
-    def _ready_pod(self, body: Mapping[str, Any]) -> Pod | None:
+    def _running_pod(self, body: Mapping[str, Any]) -> Pod | None:
+        """A pod to push to: running, with an IP. Not "Ready": a dataplane is Ready once
+        it serves a table, so waiting for Ready before pushing deadlocked fresh pods."""
         status_ = body.get("status") or {}
+        meta = body.get("metadata") or {}
         address = status_.get("podIP")
-        ready = any(
-            cond.get("type") == "Ready" and cond.get("status") == "True"
-            for cond in status_.get("conditions") or []
-        )
-        if not address or not ready:
+        if not address or meta.get("deletionTimestamp") or status_.get("phase") in ("Succeeded", "Failed"):
             return None
         port = self.settings.admin_port
         for container in (body.get("spec") or {}).get("containers") or []:
             for declared in container.get("ports") or []:
                 if declared.get("name") == "admin":
                     port = int(declared["containerPort"])
-        meta = body.get("metadata") or {}
         return Pod(
             uid=str(meta.get("uid") or meta.get("name")),
             name=str(meta.get("name")),
             address=address,
             port=port,
         )
+
+    def _refresh_metrics(self) -> None:
+        m = self.metrics
+        version = self.latest.table.version if self.latest is not None else None
+        states = {"current": 0, "other": 0, "none": 0, "refused": 0, "fenced": 0}
+        for state in self.publisher.pods.values():
+            if state.fenced:
+                states["fenced"] += 1
+            elif version is not None and state.refused_version == version:
+                states["refused"] += 1
+            elif state.acked_version is None:
+                states["none"] += 1
+            else:
+                states["current" if state.acked_version == version else "other"] += 1
+        for name, count in states.items():
+            m.dataplane_pods.labels(name).set(count)
+        m.api_requests.set(self.client.requests)
+        m.api_retries.set(self.client.retries)
+        m.api_throttled.set(self.client.throttled)
 
     # --- compile results ---
 
@@ -307,6 +361,8 @@ class Operator:
             for port, listener in table.listeners.items()
         )
         now = asyncio.get_running_loop().time()
+        if not self.leading:
+            return  # the leader keeps the Service; a standby writes nothing
         if ports == self._service_ports and now - self._service_checked < SERVICE_PORTS_RECHECK:
             return
         try:
@@ -314,7 +370,7 @@ class Operator:
                 self.client, self.settings.namespace, self.settings.dataplane_service, table
             )
             self._service_ports, self._service_checked = ports, now
-        except (KubeError, OSError, TimeoutError) as err:
+        except (KubeError, *TRANSIENT) as err:
             log.warning("cannot update the dataplane Service", extra=fields(error=str(err)))
 
     def _acks_changed(self) -> None:
@@ -329,6 +385,7 @@ class Operator:
     # --- status ---
 
     async def _status_loop(self) -> None:
+        failures = 0
         while True:
             await self._status_due.wait()
             await asyncio.sleep(self.settings.status_delay)
@@ -336,6 +393,8 @@ class Operator:
             if self.latest is None or not self.leading:
                 continue
             await self._settle()
+            if not self.leading:
+                continue
             # Compare with the cluster only where what we want changed since the last pass
             # (or someone overwrote it, see on_event).
             desired = self._due_statuses()
@@ -345,7 +404,8 @@ class Operator:
             except Exception:  # a bug: say so, and look at everything again in a while
                 log.exception("status pass failed")
                 self._recheck_all = True
-                await asyncio.sleep(1.0)
+                failures += 1
+                await asyncio.sleep(backoff(failures, 1.0, 60.0))
                 self._status_due.set()
                 continue
             if written:
@@ -357,19 +417,28 @@ class Operator:
                 freeze_heap()
             for key, conditions in desired.items():
                 self._wanted[key] = _summary(conditions)
-            if failed:  # written again at the next pass (a failed write is logged)
-                for key in failed:
-                    self._wanted.pop(key, None)
-                self._recheck |= failed
-                await asyncio.sleep(1.0)
-                self._status_due.set()
+            if not failed:
+                failures = 0
+                continue
+            # Written again at the next pass, after a backoff that grows while writes
+            # keep failing (the API server is down or refusing: no retry storm).
+            for key in failed:
+                self._wanted.pop(key, None)
+            self._recheck |= failed
+            failures += 1
+            await asyncio.sleep(backoff(failures, 1.0, 60.0))
+            self._status_due.set()
 
     async def _settle(self) -> None:
-        """Wait (a bounded time) until every pod has answered for the latest table: a pass
-        before that writes Programmed=False, and the pass after writes every status again
-        (11,000 writes at a first start with 10,000 routes)."""
+        """Wait a bounded time until every pod has answered for the latest table: a pass
+        before that writes Pending, and the pass after writes every status again (11,000
+        writes at a first start with 10,000 routes). The first pass waits up to
+        status_settle; later ones at most a second, so one slow pod cannot hold every
+        status back for long."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.status_settle
+        bound = self.settings.status_settle if self._first_pass else min(1.0, self.settings.status_settle)
+        self._first_pass = False
+        deadline = loop.time() + bound
         while (left := deadline - loop.time()) > 0 and not self._pushes_settled():
             self._status_due.clear()
             with contextlib.suppress(TimeoutError):
@@ -380,18 +449,29 @@ class Operator:
         assert self.latest is not None
         version = self.latest.table.version
         return all(
-            version in (s.acked_version, s.refused_version) or s.failures > 0
+            version in (s.acked_version, s.refused_version) or s.failures > 0 or s.fenced
             for s in self.publisher.pods.values()
         )
+
+    def _serving(self) -> list[PodState]:
+        """The pods that count for Programmed: those serving a table. A pod that serves
+        none yet (just started, not Ready) is not serving traffic either; counting it
+        made every object Pending, then Programmed, on every rollout step."""
+        return [s for s in self.publisher.pods.values() if s.acked_version is not None and not s.fenced]
 
     def _due_statuses(self) -> dict[ObjectKey, list[Condition]]:
         """Desired conditions of the objects whose status may have changed."""
         assert self.latest is not None
+        version = self.latest.table.version
         pods = tuple(
-            (uid, s.refused_version == self.latest.table.version) for uid, s in self.publisher.pods.items()
+            sorted(
+                (s.pod.uid, s.refused_version == version, tuple(sorted(s.failed_ports.items())))
+                for s in self._serving()
+            )
         )
         if pods != self._pods_view or self._recheck_all:
-            # Another pod count changes every "n/m dataplane pods".
+            # The set of serving pods changed (or what they report): every object may
+            # have another Programmed. Worked out for all; written only where it differs.
             self._pods_view, self._recheck_all = pods, False
             keys: set[ObjectKey] = set(self.latest.statuses)
         else:
@@ -411,14 +491,21 @@ class Operator:
         assert compiled is not None
         conds = compiled.statuses[key]
         generation = conds[0].observedGeneration
-        states = list(self.publisher.pods.values())
+        states = self._serving()
         since = self.since.get(key)
         acked = 0
         if since is not None:
             for state in states:
                 if self.versions.get(state.acked_version or "", -1) >= since:
                     acked += 1
-        programmed = status.programmed(compiled, key, acked, len(states))
+        port_error = None
+        if key in compiled.served and any(s.failed_ports for s in states):
+            port = ((self.store.objects.get(key) or {}).get("spec") or {}).get("port")
+            for state in states:
+                if port in state.failed_ports:
+                    port_error = f"pod {state.pod.name}: {state.failed_ports[port]}"
+                    break
+        programmed = status.programmed(compiled, key, acked, len(states), port_error=port_error)
         if key in compiled.served and programmed.status != "True":
             refusals = [s.error for s in states if s.refused_version == compiled.table.version and s.error]
             if refusals:

@@ -55,7 +55,7 @@ class FileMode:
             full = [
                 *conds,
                 status.programmed(
-                    compiled, key, 1, 1, port_error=port_errors.get(key.ref), unit="in-process dataplane"
+                    compiled, key, 1, 1, port_error=port_errors.get(key.ref), unit="the in-process dataplane"
                 ),
             ]
             updated[key] = status.merge(self.conditions.get(key, []), full, now)

@@ -1,8 +1,18 @@
-"""Leader election on a coordination.k8s.io Lease, as controller-runtime does it.
+"""Leader election on a coordination.k8s.io Lease, following client-go's leaderelection.
 
 Both operator replicas watch and keep a warm store; only the holder of the Lease
-compiles, pushes and writes status. A leader that cannot renew in time steps down
-before the Lease expires, so two replicas never act at once.
+compiles, pushes and writes status. The rules (client-go's):
+- lease duration 15 s > renew deadline 10 s > retry period 2 s;
+- a Lease held by another replica counts as expired only when its record has not changed
+  for a lease duration *by this replica's own clock*, measured from when this replica
+  last saw it change: the other replica's renewTime is never compared with our clock
+  (a standby whose clock ran 16 s ahead took a freshly renewed Lease);
+- the leader renews every retry period; if it cannot renew within the renew deadline
+  (each call is cancelled at that deadline, so one hung request cannot keep it acting)
+  it steps down, and stays a candidate; it never exits;
+- on shutdown the leader releases the Lease, so a standby takes over at its next try;
+- every acquisition increments leaseTransitions: with the holder, that is the *term*
+  that each push carries, and a dataplane refuses pushes from an older term.
 """
 
 from __future__ import annotations
@@ -10,34 +20,42 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import random
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from dataplane.logs import fields
 
-from .kube import KubeClient, KubeError, resource_path
+from .kube import TRANSIENT, KubeClient, KubeError, resource_path
 
 log = logging.getLogger("bilayer.leader")
 
+JITTER = 1.2  # candidates retry every retry period times up to this factor
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(tz=datetime.UTC)
+
+@dataclass(frozen=True)
+class Term:
+    """Who leads, and how many times leadership changed hands before."""
+
+    transitions: int
+    holder: str
+
+    @property
+    def header(self) -> str:
+        return f"{self.transitions}/{self.holder}"
 
 
 def _stamp(moment: datetime.datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse(stamp: str | None) -> datetime.datetime | None:
-    if not stamp:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    except ValueError:
-        return None
+def _wall() -> datetime.datetime:
+    return datetime.datetime.now(tz=datetime.UTC)
 
 
 class Leader:
-    """Acquires and renews a Lease; reports changes of leadership."""
+    """Acquires, renews and releases a Lease; reports the term held (None: not leading)."""
 
     def __init__(
         self,
@@ -47,9 +65,13 @@ class Leader:
         *,
         name: str = "bilayer-operator",
         lease_seconds: float = 15.0,
-        renew_seconds: float = 5.0,
-        on_change: Callable[[bool], None] = lambda leading: None,
+        renew_deadline: float = 10.0,
+        retry_period: float = 2.0,
+        on_change: Callable[[Term | None], None] = lambda term: None,
+        wall: Callable[[], datetime.datetime] = _wall,
     ) -> None:
+        if not lease_seconds > renew_deadline > retry_period * JITTER:
+            raise ValueError("lease duration > renew deadline > retry period (x1.2) is required")
         self.client = client
         self.path = resource_path("coordination.k8s.io", "v1", "leases", namespace, name)
         self.collection = resource_path("coordination.k8s.io", "v1", "leases", namespace)
@@ -57,65 +79,175 @@ class Leader:
         self.namespace = namespace
         self.identity = identity
         self.lease_seconds = lease_seconds
-        self.renew_seconds = renew_seconds
+        self.renew_deadline = renew_deadline
+        self.retry_period = retry_period
         self.on_change = on_change
-        self.leading = False
+        self.wall = wall  # only for what we write; expiry never reads it
+        self.term: Term | None = None
+        self._observed: tuple[Any, ...] | None = None  # the last Lease record seen
+        self._observed_at = 0.0  # when it was seen to change, by the event loop's clock
+        self._renewed_at = 0.0
+        self._version: str | None = None
+
+    @property
+    def leading(self) -> bool:
+        return self.term is not None
 
     async def run(self) -> None:
-        while True:
-            try:
-                leading = await self._try()
-            except (KubeError, OSError, TimeoutError) as err:
-                log.warning("lease check failed", extra=fields(error=str(err)))
-                leading = False
-            if leading != self.leading:
-                self.leading = leading
-                log.info(
-                    "leadership " + ("acquired" if leading else "lost"), extra=fields(identity=self.identity)
-                )
-                self.on_change(leading)
-            await asyncio.sleep(self.renew_seconds)
+        """Candidate, leader, candidate again...; never returns."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                term = await self._try_quietly()
+                if term is None:
+                    await asyncio.sleep(self.retry_period * random.uniform(1.0, JITTER))
+                    continue
+                self._set(term)
+                while True:
+                    await asyncio.sleep(self.retry_period)
+                    if not await self._renew(loop):
+                        break
+                self._set(None)
+        finally:
+            if self.term is not None:
+                self._set(None)
 
-    async def _try(self) -> bool:
-        now = _now()
-        spec = {
-            "holderIdentity": self.identity,
-            "leaseDurationSeconds": int(self.lease_seconds),
-            "renewTime": _stamp(now),
-        }
+    async def _renew(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Renew, retrying every retry period, until the renew deadline after the last
+        successful renewal; False when that deadline passed (then step down)."""
+        try:
+            async with asyncio.timeout_at(self._renewed_at + self.renew_deadline):
+                while True:
+                    term = await self._try_quietly()
+                    if term is not None and term == self.term:
+                        return True
+                    if term is not None:  # cannot happen: our own record changed under us
+                        return False
+                    await asyncio.sleep(self.retry_period)
+        except TimeoutError:
+            log.error(
+                "could not renew the Lease within the renew deadline; stepping down",
+                extra=fields(identity=self.identity, deadline=self.renew_deadline),
+            )
+            return False
+
+    def _set(self, term: Term | None) -> None:
+        if term == self.term:
+            return
+        self.term = term
+        if term is not None:
+            log.info("leadership acquired", extra=fields(identity=self.identity, term=term.header))
+        else:
+            log.warning("leadership lost", extra=fields(identity=self.identity))
+        self.on_change(term)
+
+    async def _try_quietly(self) -> Term | None:
+        try:
+            # Bounded like a renewal, so a hung call cannot stall a candidate either.
+            async with asyncio.timeout(self.renew_deadline):
+                return await self.try_acquire_or_renew()
+        except (KubeError, *TRANSIENT, ValueError) as err:
+            log.warning("lease check failed", extra=fields(error=str(err) or repr(err)))
+            return None
+
+    async def try_acquire_or_renew(self) -> Term | None:
+        """One attempt, as client-go's tryAcquireOrRenew: the term held after it, or None."""
+        loop = asyncio.get_running_loop()
+        now = _stamp(self.wall())
         lease = await self.client.get(self.path)
         if lease is None:
+            spec = self._record(0, now, now)
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
                 "metadata": {"name": self.name, "namespace": self.namespace},
-                "spec": {**spec, "acquireTime": _stamp(now)},
+                "spec": spec,
             }
             try:
-                await self.client.create(self.collection, body)
+                created = await self.client.create(self.collection, body)
             except KubeError as err:
                 if err.status == 409:
-                    return False  # another replica created it first
+                    return None  # another replica created it first
                 raise
-            return True
-        current = lease.get("spec") or {}
-        holder = current.get("holderIdentity")
-        renewed = _parse(current.get("renewTime"))
-        duration = float(current.get("leaseDurationSeconds") or self.lease_seconds)
-        expired = renewed is None or (now - renewed).total_seconds() > duration
-        if holder != self.identity and not expired:
-            return False
-        patch: dict[str, object] = {
-            "spec": spec if holder == self.identity else {**spec, "acquireTime": _stamp(now)}
+            return self._held(created, loop.time())
+        spec = lease.get("spec") or {}
+        record = self._view(spec)
+        if record != self._observed:
+            self._observed, self._observed_at = record, loop.time()
+        holder = spec.get("holderIdentity") or ""
+        duration = float(spec.get("leaseDurationSeconds") or self.lease_seconds)
+        if holder and holder != self.identity and loop.time() < self._observed_at + duration:
+            return None  # held by another replica, and renewed within its lease duration
+        transitions = int(spec.get("leaseTransitions") or 0)
+        if holder == self.identity and self.term is not None:
+            acquired = spec.get("acquireTime") or now
+        else:
+            # A new term, also when we held it before a restart: pushes of our old term
+            # must be refused from now on.
+            transitions, acquired = transitions + 1, now
+        patch = {
+            "metadata": {"resourceVersion": (lease.get("metadata") or {}).get("resourceVersion")},
+            "spec": self._record(transitions, acquired, now),
         }
-        version = (lease.get("metadata") or {}).get("resourceVersion")
-        if version:
-            # The API server refuses the patch if someone else wrote the Lease meanwhile.
-            patch["metadata"] = {"resourceVersion": version}
         try:
-            await self.client.patch(self.path, patch)
+            # With metadata.resourceVersion in the patch, the API server refuses it (409)
+            # if anyone wrote the Lease since we read it.
+            updated = await self.client.patch(self.path, patch)
         except KubeError as err:
             if err.status == 409:
-                return False
+                return None
             raise
-        return True
+        return self._held(updated, loop.time())
+
+    def _record(self, transitions: int, acquired: str, now: str) -> dict[str, Any]:
+        return {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": int(self.lease_seconds),
+            "acquireTime": acquired,
+            "renewTime": now,
+            "leaseTransitions": transitions,
+        }
+
+    @staticmethod
+    def _view(spec: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(
+            spec.get(k)
+            for k in (
+                "holderIdentity",
+                "leaseDurationSeconds",
+                "acquireTime",
+                "renewTime",
+                "leaseTransitions",
+            )
+        )
+
+    def _held(self, lease: dict[str, Any], at: float) -> Term:
+        spec = lease.get("spec") or {}
+        self._observed, self._observed_at, self._renewed_at = self._view(spec), at, at
+        return Term(int(spec.get("leaseTransitions") or 0), self.identity)
+
+    async def release(self) -> None:
+        """Give the Lease up (on shutdown): a standby takes it at its next try."""
+        if self.term is None:
+            return
+        self._set(None)
+        try:
+            lease = await self.client.get(self.path)
+            if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
+                return
+            spec = lease.get("spec") or {}
+            await self.client.patch(
+                self.path,
+                {
+                    "metadata": {"resourceVersion": (lease.get("metadata") or {}).get("resourceVersion")},
+                    "spec": {
+                        "holderIdentity": None,
+                        "leaseDurationSeconds": 1,
+                        "renewTime": _stamp(self.wall()),
+                        "leaseTransitions": spec.get("leaseTransitions") or 0,
+                    },
+                },
+            )
+            log.info("lease released", extra=fields(identity=self.identity))
+        except (KubeError, *TRANSIENT) as err:
+            log.warning("could not release the Lease", extra=fields(error=str(err) or repr(err)))

@@ -20,6 +20,7 @@ from dataplane.eventloop import freeze_heap, gc_paused
 from dataplane.logs import fields
 
 from .compiler import CompileCache, Compiled, Snapshot, compile_snapshot
+from .observe import Metrics
 
 log = logging.getLogger("bilayer.loop")
 
@@ -36,7 +37,9 @@ class CompileLoop:
         *,
         holdoff: float = 0.01,
         max_holdoff: float = 0.5,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self._snapshot = snapshot
         self._publish = publish
         self.holdoff = holdoff
@@ -110,6 +113,9 @@ class CompileLoop:
         compiled = self._compile(snapshot)
         took = time.perf_counter() - started
         self.compiles += 1
+        if self.metrics is not None:
+            self.metrics.compiles.inc()
+            self.metrics.compile_seconds.observe(took)
         if self.compiles == 1 and not self._warmed:
             freeze_heap()  # the store, the memo and the first table live on
         if compiled.table.version == self.version:

@@ -1,8 +1,11 @@
-"""kopf wiring, and nothing else: login, startup, one event handler per watched kind.
+"""kopf wiring, and nothing else: login, startup, shutdown.
 
-Handlers are `@kopf.on.event`: they keep no handler state on the objects (no
-finalizers, no annotations), so the operator never writes to the resources it watches
-except their status.
+kopf runs the process: it asks the login handler for credentials, runs the startup
+handler (which starts the Operator) and, on SIGTERM, the cleanup handler (which releases
+the Lease). The watches are the Operator's own (controlplane.informer), not kopf's
+handlers: kopf's watcher re-lists after 410 Gone without telling its handlers, so
+objects deleted meanwhile could never be dropped, it cannot count restarts, and it
+listed every Secret (with their data) where only kubernetes.io/tls ones matter.
 """
 
 from __future__ import annotations
@@ -17,16 +20,32 @@ import kopf
 
 from .cluster import Operator, OperatorSettings
 from .kube import Credentials, KubeClient
-from .store import KINDS, Kind
 
 log = logging.getLogger("bilayer.operator")
 
-Login = Callable[..., Any]
+Login = Callable[..., Credentials | None]
 
 
-def default_login(**kwargs: Any) -> Any:
-    """In a pod: the service account; elsewhere: the kubeconfig."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+def default_login(**_: Any) -> Credentials | None:
+    """In a pod: the service account (its token file is re-read as the kubelet rotates
+    it); elsewhere: the kubeconfig (`token`, `tokenFile` or client certificates)."""
+    return Credentials.in_cluster() or Credentials.from_kubeconfig()
+
+
+def connection_info(credentials: Credentials) -> kopf.ConnectionInfo:
+    return kopf.ConnectionInfo(
+        server=credentials.server,
+        token=credentials.token,
+        ca_path=credentials.ca_path,
+        ca_data=credentials.ca_data,
+        insecure=credentials.insecure,
+        certificate_path=credentials.certificate_path,
+        certificate_data=credentials.certificate_data,
+        private_key_path=credentials.private_key_path,
+        private_key_data=credentials.private_key_data,
+        default_namespace=credentials.default_namespace,
+        priority=100,
+    )
 
 
 def build_registry(
@@ -37,24 +56,24 @@ def build_registry(
     state = {} if state is None else state
 
     @kopf.on.login(registry=registry)
-    def _login(**kwargs: Any) -> Any:
-        return login(**kwargs)
+    def _login(**kwargs: Any) -> kopf.ConnectionInfo:
+        credentials = login(**kwargs)
+        if credentials is None:
+            raise kopf.LoginError("no Kubernetes credentials: no service account and no kubeconfig")
+        return connection_info(credentials)
 
     @kopf.on.startup(registry=registry)
     async def _startup(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
         settings.posting.enabled = False  # our conditions say it all; no Event objects
         settings.scanning.disabled = True
-        settings.watching.server_timeout = 300
-        # kopf keeps a worker per object for idle_timeout after its last event (5 s by
-        # default): the 11,000 status writes of a first start with 10,000 routes had
-        # 11,000 workers alive at once. Our handlers are instant; workers may go sooner.
-        settings.queueing.idle_timeout = 0.5
         # kopf runs startup before its own login: ask the same login function now.
-        info = login(settings=settings, **kwargs)
-        if info is None:
+        credentials = login(settings=settings, **kwargs)
+        if credentials is None:
             raise kopf.PermanentError("no Kubernetes credentials: no service account and no kubeconfig")
-        credentials = state["credentials"] = Credentials.of(info)
-        operator = Operator(state["settings"], KubeClient(credentials))
+        operator_settings: OperatorSettings = state["settings"]
+        client = KubeClient(credentials, qps=operator_settings.api_qps, burst=operator_settings.api_burst)
+        operator = Operator(operator_settings, client)
+        state["credentials"] = credentials
         state["loop"] = asyncio.get_running_loop()
         state["operator"] = operator
         await operator.start()
@@ -66,21 +85,8 @@ def build_registry(
             await operator.stop()
             await operator.client.close()
 
-    for kind in KINDS:
-        _watch(registry, state, kind)
-
     state["settings"] = settings
     return registry, state
-
-
-def _watch(registry: kopf.OperatorRegistry, state: dict[str, Any], kind: Kind) -> None:
-    # async: kopf runs sync handlers in a thread pool, and the store and the loop's
-    # events belong to the operator's event loop thread.
-    @kopf.on.event(kind.group, kind.version, kind.plural, registry=registry)
-    async def _event(type: str | None, body: kopf.Body, **_: Any) -> None:
-        operator: Operator | None = state.get("operator")
-        if operator is not None:
-            operator.on_event(kind.kind, type, body)
 
 
 async def run(
@@ -89,11 +95,9 @@ async def run(
     login: Login = default_login,
     stop_flag: asyncio.Event | threading.Event | None = None,
     ready_flag: asyncio.Event | threading.Event | None = None,
-    liveness: str | None = None,
     state: dict[str, Any] | None = None,
 ) -> None:
     """Run the operator until stop_flag is set (or forever); state receives the Operator."""
-    # kopf logs every handled event at INFO: at 10,000 routes that is noise, not news.
     logging.getLogger("kopf").setLevel(logging.WARNING)
     registry, _ = build_registry(settings, login, state)
     namespaces = settings.watch_namespaces
@@ -104,5 +108,5 @@ async def run(
         standalone=True,  # the Lease decides who acts; both replicas keep a warm store
         stop_flag=stop_flag,
         ready_flag=ready_flag,
-        liveness_endpoint=liveness,
+        liveness_endpoint=None,  # ours: /healthz on the health port reflects our tasks
     )

@@ -1,15 +1,21 @@
-"""Pushing the table to every ready dataplane pod, and knowing what each pod serves.
+"""Pushing the table to every running dataplane pod, and knowing what each pod serves.
 
-One worker per pod. A worker pushes the desired table when the pod's acknowledged
-version differs, retries failures with capped exponential backoff and jitter, and every
-`resync` seconds asks the pod what it serves (GET /v1/table) to repair drift: a pod that
-restarted without its saved table, or that someone pushed to by hand. A pod that
-refuses a table (400) keeps its old one; the error is kept for status and logs, and the
-same version is not pushed to it again.
+Pods get the table as soon as they run and have an IP, Ready or not: a dataplane's
+readiness means "serving a table", so waiting for Ready before the first push
+deadlocked every fresh pod (first install, scale-out, rollouts).
 
-A pod that serves a recent table gets a delta (PATCH /v1/table: the parts that changed,
-a few kilobytes where the whole table of 10,000 routes is 2 MB); any other pod, or one
-that answers a delta with anything but 200, gets the whole table.
+Only the leader pushes: `activate(term)` starts one worker per pod, `deactivate()` stops
+them all at once (leadership lost). Every push carries the term, and a pod refuses one
+older than a term it has seen (403): then that worker stops.
+
+A worker pushes the desired table when the pod's acknowledged version differs, retries
+failures with capped exponential backoff and jitter, and every `resync` seconds asks the
+pod what it serves (GET /v1/table) to repair drift, and pushes again a table the pod
+refused (its cause may be fixed on the pod's side). A pod that serves a recent table
+gets a delta (PATCH /v1/table: the parts that changed, a few kilobytes where the whole
+table of 10,000 routes is 2 MB); any other pod, or one that answers a delta with
+anything but 200, gets the whole table. What a pod reports about listeners it could
+not open (a port in use) is kept for status.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,21 +35,27 @@ from dataplane import delta
 from dataplane.logs import fields
 from dataplane.table import Table
 
+from .kube import backoff
+from .observe import Metrics
+
 log = logging.getLogger("bilayer.publisher")
 
 BACKOFF_BASE = 0.2
 BACKOFF_MAX = 10.0
+PUSH_TIMEOUT = 30.0  # a whole table of 10,000 routes takes a pod about 2 s to parse
+ANSWER_BYTES = 1024 * 1024  # a push answer is brief; a pod may not make us hold more
 # Recent tables kept as bases for deltas. They share their unchanged parts, so each costs
 # little more than its own maps (about 1 MB at 10,000 routes, and work for every full
 # garbage collection). A delta is acknowledged in milliseconds, so pods are rarely more
 # than a version or two behind; one whose version has left the history gets the whole
 # table (2 MB, seconds to parse).
 HISTORY = 8
+TERM_HEADER = "Bilayer-Term"  # dataplane.admin.TERM_HEADER
 
 
 @dataclass(frozen=True)
 class Pod:
-    """A ready dataplane pod: where its admin API is."""
+    """A running dataplane pod: where its admin API is."""
 
     uid: str
     name: str
@@ -63,15 +74,17 @@ class PodState:
     acked_version: str | None = None  # what the pod said it serves
     acked_generation: int | None = None
     refused_version: str | None = None  # a version it answered 400 to
+    failed_ports: dict[int, str] = field(default_factory=dict)  # listeners it could not open
     error: str | None = None
     failures: int = 0
+    fenced: bool = False  # it answered 403: a newer leader programs it
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     pushes: int = 0
 
 
 class Publisher:
-    """Keeps every pod on the desired table; calls on_change when an acknowledgement moves."""
+    """Keeps every pod on the desired table; calls on_change when what a pod serves moves."""
 
     def __init__(
         self,
@@ -80,13 +93,17 @@ class Publisher:
         resync: float = 60.0,
         on_change: Callable[[], None] = lambda: None,
         on_conflict: Callable[[int], None] = lambda generation: None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.token = token
         self.resync = resync
         self.on_change = on_change
         self.on_conflict = on_conflict
+        self.metrics = metrics or Metrics()
         self.table: Table | None = None
-        self._body: bytes | None = None  # the whole desired table as JSON, made when needed
+        self.term: str | None = None  # set while leading
+        self.active = False
+        self._body: tuple[Table, bytes] | None = None  # a whole table as JSON, and which
         self._history: OrderedDict[str, Table] = OrderedDict()
         self._deltas: dict[str, bytes] = {}  # from a base version to the desired table
         self._changes: delta.Changes | None = None  # where the desired table may differ
@@ -96,21 +113,43 @@ class Publisher:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-            self._session = aiohttp.ClientSession(headers=headers, timeout=aiohttp.ClientTimeout(total=30))
+            self._session = aiohttp.ClientSession(
+                headers=headers, timeout=aiohttp.ClientTimeout(total=PUSH_TIMEOUT, sock_connect=5)
+            )
         return self._session
 
     async def close(self) -> None:
-        for state in self.pods.values():
-            if state.task is not None:
-                state.task.cancel()
-        await asyncio.gather(*(s.task for s in self.pods.values() if s.task), return_exceptions=True)
+        await self.deactivate()
         if self._session is not None:
             await self._session.close()
+
+    # --- leadership ---
+
+    def activate(self, term: str | None) -> None:
+        """Push from now on, stamping pushes with term."""
+        self.term, self.active = term, True
+        for state in self.pods.values():
+            state.fenced = False
+            self._start(state)
+
+    async def deactivate(self) -> None:
+        """Stop every push now (leadership lost); what pods serve is kept."""
+        self.active = False
+        tasks = [s.task for s in self.pods.values() if s.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for state in self.pods.values():
+            state.task = None
+
+    def _start(self, state: PodState) -> None:
+        if self.active and not state.fenced and (state.task is None or state.task.done()):
+            state.task = asyncio.get_running_loop().create_task(self._keep(state))
 
     # --- inputs ---
 
     def set_pods(self, pods: list[Pod]) -> None:
-        """The ready dataplane pods now; a pod with a new UID starts from scratch."""
+        """The running dataplane pods now; a pod with a new UID starts from scratch."""
         wanted = {pod.uid: pod for pod in pods}
         for uid in list(self.pods):
             if uid not in wanted:
@@ -125,7 +164,7 @@ class Publisher:
             if previous is not None and previous.task is not None:
                 previous.task.cancel()
             state = self.pods[uid] = PodState(pod)
-            state.task = asyncio.get_running_loop().create_task(self._work(state))
+            self._start(state)
             self.on_change()
 
     def poke(self, uid: str) -> None:
@@ -133,6 +172,7 @@ class Publisher:
         state = self.pods.get(uid)
         if state is not None:
             state.acked_version = None
+            state.refused_version = None
             state.wake.set()
 
     def publish(self, table: Table, changes: delta.Changes | None = None) -> None:
@@ -148,19 +188,24 @@ class Publisher:
             return
         self.table = table
         self._changes = changes
-        self._body = None
         self._deltas = {}
         self._history[table.version] = table
         self._history.move_to_end(table.version)
         while len(self._history) > HISTORY:
             self._history.popitem(last=False)
+        self.metrics.table_generation.set(table.generation)
+        self.metrics.table_listeners.set(len(table.listeners))
         for state in self.pods.values():
             state.wake.set()
 
     def _whole(self, table: Table) -> bytes:
-        if self._body is None or table is not self.table:
-            self._body = table.to_json().encode()
-        return self._body
+        """The whole table as JSON, made once per table: the cache is keyed by the table
+        itself (a cache of "the current body" once handed a restarted pod an older
+        table's JSON labelled with the newer generation)."""
+        if self._body is None or self._body[0] is not table:
+            self._body = (table, table.to_json().encode())
+            self.metrics.table_bytes.set(len(self._body[1]))
+        return self._body[1]
 
     def _delta_from(self, base: str | None, table: Table) -> bytes | None:
         """The delta from base to table as JSON, when base is a table we published."""
@@ -172,10 +217,13 @@ class Publisher:
         return body
 
     async def _send(self, pod: Pod, method: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        headers = {"Content-Type": "application/json"}
+        if self.term is not None:
+            headers[TERM_HEADER] = self.term
         async with self._client().request(
-            method, pod.url + "/v1/table", data=body, headers={"Content-Type": "application/json"}
+            method, pod.url + "/v1/table", data=body, headers=headers
         ) as response:
-            answer = await response.json(content_type=None)
+            answer = json.loads(await response.content.read(ANSWER_BYTES) or b"null")
             if not isinstance(answer, dict):
                 raise ValueError(f"{method} /v1/table answered {response.status} without a JSON object")
             return response.status, answer
@@ -187,32 +235,53 @@ class Publisher:
         return {uid: s.acked_version for uid, s in self.pods.items()}
 
     async def discover_generation(self) -> int:
-        """The highest generation any pod serves (asked once, at start)."""
+        """The highest generation any pod serves (asked when leadership is taken)."""
         results = await asyncio.gather(*(self._ask(s) for s in self.pods.values()), return_exceptions=True)
         return max([r for r in results if isinstance(r, int)] or [0])
 
     # --- the worker ---
 
+    async def _keep(self, state: PodState) -> None:
+        """The worker, restarted after a bug rather than leaving the pod unprogrammed."""
+        while True:
+            try:
+                await self._work(state)
+                return  # fenced: a newer leader programs this pod
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("pod worker failed; restarting it", extra=fields(pod=state.pod.name))
+                await asyncio.sleep(BACKOFF_MAX)
+
     async def _work(self, state: PodState) -> None:
-        with_log = fields(pod=state.pod.name, address=state.pod.url)
         await self._ask(state)
         while True:
+            # Clear the wake-up first: a table published while we push must wake us again
+            # (cleared after the push, it waited for the next resync, 60 s).
+            state.wake.clear()
             table = self.table
             if table is not None and table.version not in (state.acked_version, state.refused_version):
                 ok = await self._push(state, table)
+                if state.fenced:
+                    return
                 if not ok:
-                    delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** min(state.failures, 10))
-                    await self._sleep(state, random.uniform(delay / 2, delay))
+                    delay = backoff(min(state.failures, 10), BACKOFF_BASE, BACKOFF_MAX)
+                    await self._sleep(state, delay)
                     continue
-            state.wake.clear()
-            woke = await self._sleep(state, self.resync)
-            if not woke:
+                if self.table is not table:
+                    continue  # a newer one came meanwhile
+            if not await self._sleep(state, self.resync):
                 before = state.acked_version
                 await self._ask(state)  # resync: repair drift
-                if before != state.acked_version:
+                if before != state.acked_version and self.table is not None:
                     log.warning(
-                        "dataplane drifted; repushing", extra={**with_log, "served": state.acked_version}
+                        "dataplane drifted; pushing again",
+                        extra=fields(
+                            pod=state.pod.name, served=state.acked_version, desired=self.table.version
+                        ),
                     )
+                # A refused table is tried again: the pod's side of the cause may be fixed.
+                state.refused_version = None
 
     async def _sleep(self, state: PodState, seconds: float) -> bool:
         """Sleep until woken (True) or until seconds pass (False)."""
@@ -229,16 +298,27 @@ class Publisher:
             async with self._client().get(state.pod.url + "/v1/table") as response:
                 if response.status != 200:
                     return None
-                answer = await response.json()
-        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError):
+                answer = json.loads(await response.content.read(16 * ANSWER_BYTES))
+        except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
-        changed = state.acked_version != answer.get("version")
-        state.acked_version = answer.get("version")
-        state.acked_generation = answer.get("generation")
-        if changed:
-            self.on_change()
+        if not isinstance(answer, dict):
+            return None
+        failed = {
+            int(port): str(info.get("error"))
+            for port, info in (answer.get("listeners") or {}).items()
+            if isinstance(info, dict) and info.get("state") == "error" and str(port).isdigit()
+        }
+        self._record(state, answer.get("version"), answer.get("generation"), failed)
         generation = answer.get("generation")
         return generation if isinstance(generation, int) else None
+
+    def _record(self, state: PodState, version: Any, generation: Any, failed: dict[int, str]) -> None:
+        changed = state.acked_version != version or state.failed_ports != failed
+        state.acked_version = version if isinstance(version, str) else None
+        state.acked_generation = generation if isinstance(generation, int) else None
+        state.failed_ports = failed
+        if changed:
+            self.on_change()
 
     async def _push(self, state: PodState, table: Table) -> bool:
         pod = state.pod
@@ -247,7 +327,7 @@ class Publisher:
         method = "PATCH" if body is not None else "PUT"
         try:
             status, answer = await self._send(pod, method, body or self._whole(table))
-            if method == "PATCH" and status not in (200, 409):
+            if method == "PATCH" and status not in (200, 403, 409):
                 # 412: the pod moved on since it told us its version; 400: it found the
                 # delta wrong. The whole table settles both.
                 log.info(
@@ -256,20 +336,25 @@ class Publisher:
                 )
                 method, body = "PUT", self._whole(table)
                 status, answer = await self._send(pod, method, body)
-        except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError, ValueError) as err:
+        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
             state.failures += 1
             state.error = f"cannot reach {pod.url}: {err or type(err).__name__}"
+            self.metrics.pushes.labels("unreachable").inc()
             if state.failures in (1, 5) or state.failures % 20 == 0:
                 log.warning(
                     "push failed", extra=fields(pod=pod.name, error=state.error, failures=state.failures)
                 )
             return False
         state.pushes += 1
+        seconds = time.monotonic() - started
+        self.metrics.push_seconds.labels(pod.name).observe(seconds)
         if status == 200:
+            self.metrics.pushes.labels("delta" if method == "PATCH" else "whole").inc()
             state.failures = 0
             state.error = None
-            state.acked_version = answer.get("version")
-            state.acked_generation = answer.get("generation")
+            failed = {
+                int(p): str(e) for p, e in (answer.get("failedListeners") or {}).items() if str(p).isdigit()
+            }
             log.info(
                 "table pushed",
                 extra=fields(
@@ -278,13 +363,26 @@ class Publisher:
                     generation=table.generation,
                     method=method,
                     bytes=len(body or self._whole(table)),
-                    seconds=round(time.monotonic() - started, 3),
+                    seconds=round(seconds, 3),
+                    **({"failed_listeners": failed} if failed else {}),
                 ),
             )
-            self.on_change()
+            self._record(state, answer.get("version"), answer.get("generation"), failed)
+            return True
+        if status == 403:
+            # A newer leader has programmed this pod: we are deposed and do not know it
+            # yet (the Lease says so at the next renewal). Stop pushing to it.
+            self.metrics.pushes.labels("fenced").inc()
+            state.fenced = True
+            state.error = answer.get("error")
+            log.error(
+                "push refused: a newer leader term programs this pod",
+                extra=fields(pod=pod.name, error=state.error),
+            )
             return True
         if status == 409:
             # The pod serves a newer generation (an earlier operator, or a hand push).
+            self.metrics.pushes.labels("conflict").inc()
             served = answer.get("generation")
             if isinstance(served, int):
                 self.on_conflict(served)
@@ -292,6 +390,7 @@ class Publisher:
             return True  # the loop restamps and publishes again
         if status != 400:
             # Not a verdict on the table (401: wrong admin token; 5xx): keep trying, say why.
+            self.metrics.pushes.labels("error").inc()
             state.failures += 1
             state.error = f"pod {pod.name} answered {status}: {answer.get('error', '')}"
             if state.failures in (1, 5) or state.failures % 20 == 0:
@@ -300,6 +399,7 @@ class Publisher:
                 )
             self.on_change()
             return False
+        self.metrics.pushes.labels("refused").inc()
         state.refused_version = table.version
         state.error = f"pod {pod.name} refused the table: {answer.get('error', status)}"
         log.error("table refused", extra=fields(pod=pod.name, status=status, error=answer.get("error")))

@@ -12,14 +12,13 @@ import logging
 import time
 from typing import Any
 
-import aiohttp
-
 from dataplane.logs import fields
 from dataplane.table import Table
 
 from . import status
 from .compiler import ObjectKey
-from .kube import KubeClient, KubeError, resource_path
+from .kube import TRANSIENT, KubeClient, KubeError, resource_path
+from .observe import Metrics
 from .resources.common import Condition
 from .store import BY_KIND, Store
 
@@ -43,8 +42,11 @@ def observed_conditions(raw: list[dict[str, Any]]) -> list[Condition]:
 class StatusWriter:
     """Patches .../status of route objects whose conditions changed."""
 
-    def __init__(self, client: KubeClient, store: Store, *, concurrency: int = 16) -> None:
+    def __init__(
+        self, client: KubeClient, store: Store, *, concurrency: int = 16, metrics: Metrics | None = None
+    ) -> None:
         self.client = client
+        self.metrics = metrics
         self.store = store
         self._concurrency = concurrency
         self.writes = 0
@@ -82,20 +84,27 @@ class StatusWriter:
         try:
             updated = await self.client.patch(path, body)
         except KubeError as err:
+            self._count("gone" if err.status == 404 else "failed")
             if err.status != 404:  # 404: deleted meanwhile
                 log.warning("status write failed", extra=fields(object=str(key), error=str(err)))
             return False
-        except (OSError, TimeoutError, aiohttp.ClientError) as err:
+        except TRANSIENT as err:
+            self._count("failed")
             log.warning(
                 "status write failed", extra=fields(object=str(key), error=str(err) or type(err).__name__)
             )
             return False
         self.writes += 1
+        self._count("written")
         # Remember what we wrote: the watch event that follows must not look like news.
         current = self.store.objects.get(key)
         if current is not None:
             current["status"] = updated.get("status", body["status"])
         return True
+
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.status_writes.labels(result).inc()
 
 
 def desired_ports(table: Table) -> list[dict[str, Any]]:

@@ -130,14 +130,27 @@ class Store:
             self._services.update(services)
             self._secrets.update(secrets)
 
-    def replace_all(self, kind: str, bodies: Iterable[Mapping[str, Any]]) -> None:
-        """The initial listing of one kind."""
-        for key in [k for k in self.objects if k.kind == kind]:
-            del self.objects[key]
-            if kind in ROUTE_KINDS:
-                self._count(key, None)
+    def replace_all(
+        self, kind: str, bodies: Iterable[Mapping[str, Any]], namespace: str | None = None
+    ) -> bool:
+        """A (re)list of one kind (in one namespace, when given): afterwards the store holds
+        exactly these objects of it. Objects missing from the list were deleted while no
+        watch saw it. True when the table may change."""
+        changed = False
+        listed: set[ObjectKey] = set()
         for body in bodies:
-            self.apply(kind, None, body)
+            if kind == "Secret" and body.get("type") != TLS_SECRET_TYPE:
+                continue
+            changed |= self.apply(kind, None, body)
+            listed.add(ObjectKey.of(trim(kind, body)))
+        gone = [
+            key
+            for key in self.objects
+            if key.kind == kind and key not in listed and (namespace is None or key.namespace == namespace)
+        ]
+        for key in gone:
+            changed |= self.apply(kind, "DELETED", self.objects[key])
+        return changed
 
     def _matters(self, key: ObjectKey, obj: Mapping[str, Any]) -> bool:
         if key.kind in ROUTE_KINDS:
