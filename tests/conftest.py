@@ -139,3 +139,25 @@ async def raw() -> object:
     backend = await RawBackend().start()
     yield backend
     await backend.stop()
+
+
+@pytest.fixture(scope="session")
+def apiserver() -> object:
+    """A real etcd + kube-apiserver (RBAC on) for the whole session, with our CRDs.
+
+    Binaries from $KUBEBUILDER_ASSETS or ../shared/envtest/bin; skipped, saying why,
+    where there are none."""
+    import asyncio
+
+    from .envtest import ApiServer, assets
+    from .envtest_kit import install_crds
+
+    binaries, why = assets()
+    if binaries is None:
+        pytest.skip(why)
+    server = ApiServer(binaries).start()
+    try:
+        asyncio.run(install_crds(server))
+        yield server
+    finally:
+        server.stop()
