@@ -346,14 +346,14 @@ class OperatorProcess:
         return fetch("127.0.0.1", self.health, path)
 
     def metric(self, name: str) -> float:
-        total = 0.0
-        found = False
-        for line in self.get("/metrics")[1].splitlines():
-            if line.startswith(name) and line[len(name)] in " {":
-                total += float(line.rsplit(" ", 1)[1])
-                found = True
-        assert found, f"no metric {name}"
-        return total
+        """The sum of a metric's samples (0 for a labelled family with none yet)."""
+        text = self.get("/metrics")[1]
+        assert f"# HELP {name} " in text, f"no metric {name}"
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name) and line[len(name)] in " {"
+        )
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None:
@@ -365,9 +365,17 @@ class OperatorProcess:
                 self.process.wait(10)
             self.process = None
 
-    def forbidden(self) -> list[str]:
+    def forbidden(self, tolerated: list[tuple[str, str]]) -> list[str]:
+        """Log lines that mention a 403, except those logged in a tolerated time window."""
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return [line for line in text.splitlines() if "403" in line or "forbidden" in line.lower()]
+        found = []
+        for line in text.splitlines():
+            if "403: " not in line and "forbidden" not in line.lower():
+                continue
+            stamp = json.loads(line).get("time", "") if line.startswith("{") else ""
+            if not any(start <= stamp <= end for start, end in tolerated):
+                found.append(line)
+        return found
 
 
 class EnvCluster:
@@ -388,6 +396,9 @@ class EnvCluster:
         self.operator_args: list[str] = []
         self.token_file = directory / "operator-token"
         self._kubelet: asyncio.Task[None] | None = None
+        # Windows (log time stamps) in which a 403 is the API server's, not the chart's:
+        # a restarted kube-apiserver answers 403 until its RBAC caches are filled.
+        self.tolerated: list[tuple[str, str]] = []
 
     # --- objects ---
 
@@ -596,7 +607,7 @@ class EnvCluster:
 
     def assert_no_forbidden(self) -> None:
         for operator in self.operators:
-            lines = operator.forbidden()
+            lines = operator.forbidden(self.tolerated)
             assert not lines, f"the chart's RBAC is not enough for {operator.identity}: {lines[:3]}"
 
 
