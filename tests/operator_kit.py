@@ -36,7 +36,8 @@ ADMIN_PORT = 9911
 class DataplanePod:
     """A real dataplane process playing one pod."""
 
-    def __init__(self, index: int, state_dir: Path | None = None) -> None:
+    def __init__(self, index: int, state_dir: Path | None = None, *, ready: bool = True) -> None:
+        self.ready = ready
         self.address = f"127.0.0.{index + 2}"
         self.name = f"dataplane-{index}"
         self.uid = f"uid-{index}"
@@ -94,7 +95,7 @@ class DataplanePod:
             "status": {
                 "phase": "Running",
                 "podIP": self.address,
-                "conditions": [{"type": "Ready", "status": "True"}],
+                "conditions": [{"type": "Ready", "status": "True" if self.ready else "False"}],
             },
         }
 
@@ -195,8 +196,8 @@ class Cluster:
 
     # --- dataplane pods ---
 
-    async def add_pod(self, state_dir: Path | None = None) -> DataplanePod:
-        pod = DataplanePod(len(self.pods), state_dir)
+    async def add_pod(self, state_dir: Path | None = None, *, ready: bool = True) -> DataplanePod:
+        pod = DataplanePod(len(self.pods), state_dir, ready=ready)
         await asyncio.to_thread(pod.start)
         self.pods.append(pod)
         await self.create(pod.body())
