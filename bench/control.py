@@ -214,7 +214,7 @@ async def measure(args: argparse.Namespace, url: str, pods: list[DataplanePod]) 
         f"--namespace={NAMESPACE}",
         "--no-leader-election",
         "--admin-port=9911",
-        "--liveness=http://127.0.0.1:0/healthz",
+        "--health-port=0",
         env={**os.environ, "KUBECONFIG": str(kubeconfig), "BILAYER_ADMIN_TOKEN": TOKEN},
         stdout=log_path.open("w"),
         stderr=subprocess.STDOUT,

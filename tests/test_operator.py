@@ -407,3 +407,47 @@ async def test_a_rolling_update_of_the_dataplane_writes_no_status(cluster: Clust
     writes = operator.status.writes - before
     print(f"\nstatus writes during a rollout of 2 pods with {ROUTES_IN_ROLLOUT} routes: {writes}")
     assert writes == 0
+
+
+async def test_a_pod_that_never_answers_holds_no_status_back(cluster: Cluster, web: HTTPBackend) -> None:
+    """A pod whose admin API accepts connections and never answers: before, every status
+    pass waited up to 10 s for it, and it counted as a pod that had not acknowledged, so
+    nothing was ever Programmed."""
+    import socket
+
+    from .operator_kit import ADMIN_PORT, LABELS
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.50", ADMIN_PORT))
+    silent.listen(16)  # accepted by the kernel, never read
+    try:
+        await cluster.add_pod()
+        await cluster.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "silent", "namespace": NAMESPACE, "uid": "uid-silent", "labels": LABELS},
+                "spec": {
+                    "containers": [
+                        {"name": "dataplane", "ports": [{"name": "admin", "containerPort": ADMIN_PORT}]}
+                    ]
+                },
+                "status": {
+                    "phase": "Running",
+                    "podIP": "127.0.0.50",
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                },
+            }
+        )
+        for obj in service_objects("web", web.port):
+            await cluster.create(obj)
+        await cluster.start_operator()
+        await async_wait_for(lambda: len(cluster.operator.publisher.pods) == 2, what="both pods known")
+        # The first waits out the new leader's question to every pod (3 s at most).
+        for name, within in (("one", 6.0), ("two", 2.0)):
+            started = asyncio.get_running_loop().time()
+            await cluster.create(l7route(name, free_port()))
+            await cluster.wait_condition("L7Route", name, "Programmed")
+            assert asyncio.get_running_loop().time() - started < within, name
+    finally:
+        silent.close()

@@ -448,8 +448,10 @@ class Operator:
     def _pushes_settled(self) -> bool:
         assert self.latest is not None
         version = self.latest.table.version
+        # A pod that has never answered is not waited for: it serves nothing we know of
+        # and does not count for Programmed (one that hangs held the first pass 10 s).
         return all(
-            version in (s.acked_version, s.refused_version) or s.failures > 0 or s.fenced
+            version in (s.acked_version, s.refused_version) or s.failures > 0 or s.fenced or not s.answered
             for s in self.publisher.pods.values()
         )
 

@@ -21,6 +21,7 @@ not open (a port in use) is kept for status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -78,6 +79,7 @@ class PodState:
     error: str | None = None
     failures: int = 0
     fenced: bool = False  # it answered 403: a newer leader programs it
+    answered: bool = False  # it has answered a request at least once
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     pushes: int = 0
@@ -223,7 +225,7 @@ class Publisher:
         async with self._client().request(
             method, pod.url + "/v1/table", data=body, headers=headers
         ) as response:
-            answer = json.loads(await response.content.read(ANSWER_BYTES) or b"null")
+            answer = json.loads(await _bounded(response, ANSWER_BYTES) or b"null")
             if not isinstance(answer, dict):
                 raise ValueError(f"{method} /v1/table answered {response.status} without a JSON object")
             return response.status, answer
@@ -234,9 +236,19 @@ class Publisher:
         """Acknowledged table version by pod UID."""
         return {uid: s.acked_version for uid, s in self.pods.items()}
 
-    async def discover_generation(self) -> int:
-        """The highest generation any pod serves (asked when leadership is taken)."""
-        results = await asyncio.gather(*(self._ask(s) for s in self.pods.values()), return_exceptions=True)
+    async def discover_generation(self, within: float = 3.0) -> int:
+        """The highest generation any pod serves (asked when leadership is taken). Pods
+        that do not answer within `within` seconds are not waited for (a pod that hangs
+        held a new leader back for the push timeout); one that serves a higher
+        generation answers the first push with 409, and the loop moves above it."""
+
+        async def ask(state: PodState) -> int | None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(within):
+                    return await self._ask(state)
+            return None
+
+        results = await asyncio.gather(*(ask(s) for s in self.pods.values()), return_exceptions=True)
         return max([r for r in results if isinstance(r, int)] or [0])
 
     # --- the worker ---
@@ -298,11 +310,12 @@ class Publisher:
             async with self._client().get(state.pod.url + "/v1/table") as response:
                 if response.status != 200:
                     return None
-                answer = json.loads(await response.content.read(16 * ANSWER_BYTES))
+                answer = json.loads(await _bounded(response, 16 * ANSWER_BYTES))
         except (aiohttp.ClientError, TimeoutError, ValueError):
             return None
         if not isinstance(answer, dict):
             return None
+        state.answered = True
         failed = {
             int(port): str(info.get("error"))
             for port, info in (answer.get("listeners") or {}).items()
@@ -346,6 +359,7 @@ class Publisher:
                 )
             return False
         state.pushes += 1
+        state.answered = True
         seconds = time.monotonic() - started
         self.metrics.push_seconds.labels(pod.name).observe(seconds)
         if status == 200:
@@ -405,3 +419,13 @@ class Publisher:
         log.error("table refused", extra=fields(pod=pod.name, status=status, error=answer.get("error")))
         self.on_change()
         return True
+
+
+async def _bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, or ValueError past limit bytes: a pod cannot make us hold more."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise ValueError(f"answer larger than {limit} bytes")
+    return bytes(body)
