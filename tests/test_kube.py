@@ -172,3 +172,21 @@ async def test_watch_events_larger_than_the_limit_are_refused(
     finally:
         kube.MAX_EVENT_BYTES = limit
         await client.close()
+
+
+async def test_a_watch_refused_with_429_says_how_long_to_wait(
+    fake_api: Callable[[Handler], Awaitable[str]],
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response({"message": "too many requests"}, status=429, headers={"Retry-After": "2"})
+
+    client = KubeClient(Credentials(server=await fake_api(handler)))
+    try:
+        with pytest.raises(KubeError) as refused:
+            async for _ in client.watch("/api/v1/pods", "1"):
+                pass
+        assert (
+            refused.value.status == 429 and refused.value.retry_after == 2.0
+        )  # the informer waits that long
+    finally:
+        await client.close()

@@ -73,6 +73,8 @@ class Informer:
             except (KubeError, *TRANSIENT, ValueError) as err:
                 self._restarted()
                 delay = backoff(attempt, base=0.5, cap=30.0)
+                if isinstance(err, KubeError) and err.retry_after is not None:
+                    delay = max(delay, err.retry_after)  # a 429 on the watch itself
                 attempt += 1
                 log.warning(
                     "watch interrupted",

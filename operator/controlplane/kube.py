@@ -52,9 +52,10 @@ TOKEN_RECHECK = 60.0  # seconds: a token file is read again at least this often
 class KubeError(Exception):
     """The API answered with an error status."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
+        self.retry_after = retry_after  # seconds the server asked us to wait (429, 503)
 
 
 class Gone(KubeError):
@@ -428,8 +429,9 @@ class KubeClient:
                 if response.status == 401 and attempt == 0 and self._reload_token():
                     continue
                 if response.status >= 400:
-                    error = Gone if response.status == 410 else KubeError
-                    raise error(response.status, await _text(response))
+                    if response.status == 410:
+                        raise Gone(410, await _text(response))
+                    raise KubeError(response.status, await _text(response), _retry_after(response))
                 async for line in _lines(response.content, MAX_EVENT_BYTES):
                     event: dict[str, Any] = json.loads(line)
                     yield event
