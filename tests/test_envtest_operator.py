@@ -96,6 +96,12 @@ async def test_lifecycle_on_the_real_api_server(apiserver: ApiServer, tmp_path: 
         await cluster.create(l4listener("tcp", tcp))
         await cluster.wait_condition("L4Listener", "tcp", "Programmed")
         await cluster.serves(pods[1], tcp, "web")
+        await cluster.patch("L4Listener", "tcp", {"spec": {"loadBalancing": {"policy": "LeastConnections"}}})
+        await cluster.wait_condition("L4Listener", "tcp", "Programmed", generation=2)
+        table = await asyncio.to_thread(
+            kubectl, apiserver, tmp_path, "get", "l4listeners", "-n", cluster.apps
+        )
+        assert "True" in table.splitlines()[1].split()
         await async_wait_for(lambda: _ports_are(cluster, [http, tcp]), what="Service ports")
 
         # EndpointSlice change: traffic moves to the other backend.

@@ -151,3 +151,20 @@ async def test_deactivate_stops_every_push_at_once(pods: Callable[[], Awaitable[
     await asyncio.wait_for(publisher.deactivate(), 1)
     assert all(s.task is None for s in publisher.pods.values())
     await publisher.close()
+
+
+async def test_a_pod_that_goes_takes_its_metrics_along(pods: Callable[[], Awaitable[FakePod]]) -> None:
+    from prometheus_client import generate_latest
+
+    fake = await pods()
+    publisher = Publisher(TOKEN, resync=60)
+    publisher.set_pods([fake.pod])
+    publisher.activate("1/test")
+    wanted = table("l7-basic", 1)
+    publisher.publish(wanted)
+    await async_wait_for(lambda: served(fake) is not None, what="a push")
+    text = generate_latest(publisher.metrics.registry).decode()
+    assert f'pod="{fake.pod.name}"' in text and f'version="{wanted.version}"' in text
+    publisher.set_pods([])  # the pod is gone (a rollout): no series of it stays behind
+    assert f'pod="{fake.pod.name}"' not in generate_latest(publisher.metrics.registry).decode()
+    await publisher.close()

@@ -67,6 +67,12 @@ class Metrics:
         self.table_generation = Gauge(
             "bilayer_operator_table_generation", "Generation of the table published.", registry=r
         )
+        self.table_version = Gauge(
+            "bilayer_operator_table_version",
+            "1 for the version (content hash) of the table published.",
+            ["version"],
+            registry=r,
+        )
         self.table_listeners = Gauge(
             "bilayer_operator_table_listeners", "Listeners in the table published.", registry=r
         )

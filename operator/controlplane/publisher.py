@@ -158,6 +158,10 @@ class Publisher:
                 state = self.pods.pop(uid)
                 if state.task is not None:
                     state.task.cancel()
+                # Pods come and go with every rollout: their series go with them, or the
+                # metrics would grow for as long as the operator runs.
+                with contextlib.suppress(KeyError):
+                    self.metrics.push_seconds.remove(state.pod.name)
                 self.on_change()
         for uid, pod in wanted.items():
             previous = self.pods.get(uid)
@@ -196,6 +200,8 @@ class Publisher:
         while len(self._history) > HISTORY:
             self._history.popitem(last=False)
         self.metrics.table_generation.set(table.generation)
+        self.metrics.table_version.clear()
+        self.metrics.table_version.labels(table.version).set(1)
         self.metrics.table_listeners.set(len(table.listeners))
         for state in self.pods.values():
             state.wake.set()
