@@ -8,9 +8,10 @@ runs as its own process (its RSS is measured); three `bilayer dataplane` process
 127.0.0.2-4 play the pods. Measured: initial sync (list, compile, push, all pods
 serving); the time until every object's status is written (11,000 status patches, each
 coming back as a watch event); compile time and table size (from the operator's log);
-operator RSS; and the propagation latency of new routes, from creation to a pod
-answering for the new host, while a background task keeps changing other routes (after
-five warm-up routes, not measured).
+operator RSS; the propagation latency of new routes, from creation to a pod answering
+for the new host, while a background task keeps changing other routes (after five
+warm-up routes, not measured); and the status writes a rolling update of the dataplane
+pods causes (each replaced by a new pod, one at a time).
 """
 
 from __future__ import annotations
@@ -300,14 +301,59 @@ async def measure(args: argparse.Namespace, url: str, pods: list[DataplanePod]) 
         churning = False
         await churner
         rss_end = rss_mb(operator.pid)
+        rollout_writes = await rollout(api, pods, serves, log_path, f"new{args.changes - 1}.example.com")
 
     operator.terminate()
     await operator.wait()
-    timings = {"sync": sync_seconds, "status": status_seconds, "rss_sync": rss_sync, "rss_end": rss_end}
+    timings = {
+        "sync": sync_seconds,
+        "status": status_seconds,
+        "rss_sync": rss_sync,
+        "rss_end": rss_end,
+        "rollout_writes": rollout_writes,
+    }
     report(args, log_path.read_text(), timings, latencies)
     slowest = sorted(timeline, key=lambda item: -item[2])[:5]
     print()
     print("slowest: " + ", ".join(f"#{n} at {at:.1f} s: {took * 1000:.0f} ms" for at, n, took in slowest))
+
+
+async def rollout(
+    api: aiohttp.ClientSession,
+    pods: list[DataplanePod],
+    serves: Any,
+    log_path: Path,
+    host: str,
+) -> int:
+    """A rolling update of the dataplane (maxSurge 1, maxUnavailable 0): for each pod, a
+    new one starts and is served the table, then the old one goes. Returns the status
+    writes the operator made meanwhile (it says how many in its log), once they stop."""
+    mark = len(log_path.read_text())  # noqa: ASYNC240 - a benchmark reading its own log
+    index = len(pods)
+    for old in list(pods):
+        pod = DataplanePod(index)
+        index += 1
+        await asyncio.to_thread(pod.start)
+        pods.append(pod)  # stopped with the others at the end
+        async with api.post(f"/api/v1/namespaces/{NAMESPACE}/pods", json=pod.body()) as response:
+            assert response.status < 300, await response.text()
+        while not await serves(pod, host):  # noqa: ASYNC110 - the whole table takes seconds
+            await asyncio.sleep(0.1)
+        async with api.delete(f"/api/v1/namespaces/{NAMESPACE}/pods/{old.name}") as response:
+            assert response.status < 300, await response.text()
+        await asyncio.to_thread(old.stop)
+
+    def writes() -> int:
+        text = log_path.read_text()[mark:]
+        return sum(int(n) for n in re.findall(r'"msg": "status written", "objects": (\d+)', text))
+
+    settled, last, deadline = time.monotonic(), writes(), time.monotonic() + 600
+    while time.monotonic() - settled < 10 and time.monotonic() < deadline:  # 10 s without a write
+        await asyncio.sleep(1.0)
+        if (now := writes()) != last:
+            settled, last = time.monotonic(), now
+    print(f"rollout of {len(pods) // 2} pods: {last} status writes", flush=True)
+    return last
 
 
 def report(args: argparse.Namespace, log: str, timings: dict[str, float], latencies: list[float]) -> None:
@@ -351,6 +397,8 @@ def report(args: argparse.Namespace, log: str, timings: dict[str, float], latenc
     print(f"| operator RSS after sync / at end | {rss_sync:.0f} MB / {rss_end:.0f} MB |")
     spread = f"{p50 * 1000:.0f} ms / {p99 * 1000:.0f} ms"
     print(f"| propagation p50 / p99 over {len(latencies)} new routes | {spread} |")
+    rollout = timings["rollout_writes"]
+    print(f"| status writes during a rolling update of the {args.pods} dataplanes | {rollout:.0f} |")
 
 
 if __name__ == "__main__":
