@@ -37,6 +37,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self._version = 0
+        self.status_writes = 0  # PATCH/PUT of a .../status subresource, for bench/control.py
         self._deletions: dict[Any, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
         self.resources.load_bundled()
         for key, (kind, singular) in CRDS.items():
@@ -60,6 +61,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
                 if request.namespace and not meta.get("namespace"):
                     meta["namespace"] = request.namespace
             elif request.action == enums.action.UPDATE and request.name is not None:
+                self.status_writes += request.subresource == "status"
                 key = (request.resource, request.namespace, request.name)
                 # kmock's ObjectsArray.get() does not look objects up by key: index it.
                 current = self._objects[key] if key in self._objects else None  # noqa: SIM401
