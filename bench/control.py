@@ -337,9 +337,26 @@ async def rollout(
     host: str,
 ) -> int:
     """A rolling update of the dataplane (maxSurge 1, maxUnavailable 0): for each pod, a
-    new one starts and is served the table, then the old one goes. Returns the status
-    writes the API server saw meanwhile, counted once 20 s pass without one."""
-    mark = await asyncio.to_thread(status_writes)
+    new one starts and is served the table, then the old one goes, each step once the
+    operator's status writes have stopped. Returns the status
+    writes the API server saw meanwhile, counted once 20 s pass without one (a pass of
+    11,000 writes takes longer than that, but not without writing)."""
+
+    async def quiet(seconds: float) -> int:
+        """The count of status writes once none has come for `seconds`."""
+        settled, last, deadline = (
+            time.monotonic(),
+            await asyncio.to_thread(status_writes),
+            time.monotonic() + 900,
+        )
+        while time.monotonic() - settled < seconds and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            if (now := await asyncio.to_thread(status_writes)) != last:
+                settled, last = time.monotonic(), now
+        return last
+
+    # The churn before this left status writes in the rate limiter's queue: let them end.
+    mark = await quiet(5.0)
     index = len(pods)
     for old in list(pods):
         pod = DataplanePod(index)
@@ -350,16 +367,15 @@ async def rollout(
             assert response.status < 300, await response.text()
         while not await serves(pod, host):  # noqa: ASYNC110 - the whole table takes seconds
             await asyncio.sleep(0.1)
+        # Kubernetes takes seconds between steps (readiness, preStop, draining): let the
+        # operator's status passes see each step, as they would.
+        await quiet(5.0)
         async with api.delete(f"/api/v1/namespaces/{NAMESPACE}/pods/{old.name}") as response:
             assert response.status < 300, await response.text()
         await asyncio.to_thread(old.stop)
+        await quiet(5.0)
 
-    settled, last, deadline = time.monotonic(), mark, time.monotonic() + 900
-    while time.monotonic() - settled < 20 and time.monotonic() < deadline:  # 20 s without a write
-        await asyncio.sleep(1.0)
-        if (now := await asyncio.to_thread(status_writes)) != last:
-            settled, last = time.monotonic(), now
-    last -= mark
+    last = await quiet(20.0) - mark
     print(f"rollout of {len(pods) // 2} pods: {last} status writes", flush=True)
     return last
 
