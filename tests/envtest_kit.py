@@ -36,6 +36,7 @@ from controlplane.kube import Credentials, KubeClient, KubeError, resource_path
 
 from .envtest import ROOT, ApiServer
 from .helpers import async_wait_for, free_port, wait_for
+from .operator_kit import DataplaneProcess
 
 CHART = ROOT / "helm" / "bilayer"
 BIN = Path(sys.executable).parent
@@ -219,59 +220,14 @@ def fetch(address: str, port: int, path: str = "/", host: str | None = None) -> 
         return 0, ""
 
 
-class DataplanePod:
+class DataplanePod(DataplaneProcess):
     """A `bilayer dataplane` process, and the Pod object the kubelet would keep for it."""
 
     def __init__(self, cluster: EnvCluster, name: str, address: str) -> None:
+        super().__init__(name, address, port=ADMIN_PORT, token=ADMIN_TOKEN, log=cluster.dir / f"{name}.log")
         self.cluster = cluster
-        self.name = name
-        self.address = address
         self.uid: str | None = None
-        self.state_dir: Path | None = None
-        self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
-        self.log = cluster.dir / f"{name}.log"
-
-    def start_process(self) -> None:
-        args = [
-            str(BIN / "bilayer"),
-            "dataplane",
-            "--address",
-            self.address,
-            "--admin-address",
-            self.address,
-            "--admin-port",
-            str(ADMIN_PORT),
-            "--drain-grace",
-            "1",
-            "--no-access-log",
-        ]
-        if self.state_dir is not None:
-            args += ["--state-dir", str(self.state_dir)]
-        self.process = subprocess.Popen(
-            args,
-            env={**os.environ, "BILAYER_ADMIN_TOKEN": ADMIN_TOKEN},
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        wait_for(lambda: self.probe("/healthz") == 200, timeout=20, what=f"{self.name} /healthz")
-
-    def stop_process(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(20)
-            self.process = None
-
-    def probe(self, path: str) -> int:
-        return fetch(self.address, ADMIN_PORT, path)[0]
-
-    def served(self) -> dict[str, Any]:
-        request = urllib.request.Request(
-            f"http://{self.address}:{ADMIN_PORT}/v1/table", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            result: dict[str, Any] = json.loads(response.read())
-            return result
 
     def body(self) -> dict[str, Any]:
         labels = {
@@ -543,7 +499,7 @@ class EnvCluster:
         pod = DataplanePod(self, f"dataplane-{len(self.pods)}", f"127.77.{n // 200}.{n % 200 + 2}")
         if state_dir:
             pod.state_dir = self.dir / f"{pod.name}-state"
-        await asyncio.to_thread(pod.start_process)
+        await asyncio.to_thread(pod.start)
         created = await self.create(pod.body())
         pod.uid = created["metadata"]["uid"]
         await self.set_pod_status(pod, ready=False)
@@ -571,9 +527,9 @@ class EnvCluster:
 
     async def restart_pod(self, pod: DataplanePod) -> None:
         """The container restarts (no saved table unless it has a state dir)."""
-        await asyncio.to_thread(pod.stop_process)
+        await asyncio.to_thread(pod.stop)
         pod.restarts += 1
-        await asyncio.to_thread(pod.start_process)
+        await asyncio.to_thread(pod.start)
         await self.set_pod_status(pod, ready=False)
 
     async def serves(self, pod: DataplanePod, port: int, body: str, path: str = "/") -> None:
@@ -595,7 +551,7 @@ class EnvCluster:
         for operator in self.operators:
             await asyncio.to_thread(operator.stop)
         for pod in self.pods:
-            await asyncio.to_thread(pod.stop_process)
+            await asyncio.to_thread(pod.stop)
         for backend in self.backends:
             await asyncio.to_thread(backend.stop)
         # The API server has no namespace controller: remove our routes ourselves, so a

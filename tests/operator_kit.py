@@ -8,10 +8,12 @@ carries that address and the admin port.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,15 +35,19 @@ LABELS = {"app.kubernetes.io/name": "bilayer", "app.kubernetes.io/component": "d
 ADMIN_PORT = 9911
 
 
-class DataplanePod:
-    """A real dataplane process playing one pod."""
+class DataplaneProcess:
+    """A `bilayer dataplane` process on an address of its own, as a pod has its own IP.
+    The kmock and envtest kits (and bench/control.py) play pods with it."""
 
-    def __init__(self, index: int, state_dir: Path | None = None, *, ready: bool = True) -> None:
-        self.ready = ready
-        self.address = f"127.0.0.{index + 2}"
-        self.name = f"dataplane-{index}"
-        self.uid = f"uid-{index}"
-        self.state_dir = state_dir
+    def __init__(
+        self, name: str, address: str, *, port: int = ADMIN_PORT, token: str = TOKEN, log: Path | None = None
+    ) -> None:
+        self.name = name
+        self.address = address
+        self.admin_port = port
+        self.token = token
+        self.log = log
+        self.state_dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -54,33 +60,69 @@ class DataplanePod:
             "--admin-address",
             self.address,
             "--admin-port",
-            str(ADMIN_PORT),
+            str(self.admin_port),
             "--drain-grace",
             "1",
             "--no-access-log",
         ]
         if self.state_dir is not None:
             args += ["--state-dir", str(self.state_dir)]
+        output = self.log.open("ab") if self.log is not None else subprocess.DEVNULL
         self.process = subprocess.Popen(
             args,
-            env={**os.environ, "BILAYER_ADMIN_TOKEN": TOKEN},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            env={**os.environ, "BILAYER_ADMIN_TOKEN": self.token},
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
-        wait_for(self._healthy, timeout=20, what=f"{self.name} to answer /healthz")
+        wait_for(lambda: self.probe("/healthz") == 200, timeout=20, what=f"{self.name} to answer /healthz")
 
-    def _healthy(self) -> bool:
+    def probe(self, path: str) -> int:
+        """The status of an unauthenticated GET (0: no answer)."""
         try:
-            with urllib.request.urlopen(f"http://{self.address}:{ADMIN_PORT}/healthz", timeout=1) as response:
-                return response.status == 200
+            with urllib.request.urlopen(
+                f"http://{self.address}:{self.admin_port}{path}", timeout=1
+            ) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
         except OSError:
-            return False
+            return 0
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
             self.process.wait(20)
             self.process = None
+
+    def _get(self, path: str) -> bytes:
+        request = urllib.request.Request(
+            f"http://{self.address}:{self.admin_port}{path}",
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body: bytes = response.read()
+            return body
+
+    def metric(self, name: str) -> float:
+        """One unlabelled sample from the pod's /metrics."""
+        for line in self._get("/metrics").decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise AssertionError(f"no metric {name} on {self.name}")
+
+    def served(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self._get("/v1/table"))
+        return result
+
+
+class DataplanePod(DataplaneProcess):
+    """A dataplane process and the Pod object the emulator holds for it."""
+
+    def __init__(self, index: int, state_dir: Path | None = None, *, ready: bool = True) -> None:
+        super().__init__(f"dataplane-{index}", f"127.0.0.{index + 2}")
+        self.ready = ready
+        self.uid = f"uid-{index}"
+        self.state_dir = state_dir
 
     def body(self) -> dict[str, Any]:
         return {
@@ -98,27 +140,6 @@ class DataplanePod:
                 "conditions": [{"type": "Ready", "status": "True" if self.ready else "False"}],
             },
         }
-
-    def metric(self, name: str) -> float:
-        """One unlabelled sample from the pod's /metrics."""
-        request = urllib.request.Request(
-            f"http://{self.address}:{ADMIN_PORT}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-        raise AssertionError(f"no metric {name} on {self.name}")
-
-    def served(self) -> dict[str, Any]:
-        request = urllib.request.Request(
-            f"http://{self.address}:{ADMIN_PORT}/v1/table", headers={"Authorization": f"Bearer {TOKEN}"}
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            import json
-
-            result: dict[str, Any] = json.loads(response.read())
-            return result
 
 
 class Cluster:

@@ -154,7 +154,7 @@ async def test_the_crds_refuse_bad_objects_at_admission(apiserver: ApiServer, tm
             assert refused.value.status == 422 and field in str(refused.value), str(refused.value)
 
 
-async def test_conflicts_refusals_and_listener_failures(
+async def test_port_conflicts_and_listener_failures(
     apiserver: ApiServer, tmp_path: Path, netns: None
 ) -> None:
     """Port conflicts by age; a port a pod cannot open shows as ListenerFailed (today's

@@ -142,7 +142,7 @@ async def test_only_an_active_publisher_pushes_and_a_newer_term_stops_it(
 
 async def test_deactivate_stops_every_push_at_once(pods: Callable[[], Awaitable[FakePod]]) -> None:
     fake = await pods()
-    fake.delay = 5.0  # a push hangs in flight
+    fake.delay = 3.0  # a push hangs in flight (longer than the 1 s deactivate may take)
     publisher = Publisher(TOKEN, resync=60)
     publisher.set_pods([fake.pod])
     publisher.activate("1/test")
