@@ -381,3 +381,46 @@ async def test_a_rotated_service_account_token_is_picked_up(apiserver: ApiServer
         await cluster.create(l7route("two", free_port()))
         await cluster.wait_condition("L7Route", "two", "Programmed")
         assert "service-account token reloaded" in operator.log.read_text()
+
+
+async def test_an_operator_started_before_its_crds_catches_up_at_once(
+    apiserver: ApiServer, tmp_path: Path
+) -> None:
+    """A fresh API server: the operator starts before the CRDs exist (404 on its lists),
+    then they are created and the first LISTs may answer 429 "storage is (re)initializing".
+    Before, a failed start was retried by kopf 60 s later; now every list retries on its
+    own (honouring Retry-After) and the first route is programmed within seconds."""
+    from .envtest_kit import install_crds
+
+    fresh = ApiServer(apiserver.binaries).start()
+    try:
+        async with env_cluster(fresh, tmp_path) as cluster:
+            await cluster.create(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": {"name": "web"},
+                    "spec": {"ports": [{"name": "http", "port": 80}]},
+                }
+            )
+            await cluster.add_pod()
+            operator = cluster.start_operator()
+            await async_wait_for(
+                lambda: (
+                    "the server could not find the requested resource" in operator.log.read_text()
+                    or "404" in operator.log.read_text()
+                ),
+                deadline_s=30,
+                what="the operator to find no CRD",
+            )
+            assert operator.get("/readyz")[0] == 503  # still listing
+            await install_crds(fresh)
+            created = time.monotonic()
+            await cluster.create(l7route("first", free_port()))
+            await cluster.wait_condition("L7Route", "first", "Programmed", deadline=40)
+            took = time.monotonic() - created
+            throttled = operator.metric("bilayer_operator_api_throttled")
+            print(f"\nprogrammed {took:.1f} s after the CRDs were created; 429 answers: {throttled:.0f}")
+            assert took < 20, took
+    finally:
+        await asyncio.to_thread(fresh.stop)

@@ -72,7 +72,7 @@ class Informer:
                 self.version = None
             except (KubeError, *TRANSIENT, ValueError) as err:
                 self._restarted()
-                delay = backoff(attempt, base=0.5, cap=30.0)
+                delay = backoff(attempt, base=0.5, cap=10.0)
                 if isinstance(err, KubeError) and err.retry_after is not None:
                     delay = max(delay, err.retry_after)  # a 429 on the watch itself
                 attempt += 1
