@@ -73,3 +73,25 @@ def test_references_follow_route_changes_and_deletions() -> None:
     assert not store.apply("Service", "ADDED", body("Service", "web"))
     store.replace_all("L7Route", [route])
     assert store.apply("Service", "MODIFIED", body("Service", "web", spec={"ports": []}))
+
+
+def test_a_late_echo_of_an_earlier_status_write_is_not_news() -> None:
+    """The watch event of write N can arrive after the answer to write N+1: its status is
+    stale and must not replace the newer one (the operator then wrote the newer again)."""
+    store = Store()
+    route = load_yaml(ROUTE)[0]
+    route["metadata"]["resourceVersion"] = "5"
+    store.apply("L7Route", "ADDED", route)
+    (key,) = store.objects
+    store.objects[key]["status"] = {"conditions": [{"type": "Programmed", "status": "True"}]}
+    store.objects[key]["metadata"] = {
+        **store.objects[key]["metadata"],
+        "resourceVersion": "9",
+    }  # our write's answer
+    late = {**route, "metadata": {**route["metadata"], "resourceVersion": "7"}, "status": {"conditions": []}}
+    assert not store.apply("L7Route", "MODIFIED", late)
+    assert store.status_of(key) == [{"type": "Programmed", "status": "True"}]
+    # A spec change that is older than our write still counts (its status does not).
+    changed = {**late, "metadata": {**late["metadata"], "generation": 2}}
+    assert store.apply("L7Route", "MODIFIED", changed)
+    assert store.status_of(key) == [{"type": "Programmed", "status": "True"}]

@@ -100,6 +100,9 @@ class StatusWriter:
         current = self.store.objects.get(key)
         if current is not None:
             current["status"] = updated.get("status", body["status"])
+            version = (updated.get("metadata") or {}).get("resourceVersion")
+            if version:  # so that a late echo of an earlier write is known as older
+                current["metadata"] = {**current["metadata"], "resourceVersion": version}
         return True
 
     def _count(self, result: str) -> None:

@@ -65,6 +65,15 @@ def _table_view(obj: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
+def _older(obj: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """Whether obj is an older state of the same object. resourceVersions are opaque to
+    clients in general; the kube-apiserver's are etcd revisions, numbers that only grow,
+    and only those are compared (anything else is never older)."""
+    a = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+    b = str((than.get("metadata") or {}).get("resourceVersion") or "")
+    return a.isdigit() and b.isdigit() and int(a) < int(b)
+
+
 def _references(key: ObjectKey, obj: Mapping[str, Any]) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
     """The Services and Secrets a route object names, as (namespace, name)."""
     services: set[tuple[str, str]] = set()
@@ -108,6 +117,14 @@ class Store:
                 self._count(key, None)
             return old is not None and self._matters(key, obj)
         old = self.objects.get(key)
+        if old is not None and _older(obj, old):
+            # A late watch event of our own earlier status write, after the answer to a
+            # later one (StatusWriter records its resourceVersion): its status is stale.
+            # Taken as news, it made the operator write the newer status once more.
+            if _table_view(old) == _table_view(obj):
+                return False
+            obj["status"] = old.get("status")
+            obj["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         if old is not None and _table_view(old) == _table_view(obj):
             # E.g. our own status write coming back. The compiler knows unchanged objects by
             # identity (compiler.cache): keep the dict it knows, with the news in it.
