@@ -178,11 +178,49 @@ class Cluster(_Part):
     endpoints: list[Endpoint] = Field(default_factory=list)
 
 
+class HeaderValue(_Model):
+    name: HeaderToken
+    value: FieldValue
+
+
+class HeaderOps(_Model):
+    set: list[HeaderValue] = Field(default_factory=list)
+    add: list[HeaderValue] = Field(default_factory=list)
+    remove: list[HeaderToken] = Field(default_factory=list)
+
+
+class PathRewrite(_Model):
+    type: Literal["ReplaceFullPath", "ReplacePrefixMatch"]
+    value: TargetPath
+
+
+class Rewrite(_Model):
+    hostname: HostName | None = None
+    path: PathRewrite | None = None
+
+
+class Mirror(_Model):
+    """Copies of a share of the requests go to one endpoint of cluster; answers are dropped."""
+
+    cluster: str
+    share: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class BackendFilters(_Model):
+    """Filters applied only to requests sent to one backend, after the rule's."""
+
+    requestHeaders: HeaderOps | None = None
+    responseHeaders: HeaderOps | None = None
+    rewrite: Rewrite | None = None
+    mirrors: list[Mirror] = Field(default_factory=list)
+
+
 class Backend(_Model):
     """A weighted share of traffic; ``cluster`` None marks an unresolved reference."""
 
     cluster: str | None
     weight: Annotated[int, Field(ge=0)]
+    filters: BackendFilters | None = None  # L7 only
 
 
 class HealthCheck(_Model):
@@ -252,33 +290,45 @@ class HostIndex(_Model):
         return _sorted_keys(value)
 
 
-class HeaderValue(_Model):
-    name: HeaderToken
-    value: FieldValue
-
-
-class HeaderOps(_Model):
-    set: list[HeaderValue] = Field(default_factory=list)
-    add: list[HeaderValue] = Field(default_factory=list)
-    remove: list[HeaderToken] = Field(default_factory=list)
-
-
-class PathRewrite(_Model):
-    type: Literal["ReplaceFullPath", "ReplacePrefixMatch"]
-    value: TargetPath
-
-
-class Rewrite(_Model):
-    hostname: HostName | None = None
-    path: PathRewrite | None = None
-
-
 class Redirect(_Model):
     scheme: Literal["http", "https"] | None = None
     hostname: HostName | None = None
     port: Port | None = None
     path: PathRewrite | None = None
-    statusCode: Literal[301, 302] = 302
+    statusCode: Literal[301, 302, 303, 307, 308] = 302
+
+
+# "*", or scheme://host[:port] where the host may be "*" or start with "*." (lower case).
+Origin = Annotated[
+    str,
+    Field(
+        max_length=253,
+        pattern=r"^(\*|https?://(\*|(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)"
+        r"(:[0-9]{1,5})?)$",
+    ),
+]
+
+
+class Cors(_Model):
+    """The CORS filter (Gateway API HTTPCORSFilter); "*" alone in a list allows anything."""
+
+    allowOrigins: list[Origin] = Field(default_factory=list)
+    allowMethods: list[HeaderToken] = Field(default_factory=list)
+    allowHeaders: list[HeaderToken] = Field(default_factory=list)
+    exposeHeaders: list[HeaderToken] = Field(default_factory=list)
+    allowCredentials: bool = False
+    maxAge: Annotated[int, Field(ge=1)] = 5
+
+
+class Session(_Model):
+    """Session persistence: a token naming the endpoint, in a cookie or a header."""
+
+    type: Literal["Cookie", "Header"]
+    name: HeaderToken  # the cookie's or the header's name
+    path: Annotated[str, Field(pattern=r"^/[\x21-\x3a\x3c-\x7e]*$")] = "/"  # cookie Path
+    permanent: bool = False  # cookie Max-Age from absoluteTimeout (else a browser-session cookie)
+    absoluteTimeout: Seconds | None = None
+    idleTimeout: Seconds | None = None
 
 
 class Retry(_Model):
@@ -318,6 +368,9 @@ class Rule(_Part):
     rateLimit: RateLimit | None = None
     loadBalancing: LoadBalancing = LoadBalancing()
     allowEncodedSlashes: bool = False
+    mirrors: list[Mirror] = Field(default_factory=list)
+    cors: Cors | None = None
+    session: Session | None = None
 
 
 class Certificate(_Model):
@@ -483,6 +536,9 @@ class Table(_Model):
                 raise TableError(f"{where}: set exactly one of l4 and l7")
             if listener.l4 is not None:
                 check_backends(f"{where}.l4", listener.l4.backends, self.clusters)
+                for i, backend in enumerate(listener.l4.backends):
+                    if backend.filters is not None:
+                        raise TableError(f"{where}.l4.backends.{i}.filters: filters are for L7 backends")
             if listener.l7 is not None:
                 for rid, rule in listener.l7.rules.items():
                     check_rule(f"{where}.l7.rules.{rid}", rule, self.clusters)
@@ -543,6 +599,14 @@ def check_backends(where: str, backends: list[Backend], clusters: Mapping[str, C
 
 def check_rule(where: str, rule: Rule, clusters: Mapping[str, Cluster]) -> None:
     check_backends(where, rule.backends, clusters)
+    mirrors = [(f"{where}.mirrors.{i}", m) for i, m in enumerate(rule.mirrors)]
+    for i, backend in enumerate(rule.backends):
+        if backend.filters is not None:
+            base = f"{where}.backends.{i}.filters.mirrors"
+            mirrors += [(f"{base}.{j}", m) for j, m in enumerate(backend.filters.mirrors)]
+    for name, mirror in mirrors:
+        if mirror.cluster not in clusters:
+            raise TableError(f"{name}.cluster: no cluster named {mirror.cluster!r}")
     if rule.rateLimit and rule.rateLimit.key.type == "Header" and not rule.rateLimit.key.header:
         raise TableError(f"{where}.rateLimit.key: type Header needs header")
 

@@ -78,6 +78,28 @@ def test_explain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "header x-canary is 'false', needs 'true'" in out
 
 
+def test_explain_names_mirrors_sessions_and_cors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for case in ("m", "s", "c"):
+        (tmp_path / case).mkdir()
+    main(["explain", "-f", str(golden_dir(tmp_path / "m", "l7-mirror")), "--host", "h", "--path", "/x"])
+    out = capsys.readouterr().out
+    assert "copied to shop/canary:80 (100% of requests); copied to shop/api:80 (25% of requests)" in out
+    main(
+        [
+            "explain",
+            "-f",
+            str(golden_dir(tmp_path / "s", "l7-session-persistence")),
+            "--host",
+            "h",
+            "--path",
+            "/c",
+        ]
+    )
+    assert "kept on its endpoint by the header x-session" in capsys.readouterr().out
+    main(["explain", "-f", str(golden_dir(tmp_path / "c", "l7-cors")), "--host", "h", "--path", "/app"])
+    assert "CORS preflights answered by the proxy" in capsys.readouterr().out
+
+
 def test_explain_no_route_and_bad_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = golden_dir(tmp_path, "l7-hostnames")
     main(["explain", "-f", str(folder), "--host", "nope.org", "--path", "/v1"])

@@ -40,6 +40,9 @@ def test_changed_content_changes_version() -> None:
     assert golden_table("l7-basic").version != golden_table("endpoints-none").version
 
 
+RULE = "shop/http/0"
+
+
 def good() -> dict[str, Any]:
     return json.loads(golden_table("shared-cluster").to_json())
 
@@ -67,6 +70,40 @@ def good() -> dict[str, Any]:
         ),
         (lambda t: t.update(surprise=True), "Extra inputs are not permitted"),
         (lambda t: t["listeners"]["7000"]["l4"].update(policy="Fastest"), "policy"),
+        (
+            lambda t: t["listeners"]["8080"]["l7"]["rules"][RULE].update(mirrors=[{"cluster": "nope"}]),
+            r"rules\.shop/http/0\.mirrors\.0\.cluster: no cluster named 'nope'",
+        ),
+        (
+            lambda t: t["listeners"]["8080"]["l7"]["rules"][RULE]["backends"][0].update(
+                filters={"mirrors": [{"cluster": "shop/api:80", "share": 1.5}]}
+            ),
+            "share",
+        ),
+        (
+            lambda t: t["listeners"]["8080"]["l7"]["rules"][RULE].update(
+                cors={"allowOrigins": ["https://app.example.com/path"]}
+            ),
+            "allowOrigins",
+        ),
+        (
+            lambda t: t["listeners"]["8080"]["l7"]["rules"][RULE].update(
+                session={"type": "Cookie", "name": "a b"}
+            ),
+            "session.name",
+        ),
+        (
+            lambda t: (
+                t["listeners"]["8080"]["l7"]["rules"][RULE]["redirect"].update(statusCode=304)
+                if "redirect" in t["listeners"]["8080"]["l7"]["rules"][RULE]
+                else t["listeners"]["8080"]["l7"]["rules"][RULE].update(redirect={"statusCode": 304})
+            ),
+            "statusCode",
+        ),
+        (
+            lambda t: t["listeners"]["7000"]["l4"]["backends"][0].update(filters={}),
+            "filters are for L7 backends",
+        ),
     ],
 )
 def test_bad_tables_are_refused_with_the_field(mutate: Any, message: str) -> None:

@@ -124,4 +124,11 @@ def _outcome(rule: table.Rule, backends: list[dict[str, Any]], encoded_slash: bo
         return f"{rule.redirect.statusCode} redirect"
     if not rule.backends or sum(b.weight for b in rule.backends) == 0:
         return "500: the rule has no backend with weight above 0"
-    return "forwarded to a backend chosen by weight"
+    notes = ["forwarded to a backend chosen by weight"]
+    if rule.session is not None:
+        notes.append(f"kept on its endpoint by the {rule.session.type.lower()} {rule.session.name}")
+    for mirror in rule.mirrors:
+        notes.append(f"copied to {mirror.cluster} ({mirror.share:.0%} of requests)")
+    if rule.cors is not None:
+        notes.append("CORS preflights answered by the proxy")
+    return "; ".join(notes)

@@ -6,6 +6,7 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pydantic import ValidationError
 
@@ -24,6 +25,19 @@ class Resolution:
     backends: list[table.Backend] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     not_permitted: bool = False
+
+
+class ServiceRef(Protocol):
+    """A reference to a Service port: a backendRef, or a mirror's."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def namespace(self) -> str | None: ...
+
+    @property
+    def port(self) -> int: ...
 
 
 def cluster_name(namespace: str, service: str, port: int) -> str:
@@ -72,29 +86,32 @@ class BackendResolver:
     def resolve(self, namespace: str, refs: Sequence[BackendRef], field_path: str) -> Resolution:
         result = Resolution()
         for i, ref in enumerate(refs):
-            where = f"{field_path}[{i}]"
-            if ref.namespace is not None and ref.namespace != namespace:
-                result.not_permitted = True
-                result.problems.append(
-                    f"{where}: Service {ref.namespace}/{ref.name} is in another namespace; "
-                    f"only Services in {namespace} may be referenced"
-                )
-                result.backends.append(interned(table.Backend, cluster=None, weight=ref.weight))
-                continue
-            name, problem = self._cluster(namespace, ref)
-            if problem:
-                result.problems.append(f"{where}: {problem}")
+            name = self.resolve_one(namespace, ref, f"{field_path}[{i}]", result)
             result.backends.append(interned(table.Backend, cluster=name, weight=ref.weight))
         return result
 
-    def lookup(self, namespace: str, ref: BackendRef) -> tuple[str | None, str | None]:
+    def resolve_one(self, namespace: str, ref: ServiceRef, where: str, result: Resolution) -> str | None:
+        """The cluster of one reference, or None; what is wrong goes into result."""
+        if ref.namespace is not None and ref.namespace != namespace:
+            result.not_permitted = True
+            result.problems.append(
+                f"{where}: Service {ref.namespace}/{ref.name} is in another namespace; "
+                f"only Services in {namespace} may be referenced"
+            )
+            return None
+        name, problem = self._cluster(namespace, ref)
+        if problem:
+            result.problems.append(f"{where}: {problem}")
+        return name
+
+    def lookup(self, namespace: str, ref: ServiceRef) -> tuple[str | None, str | None]:
         """How ref resolves: the cluster name or None, and the problem. Registers the
         cluster for this compile's table, as resolve() does."""
         if ref.namespace is not None and ref.namespace != namespace:
             return None, "not permitted"
         return self._cluster(namespace, ref)
 
-    def _cluster(self, namespace: str, ref: BackendRef) -> tuple[str | None, str | None]:
+    def _cluster(self, namespace: str, ref: ServiceRef) -> tuple[str | None, str | None]:
         # Many routes name the same Service port: resolve each once per compile.
         key = (namespace, ref.name, ref.port)
         found = self._resolved.get(key)
@@ -102,7 +119,7 @@ class BackendResolver:
             found = self._resolved[key] = self._resolve_cluster(namespace, ref)
         return found
 
-    def _resolve_cluster(self, namespace: str, ref: BackendRef) -> tuple[str | None, str | None]:
+    def _resolve_cluster(self, namespace: str, ref: ServiceRef) -> tuple[str | None, str | None]:
         service = self._services.get((namespace, ref.name))
         if service is None:
             return None, f"Service {namespace}/{ref.name} not found"

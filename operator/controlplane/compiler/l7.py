@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import operator
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,8 +13,16 @@ from dataplane import table
 from dataplane.table import PartPath
 
 from ..resources.common import HeaderKey, parse_duration
-from ..resources.l7route import Filter, HeaderModifier, L7Route, PathModifier, RouteRule
-from .backends import BackendResolver
+from ..resources.l7route import (
+    CookieConfig,
+    Filter,
+    HeaderModifier,
+    L7Route,
+    PathModifier,
+    RouteRule,
+    SessionPersistence,
+)
+from .backends import BackendResolver, Resolution, ServiceRef
 from .intern import NO_CONDITIONS, interned
 from .ports import Parsed
 from .precedence import EntryRank, prefix_key, rank, wildcard_key
@@ -63,12 +72,19 @@ def _compile_route(parsed: Parsed, resolver: BackendResolver, secrets: SecretInd
     clusters: set[str] = set()
     groups = _host_groups(route.spec.hostnames)
     for rule_index, rule in enumerate(route.spec.rules):
-        resolution = resolver.resolve(namespace, rule.backendRefs, f"spec.rules[{rule_index}].backendRefs")
+        where = f"spec.rules[{rule_index}]"
+        resolution = resolver.resolve(namespace, rule.backendRefs, f"{where}.backendRefs")
+        mirrors = _mirrors(rule.filters, namespace, resolver, f"{where}.filters", resolution)
+        backends = _with_filters(rule, namespace, resolver, where, resolution)
         found.problems += resolution.problems
         found.not_permitted |= resolution.not_permitted
-        clusters.update(b.cluster for b in resolution.backends if b.cluster is not None)
+        clusters.update(b.cluster for b in backends if b.cluster is not None)
+        clusters.update(m.cluster for m in mirrors)
+        for backend in backends:
+            if backend.filters is not None:
+                clusters.update(m.cluster for m in backend.filters.mirrors)
         rid = table.rule_id(parsed.key.ref, rule_index)
-        rules[rid] = _rule(parsed.key.ref, rule_index, rule, route, resolution.backends)
+        rules[rid] = _rule(parsed.key.ref, rule_index, rule, route, backends, mirrors)
         for match_index, match in enumerate(rule.matches):
             entry = table.MatchEntry.build(
                 rule=rid,
@@ -96,10 +112,61 @@ def _route_signature(parsed: Parsed, resolver: BackendResolver, secrets: SecretI
     route = parsed.model
     assert isinstance(route, L7Route)
     namespace = parsed.key.namespace
-    resolved = tuple(resolver.lookup(namespace, ref) for rule in route.spec.rules for ref in rule.backendRefs)
+    resolved = tuple(
+        resolver.lookup(namespace, ref) for rule in route.spec.rules for ref in _service_refs(rule)
+    )
     tls = route.spec.tls
     cert = secrets.fingerprint(namespace, tls.secretName) if tls is not None else None
     return (resolved, cert)
+
+
+def _service_refs(rule: RouteRule) -> Iterator[ServiceRef]:
+    """Every Service the rule names: its backends and its mirrors (the rule's and the backends')."""
+    yield from rule.backendRefs
+    for f in [*rule.filters, *(f for ref in rule.backendRefs for f in ref.filters)]:
+        if f.requestMirror is not None:
+            yield f.requestMirror.backendRef
+
+
+def _mirrors(
+    filters: list[Filter], namespace: str, resolver: BackendResolver, where: str, resolution: Resolution
+) -> list[table.Mirror]:
+    """The RequestMirror filters whose Service resolves and whose share is not 0. One that
+    does not resolve is left out (the spec: not configured) and reported in resolution."""
+    mirrors = []
+    for index, f in enumerate(filters):
+        if f.requestMirror is None:
+            continue
+        mirror = f.requestMirror
+        name = resolver.resolve_one(
+            namespace, mirror.backendRef, f"{where}[{index}].requestMirror.backendRef", resolution
+        )
+        if name is not None and mirror.share > 0:
+            mirrors.append(table.Mirror.build(cluster=name, share=mirror.share))
+    return mirrors
+
+
+def _with_filters(
+    rule: RouteRule, namespace: str, resolver: BackendResolver, where: str, resolution: Resolution
+) -> list[table.Backend]:
+    """The resolved backends, with the filters of the backendRefs that have some."""
+    backends = resolution.backends
+    for index, ref in enumerate(rule.backendRefs):
+        if not ref.filters:
+            continue
+        by_type = {f.type: f for f in ref.filters}
+        filters = table.BackendFilters.build(
+            requestHeaders=_header_ops(by_type.get("RequestHeaderModifier"), "requestHeaderModifier"),
+            responseHeaders=_header_ops(by_type.get("ResponseHeaderModifier"), "responseHeaderModifier"),
+            rewrite=_rewrite(by_type.get("URLRewrite")),
+            mirrors=_mirrors(
+                ref.filters, namespace, resolver, f"{where}.backendRefs[{index}].filters", resolution
+            ),
+        )
+        backends[index] = table.Backend.build(
+            cluster=backends[index].cluster, weight=backends[index].weight, filters=filters
+        )
+    return backends
 
 
 def _route_out(parsed: Parsed, context: Context) -> _RouteOut:
@@ -264,8 +331,13 @@ def _host_groups(hostnames: list[str]) -> list[tuple[str, str]]:
     return [("wildcard", wildcard_key(h)) if h.startswith("*.") else ("exact", h) for h in hostnames]
 
 
-def _rule(
-    source: str, index: int, rule: RouteRule, route: L7Route, backends: list[table.Backend]
+def _rule(  # noqa: PLR0917 (the parts of one rule, all needed)
+    source: str,
+    index: int,
+    rule: RouteRule,
+    route: L7Route,
+    backends: list[table.Backend],
+    mirrors: list[table.Mirror],
 ) -> table.Rule:
     by_type: dict[str, Filter] = {f.type: f for f in rule.filters}
     timeouts = rule.timeouts
@@ -298,6 +370,43 @@ def _rule(
             table.LoadBalancing, policy=rule.loadBalancing.policy, key=_key(rule.loadBalancing.key)
         ),
         allowEncodedSlashes=route.spec.allowEncodedSlashes,
+        mirrors=mirrors,
+        cors=_cors(by_type.get("CORS")),
+        session=_session(rule.sessionPersistence, table.rule_id(source, index)),
+    )
+
+
+def _cors(f: Filter | None) -> table.Cors | None:
+    if f is None or f.cors is None:
+        return None
+    cors = f.cors
+    return table.Cors.build(
+        allowOrigins=[origin.lower() for origin in cors.allowOrigins],
+        allowMethods=list(cors.allowMethods),
+        allowHeaders=list(cors.allowHeaders),
+        exposeHeaders=list(cors.exposeHeaders),
+        allowCredentials=cors.allowCredentials,
+        maxAge=cors.maxAge,
+    )
+
+
+def _session(persistence: SessionPersistence | None, rid: str) -> table.Session | None:
+    if persistence is None:
+        return None
+    cookie = persistence.cookie or CookieConfig()
+    if persistence.header is not None:
+        name = persistence.header.name
+    else:
+        # The spec: a unique name when none is given. Derived from the rule, so every
+        # replica and every compile agree on it.
+        name = cookie.name or "bilayer-session-" + hashlib.sha256(rid.encode()).hexdigest()[:12]
+    return table.Session.build(
+        type=persistence.type,
+        name=name,
+        path=cookie.path,
+        permanent=cookie.lifetimeType == "Permanent",
+        absoluteTimeout=_timeout(persistence.absoluteTimeout),
+        idleTimeout=_timeout(persistence.idleTimeout),
     )
 
 

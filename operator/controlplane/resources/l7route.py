@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -217,23 +218,160 @@ class RequestRedirect(Model):
     hostname: PreciseHostname | None = Field(default=None, description="Host of the Location (a DNS name).")
     port: Port | None = Field(default=None, description="Port of the Location.")
     path: PathModifier | None = Field(default=None, description="Path of the Location.")
-    statusCode: Literal[301, 302] = Field(default=302, description="301 or 302.")
+    statusCode: Literal[301, 302, 303, 307, 308] = Field(
+        default=302,
+        description=(
+            "301 or 308 (permanent), 302, 303 or 307 (temporary); 307 and 308 keep the method and body."
+        ),
+    )
 
 
-FilterType = Literal["RequestHeaderModifier", "ResponseHeaderModifier", "URLRewrite", "RequestRedirect"]
+class MirrorBackendRef(Model):
+    """A Service port that receives copies of requests."""
+
+    name: ObjectName = Field(description="Name of a Service in the route's namespace.")
+    namespace: ObjectName | None = Field(
+        default=None,
+        description="Namespace of the Service; only the object's own namespace is permitted.",
+    )
+    port: Port = Field(description="Port number of the Service (spec.ports[].port).")
+
+
+class Fraction(Model):
+    """numerator/denominator of the requests."""
+
+    numerator: Annotated[int, Field(ge=0, le=2_147_483_647)] = Field(description="Requests mirrored ...")
+    denominator: Annotated[int, Field(ge=1, le=2_147_483_647)] = Field(
+        default=100, description="... out of this many; default 100."
+    )
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> Fraction:
+        if self.numerator > self.denominator:
+            raise ValueError(f"numerator ({self.numerator}) must not exceed denominator ({self.denominator})")
+        return self
+
+
+class RequestMirror(Model):
+    """Send a copy of each request (or of a share) to another backend; its answers are dropped."""
+
+    backendRef: MirrorBackendRef = Field(description="Where the copies go: one endpoint per copy.")
+    percent: Annotated[int, Field(ge=0, le=100)] | None = Field(
+        default=None, description="Share of requests copied (0-100); default all. Or use fraction."
+    )
+    fraction: Fraction | None = Field(default=None, description="Share of requests copied, as a fraction.")
+
+    @model_validator(mode="after")
+    def _one_share(self) -> RequestMirror:
+        if self.percent is not None and self.fraction is not None:
+            raise ValueError("set percent or fraction, not both")
+        return self
+
+    @property
+    def share(self) -> float:
+        """The share of requests copied, 0-1."""
+        if self.fraction is not None:
+            return self.fraction.numerator / self.fraction.denominator
+        return 1.0 if self.percent is None else self.percent / 100
+
+
+# An origin is scheme://host[:port]; the host may start with "*." (any labels to the left)
+# or be "*"; "*" alone allows every origin.
+ORIGIN_PATTERN = (
+    r"^(\*|https?://(\*|(\*\.)?[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*)"
+    r"(:[0-9]{1,5})?)$"
+)
+PATTERN_HELP[ORIGIN_PATTERN] = (
+    "an origin: '*', or scheme://host[:port] with scheme http or https, "
+    "e.g. https://app.example.com or https://*.example.com"
+)
+Origin = Annotated[str, Field(max_length=253, pattern=ORIGIN_PATTERN)]
+MethodOrAny = Literal["GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "*"]
+
+
+def _alone(field: str, values: list[str]) -> None:
+    if "*" in values and len(values) > 1:
+        raise ValueError(f"{field}: '*' allows everything and must be the only entry")
+
+
+def _unique(field: str, values: list[str], *, fold: bool) -> None:
+    seen: set[str] = set()
+    for value in values:
+        key = value.lower() if fold else value
+        if key in seen:
+            raise ValueError(f"{field}: {value!r} is listed twice")
+        seen.add(key)
+
+
+class CORS(Model):
+    """Cross-origin resource sharing: the proxy answers preflight requests and adds the
+    Access-Control-* headers to responses for allowed origins."""
+
+    allowOrigins: list[Origin] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Origins allowed; '*' for any; https://*.example.com.",
+    )
+    allowMethods: list[MethodOrAny] = Field(
+        default_factory=list,
+        max_length=10,
+        description="Methods allowed (GET, HEAD, POST always are); '*': any.",
+    )
+    allowHeaders: list[HeaderName] = Field(
+        default_factory=list, max_length=64, description="Request headers allowed; '*' for any."
+    )
+    exposeHeaders: list[HeaderName] = Field(
+        default_factory=list, max_length=64, description="Response headers scripts may read; '*' for any."
+    )
+    allowCredentials: bool = Field(
+        default=False, description="Allow cookies and credentials (then '*' answers echo the request)."
+    )
+    maxAge: Annotated[int, Field(ge=1, le=86_400)] = Field(
+        default=5, description="Seconds a browser may cache a preflight answer; default 5."
+    )
+
+    @model_validator(mode="after")
+    def _wildcards(self) -> CORS:
+        _alone("allowOrigins", list(self.allowOrigins))
+        _alone("allowMethods", list(self.allowMethods))
+        _alone("allowHeaders", list(self.allowHeaders))
+        _alone("exposeHeaders", list(self.exposeHeaders))
+        _unique("allowOrigins", list(self.allowOrigins), fold=True)
+        _unique("allowMethods", list(self.allowMethods), fold=False)
+        _unique("allowHeaders", list(self.allowHeaders), fold=True)
+        _unique("exposeHeaders", list(self.exposeHeaders), fold=True)
+        return self
+
+
+FilterType = Literal[
+    "RequestHeaderModifier",
+    "ResponseHeaderModifier",
+    "URLRewrite",
+    "RequestRedirect",
+    "RequestMirror",
+    "CORS",
+]
 _FILTER_FIELDS: dict[str, str] = {
     "RequestHeaderModifier": "requestHeaderModifier",
     "ResponseHeaderModifier": "responseHeaderModifier",
     "URLRewrite": "urlRewrite",
     "RequestRedirect": "requestRedirect",
+    "RequestMirror": "requestMirror",
+    "CORS": "cors",
 }
+# Filters allowed on a backendRef (applied only to requests sent to that backend): a redirect
+# or a CORS answer is given before any backend is chosen.
+BACKEND_FILTERS = ("RequestHeaderModifier", "ResponseHeaderModifier", "URLRewrite", "RequestMirror")
 
 
 class Filter(Model):
     """One processing step; the field named after the type holds its settings."""
 
     type: FilterType = Field(
-        description="RequestHeaderModifier, ResponseHeaderModifier, URLRewrite or RequestRedirect."
+        description=(
+            "RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, RequestRedirect, "
+            "RequestMirror or CORS."
+        )
     )
     requestHeaderModifier: HeaderModifier | None = Field(
         default=None, description="For RequestHeaderModifier."
@@ -243,6 +381,8 @@ class Filter(Model):
     )
     urlRewrite: URLRewrite | None = Field(default=None, description="For URLRewrite.")
     requestRedirect: RequestRedirect | None = Field(default=None, description="For RequestRedirect.")
+    requestMirror: RequestMirror | None = Field(default=None, description="For RequestMirror.")
+    cors: CORS | None = Field(default=None, description="For CORS.")
 
     @model_validator(mode="after")
     def _settings_match_type(self) -> Filter:
@@ -253,6 +393,97 @@ class Filter(Model):
         if extra:
             raise ValueError(f"filter type {self.type} must not set {extra[0]}; set only {wanted}")
         return self
+
+
+class HTTPBackendRef(BackendRef):
+    """A Service port that receives traffic, with a relative weight and its own filters."""
+
+    filters: list[Filter] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "Applied only to requests sent to this backend, after the rule's: "
+            "RequestHeaderModifier, ResponseHeaderModifier, URLRewrite, RequestMirror."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _backend_filters(self) -> HTTPBackendRef:
+        for index, f in enumerate(self.filters):
+            if f.type not in BACKEND_FILTERS:
+                raise ValueError(
+                    f"filters[{index}]: {f.type} cannot be set on a backendRef (a redirect or a CORS "
+                    "answer is given before a backend is chosen); set it in the rule's filters"
+                )
+        _filters_once([f.type for f in self.filters])
+        return self
+
+
+COOKIE_NAME_PATTERN = r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]{1,128}$"
+PATTERN_HELP[COOKIE_NAME_PATTERN] = "a cookie name (letters, digits and !#$%&'*+-.^_`|~)"
+COOKIE_PATH_PATTERN = r"^/[\x21-\x3a\x3c-\x7e]*$"
+PATTERN_HELP[COOKIE_PATH_PATTERN] = "a path starting with '/' of visible characters, no ';'"
+
+
+class CookieConfig(Model):
+    """The session cookie."""
+
+    name: Annotated[str, Field(pattern=COOKIE_NAME_PATTERN)] | None = Field(
+        default=None, description="Cookie name; default a name unique to the route rule."
+    )
+    path: Annotated[str, Field(max_length=1024, pattern=COOKIE_PATH_PATTERN)] = Field(
+        default="/", description="Cookie Path attribute; default /."
+    )
+    lifetimeType: Literal["Session", "Permanent"] = Field(
+        default="Session",
+        description="Session (ends with the browser) or Permanent (Max-Age, needs absoluteTimeout).",
+    )
+
+
+class HeaderConfig(Model):
+    """The session header: sent in responses, to be sent back in requests."""
+
+    name: HeaderName = Field(description="Header name.")
+
+
+class SessionPersistence(Model):
+    """Keep a client on the endpoint that served it while that endpoint is healthy."""
+
+    type: Literal["Cookie", "Header"] = Field(default="Cookie", description="Cookie (default) or Header.")
+    cookie: CookieConfig | None = Field(default=None, description="For type Cookie.")
+    header: HeaderConfig | None = Field(default=None, description="For type Header (required).")
+    absoluteTimeout: Duration | None = Field(
+        default=None, description="A session ends this long after it started; none when absent."
+    )
+    idleTimeout: Duration | None = Field(
+        default=None, description="A session ends after this long without requests; none when absent."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SessionPersistence:
+        if self.type == "Cookie" and self.header is not None:
+            raise ValueError("header is for type Header; set cookie (or nothing) for type Cookie")
+        if self.type == "Header":
+            if self.cookie is not None:
+                raise ValueError("cookie is for type Cookie; set header for type Header")
+            if self.header is None:
+                raise ValueError("type Header needs header.name, the header that carries the session")
+        if self.cookie is not None and self.cookie.lifetimeType == "Permanent" and not self.absoluteTimeout:
+            raise ValueError("a Permanent cookie needs absoluteTimeout (its Max-Age)")
+        for field in ("absoluteTimeout", "idleTimeout"):
+            value = getattr(self, field)
+            if value is not None and parse_duration(value) < 1:
+                raise ValueError(f"{field} must be at least 1s")
+        return self
+
+
+def _filters_once(types: Sequence[str]) -> None:
+    """Each filter type at most once (RequestMirror may repeat); redirect and rewrite exclusive."""
+    for kind in sorted(set(types)):
+        if kind != "RequestMirror" and types.count(kind) > 1:
+            raise ValueError(f"filter {kind} appears {types.count(kind)} times; use it once")
+    if "RequestRedirect" in types and "URLRewrite" in types:
+        raise ValueError("a rule cannot both redirect (RequestRedirect) and rewrite (URLRewrite)")
 
 
 class RouteTimeouts(Model):
@@ -314,7 +545,7 @@ class RouteRule(Model):
         description="Any one match selects this rule; default PathPrefix /.",
     )
     filters: list[Filter] = Field(default_factory=list, max_length=16, description="Steps applied in order.")
-    backendRefs: list[BackendRef] = Field(
+    backendRefs: list[HTTPBackendRef] = Field(
         default_factory=list, max_length=16, description="Where matching requests go."
     )
     timeouts: RouteTimeouts | None = Field(default=None, description="Request timeouts.")
@@ -323,18 +554,25 @@ class RouteRule(Model):
     loadBalancing: RouteLoadBalancing = Field(
         default_factory=RouteLoadBalancing, description="Endpoint choice within a backend."
     )
+    sessionPersistence: SessionPersistence | None = Field(
+        default=None, description="Keep each client on one endpoint (cookie or header); none when absent."
+    )
 
     @model_validator(mode="after")
     def _filters_consistent(self) -> RouteRule:
         types = [f.type for f in self.filters]
-        for kind in set(types):
-            if types.count(kind) > 1:
-                raise ValueError(f"filter {kind} appears {types.count(kind)} times; use it once per rule")
-        if "RequestRedirect" in types and "URLRewrite" in types:
-            raise ValueError("a rule cannot both redirect (RequestRedirect) and rewrite (URLRewrite)")
+        _filters_once(types)
         if "RequestRedirect" in types and self.backendRefs:
             raise ValueError("a rule with RequestRedirect answers itself; remove its backendRefs")
-        path_mods = [(f.urlRewrite or f.requestRedirect) for f in self.filters]
+        if "URLRewrite" in types:
+            for index, ref in enumerate(self.backendRefs):
+                if any(f.type == "URLRewrite" for f in ref.filters):
+                    raise ValueError(
+                        f"backendRefs[{index}]: URLRewrite is set on the rule and on the backendRef; "
+                        "set it in one place"
+                    )
+        backend_filters = [f for ref in self.backendRefs for f in ref.filters]
+        path_mods = [(f.urlRewrite or f.requestRedirect) for f in self.filters + backend_filters]
         replaces_prefix = any(
             m is not None and m.path is not None and m.path.type == "ReplacePrefixMatch" for m in path_mods
         )
