@@ -39,6 +39,7 @@ class HTTPBackend:
         app.router.add_get("/chunked", self.chunked)
         app.router.add_get("/reset", self.reset)
         app.router.add_get("/ws", self.websocket)
+        app.router.add_route("*", "/{prefix:.*}cors-aware", self.cors_aware)
         app.router.add_route("*", "/{tail:.*}", self.echo)
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
@@ -70,6 +71,14 @@ class HTTPBackend:
             "body_sha256": hashlib.sha256(body).hexdigest(),
         }
         return web.json_response(report, headers={"x-backend": self.name, "x-remove-me": "1"})
+
+    async def cors_aware(self, request: web.Request) -> web.Response:
+        """A backend with its own CORS answer and a cookie, to see what the proxy does with them."""
+        self._count(request)
+        headers = {"access-control-allow-origin": "*", "x-backend": self.name}
+        response = web.Response(text=self.name, headers=headers)
+        response.headers.add("set-cookie", "backend=1")
+        return response
 
     async def status(self, request: web.Request) -> web.Response:
         self._count(request)

@@ -187,6 +187,13 @@ async def test_header_modifiers_and_rewrites(web_a: HTTPBackend, client: aiohttp
             "http://example.com:{port}/new/page?q=1",
             302,
         ),
+        (
+            {"statusCode": 303, "path": {"type": "ReplaceFullPath", "replaceFullPath": "/done"}},
+            "http://example.com:{port}/done?q=1",
+            303,
+        ),
+        ({"statusCode": 307}, "http://example.com:{port}/old/page?q=1", 307),
+        ({"statusCode": 308, "scheme": "https"}, "https://example.com/old/page?q=1", 308),
     ],
 )
 async def test_redirects(

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from .. import table
 from ..balancer import Balancer, build
 from ..health import EndpointState, HealthRegistry
+from .cors import CorsPolicy
 from .headers import Modifier
 from .router import Router
+from .session import SessionPolicy
 from .tls import Certificates, Contexts
 
 # Latency histogram buckets (seconds), Prometheus style.
@@ -51,6 +53,11 @@ class ClusterStats:
     retries: int = 0
     active_requests: int = 0
     active_retries: int = 0
+    # Request copies sent to this cluster as a mirror: answered, dropped before or while
+    # sending (the copy would have held memory or the mirror was full), or failed.
+    mirrored: int = 0
+    mirror_dropped: int = 0
+    mirror_failed: int = 0
 
     def may_retry(self) -> bool:
         return self.active_retries < max(RETRY_BUDGET_MIN, RETRY_BUDGET_SHARE * self.active_requests)
@@ -99,25 +106,54 @@ class TokenBuckets:
         return (1.0 - tokens) / self.rate
 
 
+@dataclass(frozen=True, slots=True)
+class MirrorTarget:
+    """Where copies of a share of a rule's (or a backend's) requests go."""
+
+    cluster: Cluster
+    share: float
+
+
+def _mirrors(mirrors: list[table.Mirror], clusters: dict[str, Cluster]) -> tuple[MirrorTarget, ...]:
+    return tuple(MirrorTarget(clusters[m.cluster], m.share) for m in mirrors)
+
+
+class Target:
+    """One backend of a rule: its cluster (None: the reference did not resolve) and the
+    filters of its backendRef, applied after the rule's."""
+
+    __slots__ = ("cluster", "mirrors", "position", "request_modifier", "response_modifier", "rewrite")
+
+    def __init__(self, backend: table.Backend, position: int, clusters: dict[str, Cluster]) -> None:
+        self.cluster = clusters[backend.cluster] if backend.cluster is not None else None
+        self.position = position  # among the rule's backends (session tokens name it)
+        filters = backend.filters
+        self.request_modifier = Modifier.of(filters.requestHeaders) if filters else None
+        self.response_modifier = Modifier.of(filters.responseHeaders) if filters else None
+        self.rewrite = filters.rewrite if filters else None
+        self.mirrors = _mirrors(filters.mirrors, clusters) if filters else ()
+
+
 class BackendChoice:
     """Weighted choice among a rule's backends (smooth weighted round robin)."""
 
-    __slots__ = ("_current", "_single", "backends", "total", "weights")
+    __slots__ = ("_current", "_single", "all", "backends", "total", "weights")
 
-    def __init__(self, backends: list[tuple[Cluster | None, int]]) -> None:
-        positive = [(c, w) for c, w in backends if w > 0]
-        self.backends = [c for c, _ in positive]
+    def __init__(self, targets: list[tuple[Target, int]]) -> None:
+        self.all = [t for t, _ in targets]
+        positive = [(t, w) for t, w in targets if w > 0]
+        self.backends = [t for t, _ in positive]
         self.weights = [w for _, w in positive]
         self.total = sum(self.weights)
         self._current = [0] * len(positive)
         self._single = len(positive) == 1
 
-    def pick(self) -> tuple[bool, Cluster | None]:
-        """(any backend at all, the chosen cluster or None when unresolved)."""
+    def pick(self) -> Target | None:
+        """The chosen backend; None when the rule has none with a weight."""
         if self._single:
-            return True, self.backends[0]
+            return self.backends[0]
         if not self.backends:
-            return False, None
+            return None
         best = 0
         current = self._current
         for i, weight in enumerate(self.weights):
@@ -125,7 +161,7 @@ class BackendChoice:
             if current[i] > current[best]:
                 best = i
         current[best] -= self.total
-        return True, self.backends[best]
+        return self.backends[best]
 
 
 class Rule:
@@ -136,9 +172,11 @@ class Rule:
         "backend_request_timeout",
         "backends",
         "clusters",
+        "cors",
         "index",
         "key_header",
         "limiter",
+        "mirrors",
         "policy",
         "redirect",
         "request_modifier",
@@ -149,6 +187,7 @@ class Rule:
         "retry_codes",
         "rewrite",
         "route",
+        "session",
         "stats",
     )
 
@@ -158,10 +197,24 @@ class Rule:
         self.route = rule.route
         self.index = rule.index
         self.stats = stats
-        self.backends = BackendChoice(
-            [(clusters[b.cluster] if b.cluster is not None else None, b.weight) for b in rule.backends]
+        targets = [Target(b, i, clusters) for i, b in enumerate(rule.backends)]
+        self.backends = BackendChoice([(t, b.weight) for t, b in zip(targets, rule.backends, strict=True)])
+        self.mirrors = _mirrors(rule.mirrors, clusters)
+        # Every cluster the rule uses: a rule is rebuilt when one of them is.
+        self.clusters = frozenset(
+            {b.cluster for b in rule.backends if b.cluster is not None}
+            | {m.cluster.name for t in targets for m in t.mirrors}
+            | {m.cluster.name for m in self.mirrors}
         )
-        self.clusters = frozenset(b.cluster for b in rule.backends if b.cluster is not None)
+        self.cors = CorsPolicy(rule.cors) if rule.cors is not None else None
+        self.session = (
+            SessionPolicy(
+                rule.session,
+                [(t.cluster.name, t.cluster.endpoints) if t.cluster else ("", []) for t in targets],
+            )
+            if rule.session is not None
+            else None
+        )
         self.request_modifier = Modifier.of(rule.requestHeaders)
         self.response_modifier = Modifier.of(rule.responseHeaders)
         self.rewrite = rule.rewrite

@@ -29,9 +29,12 @@ from ..health import EndpointState
 from ..logs import fields
 from ..table import PathRewrite
 from . import framing, responses
-from .config import Cluster, Rule, retry_after
+from .config import Cluster, Rule, Target, retry_after
+from .cors import CorsPolicy
 from .framing import CHUNKED, LAST_CHUNK, NO_BODY, UNTIL_CLOSE, BadMessage, RequestHead, ResponseHead
+from .mirror import MAX_COPIES, MirrorCopy, shadow_host
 from .retry import Failure, give_up_status, may_resend
+from .session import Pin
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -89,6 +92,7 @@ class Exchange:
         "close_after",
         "cluster",
         "conn",
+        "copies",
         "done",
         "endpoint",
         "entry_prefix",
@@ -97,6 +101,7 @@ class Exchange:
         "interims",
         "listener",
         "pending",
+        "pin",
         "received",
         "request_done",
         "request_timer",
@@ -109,6 +114,7 @@ class Exchange:
         "sent",
         "started",
         "status",
+        "target",
         "tried",
         "tunnel_early",
         "upstream",
@@ -128,7 +134,10 @@ class Exchange:
         self.body_out: list[bytes] | None = None  # request body bytes of the client's current read
         self.rule: Rule | None = None
         self.entry_prefix = ""
+        self.target: Target | None = None  # the rule's backend chosen for this request
         self.cluster: Cluster | None = None
+        self.pin: Pin | None = None  # the endpoint a session token keeps this client on
+        self.copies: list[MirrorCopy] | None = None  # mirrored copies still taking the body
         self.upstream: Upstream | None = None
         self.endpoint: EndpointState | None = None
         self.tried: set[EndpointState] = set()
@@ -157,6 +166,11 @@ class Exchange:
         if limit and self.received > limit:
             self._fail(413, "request body too large", close=True)
             return
+        copies = self.copies
+        if copies is not None:
+            framed = framing.chunk(data) if self.head.body == CHUNKED else data
+            for copy in copies:
+                copy.body(framed)
         if self.upstream is not None:
             out = self.body_out
             if out is None:
@@ -184,6 +198,12 @@ class Exchange:
             self.flush_body()
         if self.upstream is not None and self.head.body == CHUNKED:
             self.upstream.send(LAST_CHUNK)
+        copies, self.copies = self.copies, None
+        if copies is not None:
+            for copy in copies:
+                if self.head.body == CHUNKED:
+                    copy.body(LAST_CHUNK)
+                copy.end()
 
     def _keep(self, data: bytes) -> None:
         sent = self.sent
@@ -230,15 +250,20 @@ class Exchange:
         if head.encoded_slash and not rule.allow_encoded_slashes:
             self.local(400, "encoded slash (%2F) or backslash (%5C) in the path", close=True)
             return
+        if rule.cors is not None and head.method == "OPTIONS" and self._preflight(rule.cors):
+            return
         if rule.limiter is not None and self._rate_limited(rule):
             return
         if rule.redirect is not None:
             self._redirect(rule)
             return
-        any_backend, cluster = rule.backends.pick()
-        if not any_backend:
-            self.local(500, "the matched rule has no backend")
-            return
+        target = self._session_target(rule) if rule.session is not None else None
+        if target is None:
+            target = rule.backends.pick()
+            if target is None:
+                self.local(500, "the matched rule has no backend")
+                return
+        cluster = target.cluster
         if cluster is None:
             self.local(500, "the chosen backend does not resolve to a Service")
             return
@@ -249,6 +274,9 @@ class Exchange:
         if limit and head.body > limit:  # announced too big: refused before any backend sees it
             self.local(413, "request body too large", close=True)
             return
+        self.target = target
+        if (rule.mirrors or target.mirrors) and not head.upgrade:
+            self._mirror(rule, target)
         self.cluster = cluster
         cluster.stats.requests += 1
         cluster.stats.active_requests += 1
@@ -257,6 +285,63 @@ class Exchange:
         if not self.request_whole:
             self.conn.pause("waiting-upstream")
         self._attempt()
+
+    def _preflight(self, cors: CorsPolicy) -> bool:
+        """Answer a CORS preflight (True), or leave an ordinary OPTIONS request alone."""
+        origin = self.header("origin")
+        method = self.header("access-control-request-method")
+        if origin is None or method is None:
+            return False
+        if not cors.allows(origin):
+            self.local(403, "CORS: this origin is not allowed")
+            return True
+        requested = self.header("access-control-request-headers")
+        headers = cors.preflight(
+            origin.encode("latin-1"),
+            method.encode("latin-1"),
+            requested.encode("latin-1") if requested is not None else None,
+        )
+        self.local(204, "", headers=headers)
+        return True
+
+    def _session_target(self, rule: Rule) -> Target | None:
+        """The backend of a valid session token whose endpoint is available; None: balance."""
+        session = rule.session
+        assert session is not None
+        pin = session.find(session.token(self.head.headers), time.time())
+        if pin is None:
+            return None
+        target = rule.backends.all[pin.position]
+        if target.cluster is None or not pin.endpoint.available(time.monotonic()):
+            return None
+        self.pin = pin
+        return target
+
+    def _mirror(self, rule: Rule, target: Target) -> None:
+        """Start the copies of this request that the rule's and the backend's mirrors take."""
+        listener = self.listener
+        head: bytes | None = None
+        chunked = self.head.body == CHUNKED
+        for mirror in (*rule.mirrors, *target.mirrors):
+            if mirror.share < 1.0 and random.random() >= mirror.share:
+                continue
+            if listener.mirror_copies >= MAX_COPIES:
+                mirror.cluster.stats.mirror_dropped += 1
+                continue
+            if head is None:
+                head = self._request_head(rule, None)
+            copy = MirrorCopy(listener, mirror.cluster, head, self.head.method, rule.backend_request_timeout)
+            for data in self.pending:  # body bytes read before the exchange started
+                copy.body(framing.chunk(data) if chunked else data)
+            if self.request_whole:
+                if chunked and self.request_done:
+                    copy.body(LAST_CHUNK)
+                copy.end()
+            else:
+                if self.copies is None:
+                    self.copies = []
+                self.copies.append(copy)
+            copy.start()
 
     def _rate_limited(self, rule: Rule) -> bool:
         limiter = rule.limiter
@@ -311,11 +396,15 @@ class Exchange:
     def _attempt(self) -> None:
         cluster, rule = self.cluster, self.rule
         assert cluster is not None and rule is not None
-        key = self._hash_key(rule) if rule.policy == "ConsistentHash" else b""
-        balancer = cluster.balancer(rule.policy)
-        endpoint = balancer.pick(key, time.monotonic(), frozenset(self.tried))
-        if endpoint is None:
-            endpoint = balancer.pick(key, time.monotonic())  # all tried: any again
+        pin = self.pin
+        if pin is not None and pin.endpoint not in self.tried and pin.endpoint.available(time.monotonic()):
+            endpoint: EndpointState | None = pin.endpoint
+        else:
+            key = self._hash_key(rule) if rule.policy == "ConsistentHash" else b""
+            balancer = cluster.balancer(rule.policy)
+            endpoint = balancer.pick(key, time.monotonic(), frozenset(self.tried))
+            if endpoint is None:
+                endpoint = balancer.pick(key, time.monotonic())  # all tried: any again
         if endpoint is None:
             self.local(503, "no ready endpoint")
             return
@@ -357,7 +446,7 @@ class Exchange:
         upstream.endpoint.total += 1
         self.resp_head = None
         head = self.head
-        data = self._request_head(rule)
+        data = self._request_head(rule, self.target)
         if self.pending:
             pending, self.pending = self.pending, []
             body = pending[0] if len(pending) == 1 else b"".join(pending)
@@ -380,8 +469,9 @@ class Exchange:
         if not head.upgrade:
             self.conn.resume("waiting-upstream")  # an upgrade's client bytes wait for the 101
 
-    def _request_head(self, rule: Rule) -> bytes:
-        """The request line and headers for the backend."""
+    def _request_head(self, rule: Rule, target: Target | None) -> bytes:
+        """The request line and headers for the backend target (None: for a mirror, which
+        gets the rule's filters only, and a shadow Host)."""
         head = self.head
         listener = self.listener
         client = self.conn.client_ip.encode()
@@ -395,19 +485,24 @@ class Exchange:
             headers.append((b"via", b"1.1 bilayer"))
         if rule.request_modifier is not None:
             headers = rule.request_modifier.apply(headers)
+        if target is not None and target.request_modifier is not None:
+            headers = target.request_modifier.apply(headers)
         if head.upgrade:
             headers.append((b"connection", b"upgrade"))
             headers.append((b"upgrade", head.upgrade))
         host = head.host
         path = head.path
-        rewrite = rule.rewrite
+        # One of the two at most: the compiler refuses a URLRewrite on both.
+        rewrite = target.rewrite if target is not None and target.rewrite is not None else rule.rewrite
         if rewrite is not None:
             if rewrite.hostname is not None:
                 host = rewrite.hostname.encode()
             if rewrite.path is not None:
                 path = self._rewritten_path(rewrite.path)
-        target = path + "?" + head.query if head.query else path
-        return framing.request_bytes(head.method, target.encode("latin-1"), host, headers, head.body)
+        if target is None:
+            host = shadow_host(host)
+        line_target = path + "?" + head.query if head.query else path
+        return framing.request_bytes(head.method, line_target.encode("latin-1"), host, headers, head.body)
 
     def _may_resend(self, failure: Failure, *, reused: bool) -> bool:
         rule, cluster = self.rule, self.cluster
@@ -544,6 +639,20 @@ class Exchange:
         headers = head.headers
         if rule.response_modifier is not None:
             headers = rule.response_modifier.apply(headers)
+        target = self.target
+        if target is not None and target.response_modifier is not None:
+            headers = target.response_modifier.apply(headers)
+        if rule.cors is not None:
+            origin = self.header("origin")
+            headers = rule.cors.response_headers(
+                headers, origin.encode("latin-1") if origin is not None else None
+            )
+        if rule.session is not None and target is not None and self.endpoint is not None:
+            token = rule.session.issue(
+                target.position, self.endpoint, self.pin, time.time(), secure=self.listener.tls
+            )
+            if token is not None:
+                headers = [*headers, token]
         body = head.body
         if body == NO_BODY:
             framing_line = b"content-length: %d\r\n" % head.length if head.length >= 0 else b""
@@ -724,6 +833,10 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        copies, self.copies = self.copies, None
+        if copies is not None:  # the request did not complete: its copies are dropped
+            for copy in copies:
+                copy.cancel()
         if self.batch:
             self.flush()  # before the connection may close or start the next exchange
         for timer in (self.request_timer, self.attempt_timer):

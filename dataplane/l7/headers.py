@@ -39,9 +39,28 @@ class Modifier:
         )
 
     def apply(self, headers: Headers) -> Headers:
-        """Gateway API semantics: remove, then set (replacing any), then add (appending)."""
+        """Gateway API semantics, names compared without case: remove; then set, replacing
+        every line of the name; then add, appending to the existing value ("foo" and an
+        added "bar" make "foo,bar", as the spec's example: RFC 9110 makes the lines of a
+        field one comma-separated list)."""
         replaced = self.remove | {name.lower() for name, _ in self.set}
         out = [(name, value) for name, value in headers if name.lower() not in replaced]
         out.extend(self.set)
-        out.extend(self.add)
+        for name, value in self.add:
+            _append(out, name, value)
         return out
+
+
+def _append(headers: Headers, name: bytes, value: bytes) -> None:
+    """Add value to the field name: joined to its existing lines, which become one line in
+    their place. Set-Cookie is the exception RFC 9110 names: each cookie keeps its line."""
+    lower = name.lower()
+    found = [i for i, (n, _) in enumerate(headers) if n.lower() == lower]
+    if not found or lower == b"set-cookie":
+        headers.append((name, value))
+        return
+    first = found[0]
+    joined = b",".join([*(headers[i][1] for i in found), value])
+    headers[first] = (headers[first][0], joined)
+    for i in reversed(found[1:]):
+        del headers[i]

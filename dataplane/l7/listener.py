@@ -16,11 +16,10 @@ from .client import ClientConnection
 from .config import BUCKETS, L7Config, Memory, build_config
 from .reader import Limits
 from .tls import Certificates, server_context
-from .upstream import Pool
+from .upstream import Connecting, Pool
 
 if TYPE_CHECKING:
     from ..runtime import Dataplane
-    from .exchange import Exchange
 
 BACKLOG = 4096
 # How often deadlines (header, keep-alive, pooled upstreams) are checked: they fire up
@@ -55,6 +54,8 @@ class ServingL7(Serving[ClientConnection]):
         self.pipeline_overflows = 0
         self.bad_messages: Counter[str] = Counter()  # refused heads and bodies: client, backend
         self.tunnels = 0
+        self.mirror_copies = 0  # request copies in flight to mirrors (mirror.MAX_COPIES)
+        self.mirror_held = 0  # bytes those copies hold unsent (mirror.MIRROR_BUDGET)
         self.responses = [0] * 6
         self._connects: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.TimerHandle | None = None
@@ -109,12 +110,12 @@ class ServingL7(Serving[ClientConnection]):
 
     # --- bookkeeping called by connections and exchanges ---
 
-    def connect(self, exchange: Exchange, endpoint: EndpointState) -> None:
+    def connect(self, exchange: Connecting, endpoint: EndpointState) -> None:
         task = self.loop.create_task(self._connect(exchange, endpoint))
         self._connects.add(task)
         task.add_done_callback(self._connects.discard)
 
-    async def _connect(self, exchange: Exchange, endpoint: EndpointState) -> None:
+    async def _connect(self, exchange: Connecting, endpoint: EndpointState) -> None:
         try:
             upstream = await self.pool.connect(endpoint, limit=self.settings.connect_timeout)
         except (OSError, TimeoutError) as err:
@@ -203,6 +204,12 @@ class ServingL7(Serving[ClientConnection]):
             "Messages refused as malformed or over a limit, by who sent them (client, backend).",
             labels=[*port_labels, "peer"],
         )
+        mirror_copies = CounterMetricFamily(
+            "bilayer_l7_mirror_copies",
+            "Request copies sent to a mirror cluster, by result (answered; dropped: over a bound, "
+            "or the client's request did not complete; failed: no endpoint, connect or answer failed).",
+            labels=[*cluster_labels, "result"],
+        )
         overflows = CounterMetricFamily(
             "bilayer_l7_pipeline_overflows",
             "Connections closed for pipelining more requests than are queued.",
@@ -236,9 +243,13 @@ class ServingL7(Serving[ClientConnection]):
                 cluster_requests.add_metric([port, name], cstats.requests)
                 cluster_failures.add_metric([port, name], cstats.connect_failures)
                 cluster_retries.add_metric([port, name], cstats.retries)
+                if cstats.mirrored or cstats.mirror_dropped or cstats.mirror_failed:
+                    mirror_copies.add_metric([port, name, "answered"], cstats.mirrored)
+                    mirror_copies.add_metric([port, name, "dropped"], cstats.mirror_dropped)
+                    mirror_copies.add_metric([port, name, "failed"], cstats.mirror_failed)
         yield from (connections, responses, by_route, latency, retries, limited)
         yield from (cluster_requests, cluster_failures, cluster_retries, timeouts, tunnels, rejected)
-        yield from (deadlines, bad, overflows)
+        yield from (deadlines, bad, overflows, mirror_copies)
 
 
 async def open_l7(dataplane: Dataplane, port: int, listener: table.Listener, tbl: table.Table) -> ServingL7:

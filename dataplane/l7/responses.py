@@ -28,13 +28,13 @@ def local(
     headers: list[tuple[bytes, bytes]] | None = None,
     head_only: bool = False,
 ) -> bytes:
-    """A complete HTTP/1.1 response; message becomes the body (one line)."""
-    body = (message + "\n").encode()
-    lines = [
-        b"HTTP/1.1 %d %s\r\n" % (status, reason(status)),
-        b"content-type: text/plain; charset=utf-8\r\n",
-        b"content-length: %d\r\n" % len(body),
-    ]
+    """A complete HTTP/1.1 response; message becomes the body (one line). A 204 has no
+    body and no Content-Length (RFC 9110 forbids both)."""
+    body = (message + "\n").encode() if status != 204 else b""
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
+    if status != 204:
+        lines.append(b"content-type: text/plain; charset=utf-8\r\n")
+        lines.append(b"content-length: %d\r\n" % len(body))
     lines.extend(b"%s: %s\r\n" % pair for pair in headers or [])
     if close:
         lines.append(b"connection: close\r\n")

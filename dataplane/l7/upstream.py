@@ -11,18 +11,41 @@ backend that frames one response wrongly can never answer another client's reque
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
 from ..health import EndpointState
 from .flow import Flow
 from .framing import BadMessage
-from .reader import NO_SINK, Limits, ResponseReader
-
-if TYPE_CHECKING:
-    from .exchange import Exchange
+from .reader import NO_SINK, Limits, ResponseReader, ResponseSink
 
 IDLE_SECONDS = 60.0
 MAX_IDLE_PER_ENDPOINT = 256
+
+
+class User(ResponseSink, Protocol):
+    """Who an upstream serves, one request at a time: an exchange, or a mirrored copy."""
+
+    batch: list[bytes] | None  # response bytes held until flush (None: not holding)
+
+    def hold(self) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def upstream_failed(self, bad: BadMessage) -> None: ...
+
+    def upstream_upgraded(self, rest: bytes) -> None: ...
+
+    def upstream_lost(self, exc: Exception | None) -> None: ...
+
+    def backend_full(self, full: bool) -> None: ...
+
+
+class Connecting(Protocol):
+    """Who waits for a new upstream connection."""
+
+    def connected(self, upstream: Upstream) -> None: ...
+
+    def connect_failed(self, endpoint: EndpointState, error: str) -> None: ...
 
 
 class Upstream(asyncio.Protocol):
@@ -46,7 +69,7 @@ class Upstream(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.flow = Flow()  # reading responses pauses while the client's socket is full
-        self.exchange: Exchange | None = None
+        self.exchange: User | None = None
         self.reader = ResponseReader(pool.limits)
         self.idle_since = 0.0  # when it went back to the pool
         self.reused = False
@@ -55,7 +78,7 @@ class Upstream(asyncio.Protocol):
 
     # --- what an exchange calls ---
 
-    def attach(self, exchange: Exchange, data: bytes, method: str, upgrade: bytes) -> None:
+    def attach(self, exchange: User, data: bytes, method: str, upgrade: bytes) -> None:
         """Serve exchange: write its request head (and whatever body is ready); the
         response is parsed as the answer to it and reported to the exchange."""
         self.exchange = exchange
