@@ -254,6 +254,9 @@ async def test_two_replicas_one_lease_failover_and_fencing(apiserver: ApiServer,
 
         first = operators[await async_wait_for(holder, what="a leader")]
         second = b if first is a else a
+        # The standby may still be starting (its first listing) when the leader has
+        # programmed the route: its metrics are read once it is ready.
+        await async_wait_for(lambda: second.get("/readyz")[0] == 200, deadline_s=30, what="the standby")
         await cluster.create(l7route("one", free_port()))
         await cluster.wait_condition("L7Route", "one", "Programmed")
         term = pod.served()["term"]

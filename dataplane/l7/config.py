@@ -122,16 +122,32 @@ class Target:
     """One backend of a rule: its cluster (None: the reference did not resolve) and the
     filters of its backendRef, applied after the rule's."""
 
-    __slots__ = ("cluster", "mirrors", "position", "request_modifier", "response_modifier", "rewrite")
+    __slots__ = (
+        "cluster",
+        "mirrors",
+        "own_mirrors",
+        "position",
+        "request_modifier",
+        "response_modifier",
+        "rewrite",
+    )
 
-    def __init__(self, backend: table.Backend, position: int, clusters: dict[str, Cluster]) -> None:
+    def __init__(
+        self,
+        backend: table.Backend,
+        position: int,
+        clusters: dict[str, Cluster],
+        rule_mirrors: tuple[MirrorTarget, ...],
+    ) -> None:
         self.cluster = clusters[backend.cluster] if backend.cluster is not None else None
         self.position = position  # among the rule's backends (session tokens name it)
         filters = backend.filters
         self.request_modifier = Modifier.of(filters.requestHeaders) if filters else None
         self.response_modifier = Modifier.of(filters.responseHeaders) if filters else None
         self.rewrite = filters.rewrite if filters else None
-        self.mirrors = _mirrors(filters.mirrors, clusters) if filters else ()
+        self.own_mirrors = _mirrors(filters.mirrors, clusters) if filters else ()
+        # The rule's mirrors and this backend's: every copy a request sent here makes.
+        self.mirrors = rule_mirrors + self.own_mirrors
 
 
 class BackendChoice:
@@ -176,7 +192,6 @@ class Rule:
         "index",
         "key_header",
         "limiter",
-        "mirrors",
         "policy",
         "redirect",
         "request_modifier",
@@ -188,6 +203,7 @@ class Rule:
         "rewrite",
         "route",
         "session",
+        "shapes_response",
         "stats",
     )
 
@@ -197,14 +213,14 @@ class Rule:
         self.route = rule.route
         self.index = rule.index
         self.stats = stats
-        targets = [Target(b, i, clusters) for i, b in enumerate(rule.backends)]
+        mirrors = _mirrors(rule.mirrors, clusters)
+        targets = [Target(b, i, clusters, mirrors) for i, b in enumerate(rule.backends)]
         self.backends = BackendChoice([(t, b.weight) for t, b in zip(targets, rule.backends, strict=True)])
-        self.mirrors = _mirrors(rule.mirrors, clusters)
         # Every cluster the rule uses: a rule is rebuilt when one of them is.
         self.clusters = frozenset(
             {b.cluster for b in rule.backends if b.cluster is not None}
-            | {m.cluster.name for t in targets for m in t.mirrors}
-            | {m.cluster.name for m in self.mirrors}
+            | {m.cluster.name for t in targets for m in t.own_mirrors}
+            | {m.cluster.name for m in mirrors}
         )
         self.cors = CorsPolicy(rule.cors) if rule.cors is not None else None
         self.session = (
@@ -217,6 +233,13 @@ class Rule:
         )
         self.request_modifier = Modifier.of(rule.requestHeaders)
         self.response_modifier = Modifier.of(rule.responseHeaders)
+        # Whether a response head is changed on its way: one test per response when not.
+        self.shapes_response = (
+            self.response_modifier is not None
+            or rule.cors is not None
+            or rule.session is not None
+            or any(t.response_modifier is not None for t in targets)
+        )
         self.rewrite = rule.rewrite
         self.redirect = rule.redirect
         self.request_timeout = rule.requestTimeout

@@ -275,7 +275,7 @@ class Exchange:
             self.local(413, "request body too large", close=True)
             return
         self.target = target
-        if (rule.mirrors or target.mirrors) and not head.upgrade:
+        if target.mirrors and not head.upgrade:
             self._mirror(rule, target)
         self.cluster = cluster
         cluster.stats.requests += 1
@@ -322,7 +322,7 @@ class Exchange:
         listener = self.listener
         head: bytes | None = None
         chunked = self.head.body == CHUNKED
-        for mirror in (*rule.mirrors, *target.mirrors):
+        for mirror in target.mirrors:
             if mirror.share < 1.0 and random.random() >= mirror.share:
                 continue
             if listener.mirror_copies >= MAX_COPIES:
@@ -636,23 +636,7 @@ class Exchange:
     def _send_response_head(self, head: ResponseHead) -> None:
         rule = self.rule
         assert rule is not None
-        headers = head.headers
-        if rule.response_modifier is not None:
-            headers = rule.response_modifier.apply(headers)
-        target = self.target
-        if target is not None and target.response_modifier is not None:
-            headers = target.response_modifier.apply(headers)
-        if rule.cors is not None:
-            origin = self.header("origin")
-            headers = rule.cors.response_headers(
-                headers, origin.encode("latin-1") if origin is not None else None
-            )
-        if rule.session is not None and target is not None and self.endpoint is not None:
-            token = rule.session.issue(
-                target.position, self.endpoint, self.pin, time.time(), secure=self.listener.tls
-            )
-            if token is not None:
-                headers = [*headers, token]
+        headers = self._shape_response(rule, head.headers) if rule.shapes_response else head.headers
         body = head.body
         if body == NO_BODY:
             framing_line = b"content-length: %d\r\n" % head.length if head.length >= 0 else b""
@@ -678,6 +662,27 @@ class Exchange:
             batch.append(data)
         else:
             self.conn.send(data)
+
+    def _shape_response(self, rule: Rule, headers: framing.Headers) -> framing.Headers:
+        """The response filters: the rule's header modifier, the backend's, CORS, the
+        session token."""
+        if rule.response_modifier is not None:
+            headers = rule.response_modifier.apply(headers)
+        target = self.target
+        if target is not None and target.response_modifier is not None:
+            headers = target.response_modifier.apply(headers)
+        if rule.cors is not None:
+            origin = self.header("origin")
+            headers = rule.cors.response_headers(
+                headers, origin.encode("latin-1") if origin is not None else None
+            )
+        if rule.session is not None and target is not None and self.endpoint is not None:
+            token = rule.session.issue(
+                target.position, self.endpoint, self.pin, time.time(), secure=self.listener.tls
+            )
+            if token is not None:
+                headers = [*headers, token]
+        return headers
 
     def response_body(self, data: bytes) -> None:
         if not self.resp_started or self.done:
