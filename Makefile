@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 HELM := $(BIN)/helm
 KUBECTL := $(BIN)/kubectl
 
@@ -10,15 +11,20 @@ KUBECTL := $(BIN)/kubectl
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# `make run` installs what running needs; tests, linters and their tools come with `make test`.
+$(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): pyproject.toml | $(RUN_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 # The quick start's backend is a static web server on 127.0.0.1:8081 (see
 # examples/quickstart/backend.yaml); it stops with bilayer.
-run: install
+run: $(RUN_STAMP)
 	@$(BIN)/python -m http.server 8081 --bind 127.0.0.1 --directory examples/quickstart/site \
 		>/dev/null 2>&1 & backend=$$!; \
 	trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \

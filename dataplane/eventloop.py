@@ -15,6 +15,9 @@ from .logs import fields
 
 T = TypeVar("T")
 log = logging.getLogger("bilayer.gc")
+# True while freeze_heap runs its own collection: that pause is planned and logged by it,
+# not a stall to warn about.
+_planned = False
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -52,16 +55,23 @@ def freeze_heap(*, collect_all: bool = True) -> None:
     they are still freed by reference counting when dropped. The garbage of the moment is
     collected first, frozen it would stay: all of it (as long as a full collection takes)
     or, collect_all False, only the young generations (milliseconds)."""
+    global _planned
     started = time.perf_counter()
-    gc.collect() if collect_all else gc.collect(1)
+    _planned = True
+    try:
+        gc.collect() if collect_all else gc.collect(1)
+    finally:
+        _planned = False
     gc.freeze()
     took = round(time.perf_counter() - started, 3)
-    log.info("heap frozen", extra=fields(objects=gc.get_freeze_count(), seconds=took))
+    # Debug: an operator's routine, at every start and after big changes.
+    log.debug("heap frozen", extra=fields(objects=gc.get_freeze_count(), seconds=took))
 
 
 def report_slow_collections(threshold: float = 0.05) -> None:
-    """Log every garbage collection that stops the process longer than threshold seconds:
-    a pause of the event loop that no request or push log explains otherwise."""
+    """Log every automatic garbage collection that stops the process longer than threshold
+    seconds: a pause of the event loop that no request or push log explains otherwise.
+    Collections freeze_heap asks for are planned, and not reported."""
     started: list[float] = []
 
     def callback(phase: str, info: dict[str, int]) -> None:
@@ -69,7 +79,7 @@ def report_slow_collections(threshold: float = 0.05) -> None:
             started[:] = [time.perf_counter()]
         elif started:
             took = time.perf_counter() - started[0]
-            if took > threshold:
+            if took > threshold and not _planned:
                 generation, collected = info.get("generation"), info.get("collected")
                 log.warning(
                     "slow garbage collection",

@@ -48,6 +48,39 @@ def test_validate_strict_fails_on_warnings(tmp_path: Path) -> None:
     assert main(["validate", "-f", str(folder), "--strict"]) == 1
 
 
+def test_validate_reads_one_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = golden_dir(tmp_path, "invalid-l4-port")
+    assert main(["validate", "-f", str(folder / "backends.yaml")]) == 1  # Services only
+    assert "error: no L4Listener or L7Route in" in capsys.readouterr().out
+    assert main(["validate", "-f", str(ROOT / "examples/quickstart/routes.yaml")]) == 0
+    # Without backend.yaml beside it, its Services are unknown: warnings, not errors.
+    assert "ok: 2 objects valid, 2 warnings" in capsys.readouterr().out
+    assert main(["validate", "-f", str(folder / "invalid-l4-port.yaml")]) == 1
+
+
+def test_validate_fails_when_it_finds_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "-f", str(tmp_path)]) == 1
+    assert "error: no L4Listener or L7Route in" in capsys.readouterr().out
+    assert main(["validate", "-f", str(tmp_path / "missing")]) == 1
+    assert "not a folder or a file" in capsys.readouterr().out
+
+
+def test_validate_says_subfolders_are_not_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "shop").mkdir()
+    golden_dir(tmp_path / "shop", "l4-backend-not-found")
+    assert main(["validate", "-f", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"note: {tmp_path / 'shop'}/ not read" in out
+    assert main(["validate", "-f", str(tmp_path / "shop")]) == 0
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == "bilayer 0.1.0"
+
+
 def test_compile_prints_the_table_with_keys_redacted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -121,4 +154,7 @@ def test_help_is_complete(command: str, capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     assert exit_info.value.code == 0
-    assert "usage: bilayer" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "usage: bilayer" in out
+    if "-f PATH" in out:  # every option that reads objects says what it reads
+        assert "subfolders are not read" in " ".join(out.split())

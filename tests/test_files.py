@@ -92,4 +92,4 @@ def test_removed_file_removes_its_objects(tmp_path: Path) -> None:
 def test_missing_folder_is_a_problem(tmp_path: Path) -> None:
     source = FileSource(tmp_path / "nope")
     source.reload()
-    assert source.problems and "not a folder" in source.problems[0]
+    assert source.problems and "not a folder or a file" in source.problems[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -24,10 +25,24 @@ dataplane pods; without a cluster, `bilayer run -f DIR` does the same from YAML 
 EPILOG = """\
 examples:
   bilayer run -f examples/quickstart         serve the quick start; admin API on 127.0.0.1:9901
-  bilayer validate -f routes/                check files; exit 1 on an invalid object
+  bilayer validate -f routes/                check files; exit 1 on an invalid object or none
+  bilayer validate -f routes/shop.yaml       check one file
   bilayer explain -f routes/ --host api.example.com --path /v2/users --header x-canary=true
   bilayer crds --output crds/                write the CustomResourceDefinitions
 """
+
+
+FILE_HELP = (
+    "a folder of Kubernetes objects (every *.yaml, *.yml and *.json directly in it; "
+    "subfolders are not read) or one such file"
+)
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("bilayer")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -55,7 +70,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"error: {line}")
     for line in warnings:
         print(f"warning: {line}")
+    for folder in source.subfolders():
+        print(f"note: {folder}/ not read: -f reads the files directly in the folder; pass it on its own")
     count = len(compiled.statuses)
+    if not count and not errors:
+        print(f"error: no L4Listener or L7Route in {args.file} (read: *.yaml, *.yml, *.json)")
+        return 1
     if errors or (args.strict and warnings):
         return 1
     print(f"ok: {count} objects valid" + (f", {len(warnings)} warnings" if warnings else ""))
@@ -289,15 +309,16 @@ def parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    root.add_argument("--version", action="version", version=f"bilayer {version()}")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
         "run",
         help="serve the objects in a folder (the file provider)",
-        description="Compile every *.yaml, *.yml and *.json in DIR, serve the table, "
-        "and recompile within a second when a file changes.",
+        description="Compile every *.yaml, *.yml and *.json in PATH (a folder, or one file), "
+        "serve the table, and recompile within a second when a file changes.",
     )
-    p.add_argument("-f", "--file", required=True, metavar="DIR", help="folder of Kubernetes objects")
+    p.add_argument("-f", "--file", required=True, metavar="PATH", help=FILE_HELP)
     _add_serving_options(p, address="0.0.0.0", admin_address="127.0.0.1")
     p.set_defaults(func=cmd_run)
 
@@ -306,7 +327,7 @@ def parser() -> argparse.ArgumentParser:
         help="check the objects in a folder; exit 1 on errors",
         description="Print one line per problem: the object, the field and what is allowed.",
     )
-    p.add_argument("-f", "--file", required=True, metavar="DIR")
+    p.add_argument("-f", "--file", required=True, metavar="PATH", help=FILE_HELP)
     p.add_argument("--strict", action="store_true", help="also fail on warnings (unresolved references)")
     p.set_defaults(func=cmd_validate)
 
@@ -315,7 +336,7 @@ def parser() -> argparse.ArgumentParser:
         help="print the routing table compiled from a folder",
         description="Print the routing table as JSON (private keys redacted).",
     )
-    p.add_argument("-f", "--file", required=True, metavar="DIR")
+    p.add_argument("-f", "--file", required=True, metavar="PATH", help=FILE_HELP)
     p.add_argument("--statuses", action="store_true", help="print every object's conditions instead")
     p.add_argument("--show-secrets", action="store_true", help="include TLS private keys")
     p.set_defaults(func=cmd_compile)
@@ -326,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
         description="Name the listener, route, rule and backend a request takes, and "
         "the higher-precedence rules considered first with why each did not match.",
     )
-    p.add_argument("-f", "--file", required=True, metavar="DIR")
+    p.add_argument("-f", "--file", required=True, metavar="PATH", help=FILE_HELP)
     p.add_argument("--host", required=True, help="Host header (port ignored)")
     p.add_argument("--path", required=True, help="request target: path and optional ?query")
     p.add_argument("--method", default="GET")

@@ -33,7 +33,8 @@ class _FileState:
 
 @dataclass
 class FileSource:
-    """Objects from every *.yaml, *.yml and *.json file directly in directory."""
+    """Objects from every *.yaml, *.yml and *.json file directly in directory (subfolders
+    are not read), or from the one file directory names."""
 
     directory: Path
     _files: dict[Path, _FileState] = field(default_factory=dict)
@@ -52,9 +53,22 @@ class FileSource:
         return tuple(entries)
 
     def _paths(self) -> list[Path]:
+        if self.directory.is_file():
+            return [self.directory]
         if not self.directory.is_dir():
             return []
         return sorted(p for p in self.directory.iterdir() if p.suffix in SUFFIXES and p.is_file())
+
+    def subfolders(self) -> list[Path]:
+        """Subfolders holding files this source would read were they in the folder itself:
+        a layout like kustomize's, which `-f` does not follow; said so rather than ignored."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            d
+            for d in self.directory.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and any(p.suffix in SUFFIXES for p in d.rglob("*"))
+        )
 
     def reload(self) -> None:
         """Read the files whose size or mtime changed; keep the rest as they were."""
@@ -81,8 +95,8 @@ class FileSource:
             except ValueError as err:
                 self._keep_previous(path, signature, f"{path.name}: {err}; using its last good content")
         self.problems = [s.problem for s in self._files.values() if s.problem]
-        if not self.directory.is_dir():
-            self.problems.insert(0, f"{self.directory}: not a folder")
+        if not self.directory.is_dir() and not self.directory.is_file():
+            self.problems.insert(0, f"{self.directory}: not a folder or a file")
         self._snapshot = self._collect()
 
     def _keep_previous(self, path: Path, signature: tuple[int, int], problem: str) -> None:
