@@ -82,11 +82,15 @@ def _is(kind: str, name: str, port: int) -> Any:
 
 def test_regressions_found_by_the_random_sequences() -> None:
     """Sequences that once made the incremental compile differ from a fresh one: a route
-    moving to another port; an older route's port gaining an L4Listener it refuses."""
+    moving to another port; an older route's port gaining an L4Listener it refuses; a
+    Service that only a RequestMirror names appearing after the route."""
     moves = [[(_find(_is("L7Route", "plain", 8443)), False)], [(_find(_is("L7Route", "plain", 8080)), False)]]
     beta = _find(lambda o: o["kind"] == "L7Route" and o["metadata"]["name"] == "beta")
     joins = [[(beta, False)], [(_find(_is("L4Listener", "tcp", 8080)), False)]]
-    for batches in (moves, joins):
+    shadow = _find(lambda o: o["kind"] == "L7Route" and o["metadata"]["name"] == "shadow")
+    canary = _find(lambda o: o["kind"] == "Service" and o["metadata"]["name"] == "canary")
+    mirrored = [[(shadow, False)], [(canary, False)]]
+    for batches in (moves, joins, mirrored):
         test_incremental_compiles_equal_fresh_ones.hypothesis.inner_test(batches=batches)  # type: ignore[attr-defined]
 
 

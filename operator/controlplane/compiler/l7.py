@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import operator
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,7 @@ from ..resources.l7route import (
     RouteRule,
     SessionPersistence,
 )
-from .backends import BackendResolver, Resolution, ServiceRef
+from .backends import BackendResolver, Resolution
 from .intern import NO_CONDITIONS, interned
 from .ports import Parsed
 from .precedence import EntryRank, prefix_key, rank, wildcard_key
@@ -113,19 +113,11 @@ def _route_signature(parsed: Parsed, resolver: BackendResolver, secrets: SecretI
     assert isinstance(route, L7Route)
     namespace = parsed.key.namespace
     resolved = tuple(
-        resolver.lookup(namespace, ref) for rule in route.spec.rules for ref in _service_refs(rule)
+        resolver.lookup(namespace, ref) for rule in route.spec.rules for ref in rule.service_refs()
     )
     tls = route.spec.tls
     cert = secrets.fingerprint(namespace, tls.secretName) if tls is not None else None
     return (resolved, cert)
-
-
-def _service_refs(rule: RouteRule) -> Iterator[ServiceRef]:
-    """Every Service the rule names: its backends and its mirrors (the rule's and the backends')."""
-    yield from rule.backendRefs
-    for f in [*rule.filters, *(f for ref in rule.backendRefs for f in ref.filters)]:
-        if f.requestMirror is not None:
-            yield f.requestMirror.backendRef
 
 
 def _mirrors(

@@ -46,9 +46,9 @@ class Refusal:
 def references_of(p: Parsed) -> set[tuple[str, str, str]]:
     """The Services and the Secret an object names, as (kind, namespace, name)."""
     namespace = p.key.namespace
-    refs = list(p.model.spec.backendRefs) if isinstance(p.model, L4Listener) else []
+    refs: list[Any] = list(p.model.spec.backendRefs) if isinstance(p.model, L4Listener) else []
     if isinstance(p.model, L7Route):
-        refs = [ref for rule in p.model.spec.rules for ref in rule.backendRefs]
+        refs = [ref for rule in p.model.spec.rules for ref in rule.service_refs()]
     names = {("Service", ref.namespace or namespace, ref.name) for ref in refs}
     if isinstance(p.model, L7Route) and p.model.spec.tls is not None:
         names.add(("Secret", namespace, p.model.spec.tls.secretName))

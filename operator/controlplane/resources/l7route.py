@@ -558,6 +558,13 @@ class RouteRule(Model):
         default=None, description="Keep each client on one endpoint (cookie or header); none when absent."
     )
 
+    def service_refs(self) -> list[HTTPBackendRef | MirrorBackendRef]:
+        """Every Service the rule names: its backends and its mirrors (the rule's own and
+        its backends'). The compiler resolves these, and recompiles the rule when one changes."""
+        filters = [*self.filters, *(f for ref in self.backendRefs for f in ref.filters)]
+        mirrors = [f.requestMirror.backendRef for f in filters if f.requestMirror is not None]
+        return [*self.backendRefs, *mirrors]
+
     @model_validator(mode="after")
     def _filters_consistent(self) -> RouteRule:
         types = [f.type for f in self.filters]
