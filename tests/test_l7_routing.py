@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
+from dataplane.runtime import Dataplane
+from dataplane.table import Table
+
 from .helpers import free_port
 from .l7kit import HTTPBackend, backend_ref, echoed, l7_table, route, serving
 
@@ -414,3 +417,44 @@ async def test_access_log_and_metrics(
     assert f"bilayer_l7_route_responses_total{{{labels}}} 1.0" in text
     assert f'bilayer_l7_responses_total{{code="4xx",port="{port}"}} 1.0' in text
     assert f'bilayer_l7_route_duration_seconds_count{{port="{port}",route="default/r",rule="0"}} 1.0' in text
+
+
+async def test_a_removed_rule_takes_its_metric_series_with_it(
+    web_a: HTTPBackend, client: aiohttp.ClientSession
+) -> None:
+    """Per-rule series of routes that left the table are dropped, whether the table came
+    whole or as a delta: kept, every route ever served stayed a set of series until restart."""
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from dataplane import delta
+    from dataplane.metrics import DataplaneCollector
+
+    port = free_port()
+    rules = [{"backendRefs": [backend_ref("a")]}]
+
+    def routes(*names: str, generation: int) -> Table:
+        made = [route(n, port, rules, hostnames=[f"{n}.test"]) for n in names]
+        return l7_table(made, {"a": [web_a.port]}, generation=generation)
+
+    def series(dp: Dataplane) -> set[str]:
+        registry = CollectorRegistry()
+        registry.register(DataplaneCollector(dp))
+        text = generate_latest(registry).decode()
+        return {n for n in ("one", "two", "three") if f'route="default/{n}"' in text}
+
+    async with serving(routes("one", "two", "three", generation=1)) as dp:
+        for name in ("one", "two", "three"):
+            assert (await get(client, port, "/", host=f"{name}.test"))[0] == 200
+        assert series(dp) == {"one", "two", "three"}
+        # A delta removes "two".
+        current = dp.table
+        assert current is not None
+        smaller = routes("one", "three", generation=2)
+        change = delta.diff(current, smaller)
+        assert await dp.apply_delta(delta.parse(change.to_json()))
+        assert series(dp) == {"one", "three"}
+        # A whole table removes "three".
+        assert await dp.apply(routes("one", generation=3))
+        assert series(dp) == {"one"}
+        assert (await get(client, port, "/", host="one.test"))[0] == 200

@@ -1,7 +1,8 @@
 """What an L7 listener needs per request, built once per table swap.
 
 Counters live in stats objects keyed by route rule and cluster name, kept by the listener
-across swaps, so metrics stay monotonic while the configuration changes under them.
+across swaps, so metrics stay monotonic while the configuration changes under them; a rule
+or cluster that leaves the table takes its counters (and its metric series) with it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .. import table
@@ -275,6 +277,23 @@ class Memory:
     clusters: dict[str, ClusterStats] = field(default_factory=dict)
     limiters: dict[tuple[str, int], tuple[table.RateLimit, TokenBuckets]] = field(default_factory=dict)
 
+    # A rule or cluster leaves the table: its state goes too. Kept, every route ever
+    # served would stay a metric series (about 23 per rule) and a bucket set until restart.
+    def forget_rule(self, key: tuple[str, int]) -> None:
+        self.rules.pop(key, None)
+        self.limiters.pop(key, None)
+
+    def forget_rules_but(self, keys: set[tuple[str, int]]) -> None:
+        for key in [k for k in self.rules if k not in keys]:
+            del self.rules[key]
+        for key in [k for k in self.limiters if k not in keys]:
+            del self.limiters[key]
+
+    def forget_clusters(self, names: Iterable[str]) -> None:
+        kept = set(names)
+        for name in [n for n in self.clusters if n not in kept]:
+            del self.clusters[name]
+
 
 def build_config(
     listener: table.L7Listener,
@@ -308,12 +327,16 @@ def build_config(
         endpoints = [health.endpoint(e.address, e.port) for e in source.endpoints]
         clusters[name] = Cluster(name, endpoints, memory.clusters.setdefault(name, ClusterStats()), source)
         rebuilt.add(name)
+    if len(memory.clusters) > len(clusters):
+        memory.forget_clusters(clusters.keys())
     if previous is not None and changed is not None and not rebuilt:
         rules = dict(previous.rules)
         for rid in {path[4] for path in changed if len(path) == 5 and path[3] == "rules"}:
             rule = listener.rules.get(rid)
             if rule is None:
-                rules.pop(rid, None)
+                gone = rules.pop(rid, None)
+                if gone is not None:
+                    memory.forget_rule((gone.route, gone.index))
             else:
                 rules[rid] = _rule(rule, clusters, memory)
         groups = {(path[3], path[4]) for path in changed if len(path) == 5 and path[3] != "rules"}
@@ -329,6 +352,8 @@ def build_config(
             rules[rid] = kept_rule
         else:
             rules[rid] = _rule(rule, clusters, memory)
+    if len(memory.rules) > len(rules) or len(memory.limiters) > len(rules):
+        memory.forget_rules_but({(r.route, r.index) for r in rules.values()})
     router = Router(listener, previous.router if previous is not None else None)
     return L7Config(router=router, rules=rules, tls=tls, source=listener, clusters=clusters)
 
