@@ -33,9 +33,11 @@ def _pool() -> list[dict[str, Any]]:
 
 POOL = _pool()
 
-# A step: put pool object i (replacing the object with its key), or delete that key.
+# A step: put pool object i (replacing the object with its key: op 0), delete that key
+# (op 1), or put it with a typo (op 2: an unknown field; its last valid version serves).
+PUT, DELETE, BREAK = 0, 1, 2
 steps = st.lists(
-    st.lists(st.tuples(st.integers(0, len(POOL) - 1), st.booleans()), min_size=1, max_size=4),
+    st.lists(st.tuples(st.integers(0, len(POOL) - 1), st.integers(0, 2)), min_size=1, max_size=4),
     min_size=1,
     max_size=12,
 )
@@ -43,22 +45,27 @@ steps = st.lists(
 
 @settings(max_examples=120, deadline=None)
 @given(batches=steps)
-def test_incremental_compiles_equal_fresh_ones(batches: list[list[tuple[int, bool]]]) -> None:
+def test_incremental_compiles_equal_fresh_ones(batches: list[list[tuple[int, int]]]) -> None:
     store: dict[ObjectKey, dict[str, Any]] = {}
     cache = CompileCache()
     previous: Table | None = None
+    last_valid: Any = {}
     for generation, batch in enumerate(batches, start=1):
-        for index, delete in batch:
+        for index, op in batch:
             obj = POOL[index]
             key = ObjectKey.of(obj)
-            if delete:
+            if op == DELETE:
                 store.pop(key, None)
             else:
                 store[key] = copy.deepcopy(obj)  # a new object, as a watch event brings
-        snapshot = Snapshot.of(store.values())
+                if op == BREAK and key.kind in ("L4Listener", "L7Route"):
+                    store[key]["spec"] = {**(store[key].get("spec") or {}), "typo": True}
+        snapshot = Snapshot.of(store.values(), last_valid)
         compiled = compile_snapshot(snapshot, generation, cache)
-        fresh = compile_snapshot(Snapshot.of(copy.deepcopy(list(store.values()))), generation)
+        fresh = compile_snapshot(Snapshot.of(copy.deepcopy(list(store.values())), last_valid), generation)
         assert render(compiled) == render(fresh)
+        assert compiled.last_valid == fresh.last_valid
+        last_valid = compiled.last_valid
         table = compiled.table
         if previous is not None:
             change = delta.diff(previous, table, compiled.changes)

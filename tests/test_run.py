@@ -80,6 +80,23 @@ def test_broken_yaml_keeps_serving_the_last_good_content(folder: Path, run: Bila
     assert run.status()["problems"] == []
 
 
+def test_a_typo_keeps_the_last_valid_version_served(folder: Path, run: BilayerRun) -> None:
+    write(folder / "extra.yaml", EXTRA)
+    wait_for(lambda: run.get("/v1/table")[1]["listeners"].get("18090"), what="listener 18090")
+    write(folder / "extra.yaml", EXTRA.replace("hostnames:", "hostname:"))
+    accepted = wait_for(
+        lambda: (run.conditions("L7Route", "extra").get("Accepted") or {}).get("reason") == "Invalid"
+        and run.conditions("L7Route", "extra")["Accepted"],
+        what="the typo reported",
+    )
+    assert "spec.hostname: unknown field" in accepted["message"]
+    assert accepted["message"].endswith("the last valid version is still served")
+    assert run.conditions("L7Route", "extra")["Programmed"]["status"] == "True"
+    assert run.get("/v1/table")[1]["listeners"].get("18090")  # still served
+    (folder / "extra.yaml").unlink()
+    wait_for(lambda: not run.get("/v1/table")[1]["listeners"].get("18090"), what="the route to go")
+
+
 def test_admin_api_off_loopback_needs_a_token(folder: Path) -> None:
     import subprocess
     import sys

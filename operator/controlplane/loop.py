@@ -12,14 +12,16 @@ Nothing compiles before the providers report their initial listing complete.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from dataplane.eventloop import freeze_heap, gc_paused
 from dataplane.logs import fields
 
-from .compiler import CompileCache, Compiled, Snapshot, compile_snapshot
+from .compiler import CompileCache, Compiled, ObjectKey, Snapshot, compile_snapshot
+from .compiler.snapshot import Object
 from .observe import Metrics
 
 log = logging.getLogger("bilayer.loop")
@@ -51,6 +53,9 @@ class CompileLoop:
         self.compiles = 0
         self.last: Compiled | None = None
         self._cache = CompileCache()  # unchanged objects are not validated again
+        # Each route's last version that validated, served while a newer one does not
+        # (kept in memory: after a restart an invalid object has nothing to fall back to).
+        self._last_valid: Mapping[ObjectKey, Object] = {}
         self._warmed = False  # warm() compiled everything already
 
     def mark_dirty(self) -> None:
@@ -101,7 +106,11 @@ class CompileLoop:
 
     def _compile(self, snapshot: Snapshot) -> Compiled:
         with gc_paused():
-            return compile_snapshot(snapshot, self.generation + 1, self._cache)
+            compiled = compile_snapshot(
+                Snapshot(snapshot.objects, self._last_valid), self.generation + 1, self._cache
+            )
+        self._last_valid = compiled.last_valid
+        return compiled
 
     async def compile_once(self) -> Compiled:
         """Compile now and publish; a table with unchanged content keeps its generation."""
@@ -119,7 +128,9 @@ class CompileLoop:
         if self.compiles == 1 and not self._warmed:
             freeze_heap()  # the store, the memo and the first table live on
         if compiled.table.version == self.version:
-            compiled = Compiled(compiled.table.stamped(self.generation), compiled.statuses, compiled.served)
+            compiled = dataclasses.replace(
+                compiled, table=compiled.table.stamped(self.generation), changes=None
+            )
         else:
             self.generation += 1
             self.version = compiled.table.version

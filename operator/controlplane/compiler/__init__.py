@@ -7,7 +7,9 @@ table and the same conditions, whatever order the objects come in.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from dataplane import table
@@ -16,7 +18,7 @@ from dataplane.delta import Changes, carry_parts_sum
 from ..resources.common import Condition
 from .backends import BackendResolver
 from .cache import CompileCache
-from .parse import entry_of, parse_all
+from .parse import entry_of, parse_all, superseded_conditions, with_fallback
 from .port import Context, PortResult, compile_port
 from .ports import Invalid, Parsed, claim_order, references_of
 from .snapshot import REFERENCE_KINDS, ROUTE_KINDS, Object, ObjectKey, Snapshot
@@ -31,13 +33,15 @@ class Compiled:
 
     changes, when known, says which parts of the table differ from the previous compile's
     (see dataplane.delta.Changes): the version and the deltas to dataplanes are then
-    worked out from those parts alone.
+    worked out from those parts alone. last_valid is the Snapshot.last_valid to give the
+    next compile: per route key, its object if it validated, else the one kept before.
     """
 
     table: table.Table
     statuses: dict[ObjectKey, list[Condition]]
     served: frozenset[ObjectKey] = field(default_factory=frozenset)
     changes: Changes | None = None
+    last_valid: Mapping[ObjectKey, Object] = field(default_factory=dict)
 
 
 @dataclass
@@ -53,6 +57,8 @@ class _State:
     objects: dict[int, Object]  # the snapshot's objects by id (held, so ids stay theirs)
     # ("Service" | "Secret", namespace, name) -> the route objects that name it
     users: dict[tuple[str, str, str], set[ObjectKey]]
+    last_valid: dict[ObjectKey, Object] = field(default_factory=dict)
+    superseded: frozenset[ObjectKey] = frozenset()  # keys served from their last valid version
 
 
 def compile_snapshot(
@@ -68,16 +74,15 @@ def compile_snapshot(
     compiled = _compile_changes(snapshot, cache, state) if state is not None else None
     if compiled is None:
         compiled = _compile_all(snapshot, cache, state)
-    return Compiled(
-        compiled.table.stamped(generation_number), compiled.statuses, compiled.served, compiled.changes
-    )
+    return dataclasses.replace(compiled, table=compiled.table.stamped(generation_number))
 
 
 def _compile_all(snapshot: Snapshot, cache: CompileCache, state: _State | None) -> Compiled:
     parses = parse_all(snapshot, cache)
     resolver, secrets = _references(snapshot, cache)
     context = Context(resolver, secrets, cache)
-    results = {key: copies[0] for key, copies in parses.items()}
+    fallback = snapshot.last_valid
+    results = {key: with_fallback(key, copies[0], fallback, cache) for key, copies in parses.items()}
     by_port: dict[int, list[Parsed]] = {}
     for result in results.values():
         if isinstance(result, Parsed):
@@ -94,8 +99,25 @@ def _compile_all(snapshot: Snapshot, cache: CompileCache, state: _State | None) 
         served |= port_result.served
     duplicates = any(len(copies) > 1 for copies in parses.values())
     objects = dict(zip(map(id, snapshot.objects), snapshot.objects, strict=True))
+    # The object each valid result came from (the copy that counts, when a key came twice).
+    last_valid: dict[ObjectKey, Object] = {}
+    for obj, key, result in cache.by_identity.values():
+        if result is results[key] and isinstance(result, Parsed):
+            last_valid[key] = obj
+    superseded = frozenset(k for k, r in results.items() if isinstance(r, Parsed) and r.superseded)
+    for key in superseded:
+        last_valid[key] = fallback[key]
     outcome = _State(
-        table.Table(), statuses, frozenset(served), results, duplicates, ports, objects, _users(results)
+        table.Table(),
+        statuses,
+        frozenset(served),
+        results,
+        duplicates,
+        ports,
+        objects,
+        _users(results),
+        last_valid,
+        superseded,
     )
     return _finish(cache, state, outcome, None, resolver)
 
@@ -105,13 +127,16 @@ def _compile_changes(snapshot: Snapshot, cache: CompileCache, state: _State) -> 
     compile of everything will do (the first, or a key came twice)."""
     if state.duplicates or cache.references is None:
         return None
+    if snapshot.last_valid is not state.last_valid and (snapshot.last_valid or state.superseded):
+        return None  # not the fallbacks this compile handed out: start over from them
     # Built in C (no Python loop over 11,000 objects): unchanged objects are the same dicts.
     current = dict(zip(map(id, snapshot.objects), snapshot.objects, strict=True))
     last = state.objects
     added = [current[i] for i in current.keys() - last.keys()]
     gone = [last[i] for i in last.keys() - current.keys()]
     if not added and not gone:
-        return Compiled(state.table, state.statuses, state.served, Changes(state.table.content_version(), {}))
+        changes = Changes(state.table.content_version(), {})
+        return Compiled(state.table, state.statuses, state.served, changes, state.last_valid)
     known = cache.by_identity
     removed = [known[id(o)] for o in gone if o.get("kind") in ROUTE_KINDS]
     entries = [entry_of(o, cache) for o in added if o.get("kind") in ROUTE_KINDS]
@@ -147,14 +172,24 @@ def _compile_changes(snapshot: Snapshot, cache: CompileCache, state: _State) -> 
     users = state.users
     for key in changed:
         statuses.pop(key, None)
+    last_valid = dict(state.last_valid)
+    superseded = set(state.superseded) - changed
     touched: dict[int, set[ObjectKey]] = {}
     for key in keys_removed:
         old = results.pop(key, None)
+        last_valid.pop(key, None)
         if isinstance(old, Parsed):
             touched.setdefault(old.port, set()).add(key)
             _count_users(users, old, -1)
-    for _, key, result in entries:
+    for obj, key, parsed in entries:
+        result = with_fallback(key, parsed, snapshot.last_valid, cache)
         results[key] = result
+        if result is parsed:
+            if isinstance(parsed, Parsed):
+                last_valid[key] = obj
+        elif key in snapshot.last_valid:
+            last_valid[key] = snapshot.last_valid[key]
+            superseded.add(key)
         if isinstance(result, Parsed):
             touched.setdefault(result.port, set()).add(key)
             _count_users(users, result, +1)
@@ -192,7 +227,18 @@ def _compile_changes(snapshot: Snapshot, cache: CompileCache, state: _State) -> 
         ports = dict(sorted(ports.items()))
     base = state.table.content_version()
     changes = Changes(base, {port: ports[port].changed if port in ports else None for port in touched})
-    outcome = _State(table.Table(), statuses, frozenset(served), results, False, ports, current, users)
+    outcome = _State(
+        table.Table(),
+        statuses,
+        frozenset(served),
+        results,
+        False,
+        ports,
+        current,
+        users,
+        last_valid,
+        frozenset(superseded),
+    )
     return _finish(cache, state, outcome, changes, resolver)
 
 
@@ -251,9 +297,14 @@ def _finish(
     built = table.Table.build(clusters=clusters, listeners=listeners)
     if state is not None:
         carry_parts_sum(state.table, built, changes)
+    for key in result.superseded:
+        parsed = result.results[key]
+        assert isinstance(parsed, Parsed)
+        conditions = result.statuses.get(key, [])
+        result.statuses[key] = superseded_conditions(parsed, conditions, key in result.served)
     result.table = built
     cache.state = result
-    return Compiled(built, result.statuses, result.served, changes)
+    return Compiled(built, result.statuses, result.served, changes, result.last_valid)
 
 
 def _references(snapshot: Snapshot, cache: CompileCache) -> tuple[BackendResolver, SecretIndex]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Mapping
 
 from pydantic import ValidationError
 
+from ..resources.common import Condition
 from ..resources.l4listener import L4Listener
 from ..resources.l7route import L7Route
 from . import conditions as c
@@ -55,6 +58,38 @@ def entry_of(obj: Object, cache: CompileCache) -> Entry:
         return entry
     key = ObjectKey.of(obj)
     return (obj, key, _parse(key, obj, cache))
+
+
+def with_fallback(
+    key: ObjectKey, result: Parsed | Invalid, last_valid: Mapping[ObjectKey, Object], cache: CompileCache
+) -> Parsed | Invalid:
+    """result, or when it is Invalid and the key had a valid version, that version marked
+    as superseded by result's condition."""
+    if isinstance(result, Parsed):
+        return result
+    previous = last_valid.get(key)
+    if previous is None:
+        return result
+    kept = _parse(key, previous, cache)
+    if not isinstance(kept, Parsed):
+        return result  # not valid either (a caller's mistake): nothing to fall back to
+    return dataclasses.replace(kept, superseded=result.conditions[0])
+
+
+def superseded_conditions(parsed: Parsed, conditions: list[Condition], served: bool) -> list[Condition]:
+    """The conditions of an object served from its last valid version: the newer version's
+    Accepted=False (saying what still serves) in place of the old version's Accepted; the
+    other conditions are the old version's, with its observedGeneration."""
+    invalid = parsed.superseded
+    assert invalid is not None
+    if served:
+        generation = parsed.generation
+        kept = f"generation {generation}" if generation is not None else "the last valid version"
+        message = f"{invalid.message}. Until this is fixed, {kept} is still served"
+        invalid = c.condition(c.ACCEPTED, False, c.INVALID, message, invalid.observedGeneration)
+    if conditions and conditions[0] is invalid:
+        return conditions  # already in place (kept from the last compile)
+    return [invalid, *(cond for cond in conditions if cond.type != c.ACCEPTED)]
 
 
 def _parse(key: ObjectKey, obj: Object, cache: CompileCache) -> Parsed | Invalid:

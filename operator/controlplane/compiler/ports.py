@@ -18,12 +18,16 @@ from .snapshot import ObjectKey
 
 @dataclass(frozen=True)
 class Parsed:
-    """A valid L4Listener or L7Route with its identity and age."""
+    """A valid L4Listener or L7Route with its identity and age.
+
+    superseded, when set, is the Accepted=False condition of a newer version of the object
+    that did not validate: this Parsed is the last version that did, compiled in its place."""
 
     key: ObjectKey
     generation: int | None
     age: tuple[str, str, str]
     model: L4Listener | L7Route
+    superseded: Condition | None = None
 
     @property
     def port(self) -> int:

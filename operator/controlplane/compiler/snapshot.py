@@ -45,13 +45,20 @@ class ObjectKey(NamedTuple):
 
 @dataclass(frozen=True)
 class Snapshot:
-    """All objects of the kinds in INPUT_KINDS; order carries no meaning."""
+    """All objects of the kinds in INPUT_KINDS; order carries no meaning.
+
+    last_valid holds, per route key, the last object of that key that validated (what the
+    previous compile returned as Compiled.last_valid). When an object's newer version does
+    not validate (a typo, a field the schema lacks), that object is compiled instead, so a
+    bad edit never takes a route down; its status says so. Empty: no fallback.
+    """
 
     objects: tuple[Object, ...] = field(default_factory=tuple)
+    last_valid: Mapping[ObjectKey, Object] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, objects: Iterable[Object]) -> Snapshot:
-        return cls(tuple(o for o in objects if o.get("kind") in INPUT_KINDS))
+    def of(cls, objects: Iterable[Object], last_valid: Mapping[ObjectKey, Object] | None = None) -> Snapshot:
+        return cls(tuple(o for o in objects if o.get("kind") in INPUT_KINDS), last_valid or {})
 
     def of_kind(self, kind: str) -> list[Object]:
         return [o for o in self.objects if o.get("kind") == kind]
