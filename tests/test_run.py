@@ -85,8 +85,10 @@ def test_a_typo_keeps_the_last_valid_version_served(folder: Path, run: BilayerRu
     wait_for(lambda: run.get("/v1/table")[1]["listeners"].get("18090"), what="listener 18090")
     write(folder / "extra.yaml", EXTRA.replace("hostnames:", "hostname:"))
     accepted = wait_for(
-        lambda: (run.conditions("L7Route", "extra").get("Accepted") or {}).get("reason") == "Invalid"
-        and run.conditions("L7Route", "extra")["Accepted"],
+        lambda: (
+            (run.conditions("L7Route", "extra").get("Accepted") or {}).get("reason") == "Invalid"
+            and run.conditions("L7Route", "extra")["Accepted"]
+        ),
         what="the typo reported",
     )
     assert "spec.hostname: unknown field" in accepted["message"]
