@@ -59,3 +59,5 @@ class DataplaneCollector(Collector):
             collect: Callable[[list[object]], Iterator[Metric]] = getattr(cls, "collect")  # noqa: B009
             yield from collect(group)
         yield from dp.health.collect()
+        if dp.tracer is not None:
+            yield from dp.tracer.collect()

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import delta
 from .eventloop import freeze_heap
@@ -24,6 +24,9 @@ from .health import HealthRegistry
 from .l7.tls import Contexts, build_contexts
 from .logs import fields
 from .table import TLS, Listener, Table, TableError
+
+if TYPE_CHECKING:
+    from .tracing import Tracer
 
 log = logging.getLogger("bilayer.dataplane")
 
@@ -95,16 +98,24 @@ class Settings:
     connect_timeout: float = 5.0  # L7 connects to endpoints
     max_client_connections: int = 100_000  # per L7 listener; beyond it a fast 503
     via: bool = False  # add "Via: 1.1 bilayer" to forwarded requests
+    otlp_endpoint: str | None = None  # OTLP/HTTP collector for spans; None: tracing off
+    trace_sampling: float = 0.01  # share of traces started here that are sampled (0-1)
 
 
 class Dataplane:
     """The table being served and its listeners."""
 
     def __init__(
-        self, settings: Settings | None = None, factories: dict[str, ListenerFactory] | None = None
+        self,
+        settings: Settings | None = None,
+        factories: dict[str, ListenerFactory] | None = None,
+        *,
+        tracer: Tracer | None = None,
     ) -> None:
         self.settings = settings or Settings()
         self.factories = default_factories() if factories is None else factories
+        # Spans go to tracer: the one given (tests), or one exporting to --otlp-endpoint.
+        self.tracer = tracer if tracer is not None else open_tracer(self.settings)
         self.table: Table | None = None
         self.listeners: dict[int, ServingListener] = {}
         self.listener_errors: dict[int, str] = {}
@@ -384,6 +395,8 @@ class Dataplane:
         if self._draining:
             await asyncio.gather(*self._draining, return_exceptions=True)
         await self.health.close()
+        if self.tracer is not None:
+            await self.tracer.close()  # the spans of the exchanges just drained, too
 
 
 _NO_LISTENER = Listener()
@@ -412,6 +425,16 @@ def _unchanged(port: int, listener: Listener, current: Table, table: Table) -> b
         for b in listener.l4.backends
         if b.cluster is not None
     )
+
+
+def open_tracer(settings: Settings) -> Tracer | None:
+    """The tracer settings ask for; None when tracing is off. The OpenTelemetry SDK is
+    imported here, only when it is on."""
+    if not settings.otlp_endpoint:
+        return None
+    from . import tracing
+
+    return tracing.open_tracer(settings.otlp_endpoint, settings.trace_sampling)
 
 
 def default_factories() -> dict[str, ListenerFactory]:

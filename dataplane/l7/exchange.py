@@ -35,6 +35,7 @@ from .framing import CHUNKED, LAST_CHUNK, NO_BODY, UNTIL_CLOSE, BadMessage, Requ
 from .mirror import MAX_COPIES, MirrorCopy, shadow_host
 from .retry import Failure, give_up_status, may_resend
 from .session import Pin
+from .trace import Trace
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -115,6 +116,7 @@ class Exchange:
         "started",
         "status",
         "target",
+        "trace",
         "tried",
         "tunnel_early",
         "upstream",
@@ -155,6 +157,7 @@ class Exchange:
         self.request_timer: asyncio.TimerHandle | None = None
         self.attempt_timer: asyncio.TimerHandle | None = None
         self._query_values: dict[str, str] | None = None
+        self.trace: Trace | None = None  # when tracing is on (listener.tracer)
 
     # --- the request body, from the client connection ---
 
@@ -234,6 +237,8 @@ class Exchange:
         self.started = time.monotonic()
         head = self.head
         listener = self.listener
+        if listener.tracer is not None:
+            self.trace = Trace(listener.tracer, head.headers)
         config = listener.config
         host = head.host_name
         sni = self.conn.sni
@@ -502,6 +507,11 @@ class Exchange:
         if target is None:
             host = shadow_host(host)
         line_target = path + "?" + head.query if head.query else path
+        trace = self.trace
+        if trace is not None and target is not None and self.endpoint is not None:
+            # A header modifier may have added trace context fields: ours replace them.
+            modified = rule.request_modifier is not None or target.request_modifier is not None
+            trace.attempt_begins(headers, self.endpoint, self.resent, line_target, modified)
         return framing.request_bytes(head.method, line_target.encode("latin-1"), host, headers, head.body)
 
     def _may_resend(self, failure: Failure, *, reused: bool) -> bool:
@@ -522,6 +532,8 @@ class Exchange:
 
     def _failed(self, failure: Failure, why: str, *, reused: bool) -> None:
         """An attempt failed before any response reached the client: resend or answer."""
+        if self.trace is not None:
+            self.trace.attempt_failed(failure.value)
         if self._may_resend(failure, reused=reused):
             self._resend(why, stale=failure is Failure.RESET and reused)
         else:
@@ -624,6 +636,8 @@ class Exchange:
         if status in rule.retry_codes and not self.head.upgrade:
             self.listener.health.report_failure(endpoint)
             if self._may_resend(Failure.STATUS, reused=False):
+                if self.trace is not None:
+                    self.trace.attempt_failed(str(status), status)
                 self._resend(f"backend answered {status}", stale=False)
                 return
         elif status in (502, 503, 504):
@@ -855,6 +869,8 @@ class Exchange:
         status = self.status or 499
         if self.rule is not None:
             self.rule.stats.observe(status, seconds)
+        if self.trace is not None:
+            self.trace.end(self)
         listener = self.listener
         listener.count_response(status)
         settings = listener.settings
@@ -883,5 +899,6 @@ class Exchange:
                 route=rule.route if rule else None,
                 rule=rule.index if rule else None,
                 retries=self.resent,
+                trace_id=self.trace.trace_hex if self.trace is not None else None,
             ),
         )

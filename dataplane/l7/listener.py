@@ -39,6 +39,7 @@ class ServingL7(Serving[ClientConnection]):
         self.port = port
         self.settings = dataplane.settings
         self.health = dataplane.health
+        self.tracer = dataplane.tracer  # None: tracing is off
         self.memory = Memory()
         settings = self.settings
         self.limits = Limits(head_bytes=settings.max_header_bytes, fields=settings.max_headers)

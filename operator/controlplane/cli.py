@@ -154,6 +154,8 @@ def _settings(args: argparse.Namespace) -> Any:
         max_headers=args.max_headers,
         connect_timeout=args.connect_timeout,
         via=args.via,
+        otlp_endpoint=args.otlp_endpoint,
+        trace_sampling=args.trace_sampling,
     )
 
 
@@ -216,6 +218,26 @@ def cmd_operator(args: argparse.Namespace) -> int:
         )
     eventloop.run(run(settings))
     return 0
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def _otlp_endpoint(text: str) -> str:
+    from dataplane.tracing import traces_url
+
+    try:
+        traces_url(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def _add_serving_options(p: argparse.ArgumentParser, address: str, admin_address: str) -> None:
@@ -299,6 +321,22 @@ def _add_serving_options(p: argparse.ArgumentParser, address: str, admin_address
         help="seconds to connect to an HTTP endpoint (default 5)",
     )
     p.add_argument("--via", action="store_true", help="add Via: 1.1 bilayer to forwarded requests")
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        type=_otlp_endpoint,
+        help="trace HTTP requests and export the spans to this OTLP/HTTP collector: its base URL "
+        "(http://collector:4318, /v1/traces is added) or a full traces URL; off by default. "
+        "OTEL_EXPORTER_OTLP_HEADERS and the other OTEL_EXPORTER_OTLP_* variables apply",
+    )
+    p.add_argument(
+        "--trace-sampling",
+        metavar="RATIO",
+        type=_ratio,
+        default=0.01,
+        help="share of the traces started at the proxy that are recorded, 0-1; a request whose "
+        "traceparent is sampled is always recorded (default 0.01)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
