@@ -37,6 +37,14 @@ NON_DEFAULT = [
     "dataplane.adminPort=19901",
     "--set",
     "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
+    "--set",
+    "dataplane.tracing.otlpEndpoint=http://otel-collector.observability:4318",
+    "--set",
+    "dataplane.tracing.sampling=0.5",
+    "--set",
+    "dataplane.tracing.env[0].name=OTEL_SERVICE_NAME",
+    "--set",
+    "dataplane.tracing.env[0].value=edge",
 ]
 
 
@@ -154,12 +162,31 @@ def test_network_policy_guards_only_the_admin_port() -> None:
         (["--set", "dataplane.adminPort=70000"], "/dataplane/adminPort"),
         (["--set", "operator.watchNamespaces={Bad_Name}"], "/operator/watchNamespaces/0"),
         (["--set", "surprise=true"], "surprise"),
+        (["--set", "dataplane.tracing.sampling=2"], "/dataplane/tracing/sampling"),
+        (["--set", "dataplane.tracing.otlpEndpoint=collector:4318"], "/dataplane/tracing/otlpEndpoint"),
     ],
 )
 def test_schema_rejects_bad_values(values: list[str], message: str) -> None:
     result = helm("template", "bilayer", str(CHART), *values)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_tracing_values_reach_the_dataplane() -> None:
+    _, plain = next((d, c) for d, c in containers(render()) if c["name"] == "dataplane")
+    assert not [a for a in _args(plain) if a.startswith(("--otlp", "--trace"))]
+    assert [e["name"] for e in plain["env"]] == ["BILAYER_ADMIN_TOKEN"]
+    _, traced = next((d, c) for d, c in containers(render(*NON_DEFAULT)) if c["name"] == "dataplane")
+    args = _args(traced)
+    assert "--otlp-endpoint=http://otel-collector.observability:4318" in args
+    assert "--trace-sampling=0.5" in args
+    env = {e["name"]: e for e in traced["env"]}
+    assert (
+        env["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+        == "k8s.pod.name=$(POD_NAME),k8s.namespace.name=$(POD_NAMESPACE)"
+    )
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["OTEL_SERVICE_NAME"]["value"] == "edge"
 
 
 def test_chart_crds_are_the_generated_ones() -> None:
