@@ -41,7 +41,6 @@ log = logging.getLogger("bilayer.tracing")
 # The batch processor's settings are the SDK's defaults, and its environment variables
 # (OTEL_BSP_MAX_QUEUE_SIZE, OTEL_BSP_SCHEDULE_DELAY, OTEL_BSP_MAX_EXPORT_BATCH_SIZE) apply.
 QUEUE_SIZE = 2048  # spans held for export at most
-EXPORT_TIMEOUT = 10.0  # one OTLP request, retries included
 SHUTDOWN_SECONDS = 5.0  # how long a stopping dataplane waits for the last export
 
 _LOW_64 = (1 << 64) - 1
@@ -273,6 +272,7 @@ def open_tracer(endpoint: str, ratio: float) -> Tracer:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     url = traces_url(endpoint)
-    tracer = Tracer(OTLPSpanExporter(endpoint=url, timeout=EXPORT_TIMEOUT), ratio=ratio)
+    # Each export, retries included, takes at most OTEL_EXPORTER_OTLP_TIMEOUT (10 s).
+    tracer = Tracer(OTLPSpanExporter(endpoint=url), ratio=ratio)
     log.info("tracing on", extra=fields(endpoint=url, sampling=ratio))
     return tracer
