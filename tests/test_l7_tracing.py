@@ -27,6 +27,7 @@ from dataplane.table import Table
 
 from .helpers import BilayerRun, async_wait_for, free_port, service
 from .l7kit import HTTPBackend, backend_ref, echoed, l7_table, read_response, route
+from .test_l7_mirror import Mirror, eventually, mirror_filter
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -292,6 +293,58 @@ async def test_span_counters_on_metrics(backend: HTTPBackend) -> None:
     assert "bilayer_trace_spans_started_total 6.0" in text
     assert "bilayer_trace_spans_exported_total 6.0" in text
     assert 'bilayer_trace_spans_dropped_total{reason="queue_full"} 0.0' in text
+
+
+async def test_a_mirrored_copy_is_a_span_of_its_own_in_the_same_trace(backend: HTTPBackend) -> None:
+    port = free_port()
+    mirror = await Mirror().start()
+    rules = [{"filters": [mirror_filter("m")], "backendRefs": [backend_ref("a")]}]
+    table = l7_table([route("r", port, rules)], {"a": [backend.port], "m": [mirror.port]})
+    try:
+        async with traced(table, ratio=0.0) as (dp, exporter):
+            assert dp.tracer is not None
+            tracer = dp.tracer
+            _, _, body = await send(
+                port, "/m?sig=s", f"traceparent: 00-{TRACE}-{PARENT}-01", "tracestate: v=1"
+            )
+            # The copy's span is recorded when the copy is answered, maybe after the exchange.
+            await eventually(lambda: tracer.counts.handed == 3, "the copy's span")
+            server, clients = spans(exporter, dp)
+            exporter.clear()
+            # Unsampled: no span; the copy names the request's own id, as the primary does.
+            _, _, unsampled = await send(port, "/m", f"traceparent: 00-{TRACE}-{PARENT}-00")
+            await eventually(lambda: len(mirror.copies) == 2, "the second copy")
+            tracer.flush()
+            assert exporter.get_finished_spans() == ()
+    finally:
+        await mirror.stop()
+    (copy,) = [s for s in clients if s.attributes and s.attributes.get("bilayer.mirror")]
+    (primary,) = [s for s in clients if s is not copy]
+    assert server.context is not None and copy.context is not None and primary.context is not None
+    assert copy.parent is not None and copy.parent.span_id == server.context.span_id
+    assert copy.context.trace_id == int(TRACE, 16) and copy.context.span_id != primary.context.span_id
+    assert received(body)[0] == [f"00-{TRACE}-{primary.context.span_id:016x}-01"]
+    first, second = mirror.copies
+    assert first["headers"]["traceparent"] == f"00-{TRACE}-{copy.context.span_id:016x}-01"
+    assert first["headers"]["tracestate"] == "v=1"
+    assert dict(copy.attributes or {}) == {
+        "http.request.method": "GET",
+        "url.full": f"http://127.0.0.1:{mirror.port}/m?sig=REDACTED",
+        "server.address": "127.0.0.1",
+        "server.port": mirror.port,
+        "network.peer.address": "127.0.0.1",
+        "network.peer.port": mirror.port,
+        "network.protocol.version": "1.1",
+        "bilayer.mirror": True,
+        "http.response.status_code": 500,  # what the test's mirror always answers
+        "error.type": "500",
+    }
+    assert copy.status.status_code == StatusCode.ERROR
+    assert server.status.status_code == StatusCode.UNSET  # the mirror's 500 is not the client's
+    context = parse_traceparent(second["headers"]["traceparent"].encode())
+    assert context is not None and context[0] == int(TRACE, 16) and context[2] == 0
+    assert context[1] != int(PARENT, 16)
+    assert received(unsampled)[0] == [second["headers"]["traceparent"]]
 
 
 # --- end to end: `bilayer run` exporting over OTLP/HTTP to a receiver in this process ---

@@ -35,7 +35,7 @@ from .framing import CHUNKED, LAST_CHUNK, NO_BODY, UNTIL_CLOSE, BadMessage, Requ
 from .mirror import MAX_COPIES, MirrorCopy, shadow_host
 from .retry import Failure, give_up_status, may_resend
 from .session import Pin
-from .trace import Trace
+from .trace import CopySpan, Trace
 from .upstream import Upstream
 
 if TYPE_CHECKING:
@@ -327,15 +327,21 @@ class Exchange:
         listener = self.listener
         head: bytes | None = None
         chunked = self.head.body == CHUNKED
+        trace = self.trace
         for mirror in target.mirrors:
             if mirror.share < 1.0 and random.random() >= mirror.share:
                 continue
             if listener.mirror_copies >= MAX_COPIES:
                 mirror.cluster.stats.mirror_dropped += 1
                 continue
-            if head is None:
-                head = self._request_head(rule, None)
-            copy = MirrorCopy(listener, mirror.cluster, head, self.head.method, rule.backend_request_timeout)
+            # A sampled copy names its own span in its traceparent: a head each. Otherwise
+            # the copies of one request are alike and share one.
+            span = trace.copy_span() if trace is not None else None
+            if head is None or span is not None:
+                head = self._request_head(rule, None, span)
+            copy = MirrorCopy(
+                listener, mirror.cluster, head, self.head.method, rule.backend_request_timeout, span=span
+            )
             for data in self.pending:  # body bytes read before the exchange started
                 copy.body(framing.chunk(data) if chunked else data)
             if self.request_whole:
@@ -474,9 +480,9 @@ class Exchange:
         if not head.upgrade:
             self.conn.resume("waiting-upstream")  # an upgrade's client bytes wait for the 101
 
-    def _request_head(self, rule: Rule, target: Target | None) -> bytes:
+    def _request_head(self, rule: Rule, target: Target | None, copy: CopySpan | None = None) -> bytes:
         """The request line and headers for the backend target (None: for a mirror, which
-        gets the rule's filters only, and a shadow Host)."""
+        gets the rule's filters only, and a shadow Host; copy: its span, when sampled)."""
         head = self.head
         listener = self.listener
         client = self.conn.client_ip.encode()
@@ -508,10 +514,14 @@ class Exchange:
             host = shadow_host(host)
         line_target = path + "?" + head.query if head.query else path
         trace = self.trace
-        if trace is not None and target is not None and self.endpoint is not None:
+        if trace is not None:
             # A header modifier may have added trace context fields: ours replace them.
-            modified = rule.request_modifier is not None or target.request_modifier is not None
-            trace.attempt_begins(headers, self.endpoint, self.resent, line_target, modified)
+            modified = rule.request_modifier is not None
+            if target is None:
+                trace.copy_begins(headers, copy, line_target, modified)
+            elif self.endpoint is not None:
+                modified = modified or target.request_modifier is not None
+                trace.attempt_begins(headers, self.endpoint, self.resent, line_target, modified)
         return framing.request_bytes(head.method, line_target.encode("latin-1"), host, headers, head.body)
 
     def _may_resend(self, failure: Failure, *, reused: bool) -> bool:

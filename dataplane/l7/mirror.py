@@ -23,6 +23,7 @@ from typing import Protocol
 from ..health import EndpointState
 from .config import Cluster
 from .framing import BadMessage, ResponseHead
+from .trace import CopySpan
 from .upstream import Pool, Upstream
 
 MIRROR_BUFFER = 1024 * 1024
@@ -66,12 +67,20 @@ class MirrorCopy:
         "method",
         "pending",
         "pending_bytes",
+        "span",
         "timer",
         "upstream",
     )
 
     def __init__(
-        self, host: MirrorHost, cluster: Cluster, head: bytes, method: str, answer_seconds: float | None
+        self,
+        host: MirrorHost,
+        cluster: Cluster,
+        head: bytes,
+        method: str,
+        answer_seconds: float | None,
+        *,
+        span: CopySpan | None = None,
     ) -> None:
         self.host = host
         self.cluster = cluster
@@ -86,6 +95,7 @@ class MirrorCopy:
         self.ended = False  # the whole request is in
         self.keep_alive = False  # the mirror's answer lets its connection be reused
         self.done = False
+        self.span = span  # the copy's CLIENT span, when its request's trace is sampled
         host.mirror_copies += 1
         self._hold(self.pending_bytes)
 
@@ -150,6 +160,8 @@ class MirrorCopy:
 
     def _attach(self, upstream: Upstream) -> None:
         self.upstream = upstream
+        if self.span is not None:
+            self.span.sent(upstream.endpoint)
         pending, self.pending = self.pending, []
         upstream.attach(self, b"".join(pending), self.method, b"")
         transport = upstream.transport
@@ -178,6 +190,8 @@ class MirrorCopy:
     def response_head(self, head: ResponseHead) -> None:
         if head.status >= 200:
             self.keep_alive = head.keep_alive
+            if self.span is not None:
+                self.span.status = head.status
 
     def response_body(self, data: bytes) -> None:
         pass
@@ -218,6 +232,8 @@ class MirrorCopy:
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.discard()
+        if self.span is not None:
+            self.span.finish(self.method, result)
         stats = self.cluster.stats
         if result == "answered":
             stats.mirrored += 1

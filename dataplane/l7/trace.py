@@ -38,6 +38,15 @@ request and the client of each request it sends, so a sampled exchange is:
   the request is written (a new connection's connect time is in the SERVER span only; a
   connect that fails sends nothing and has no span, though it counts as a resend) and ends
   when the exchange ends or the attempt fails. Its traceparent is what the backend receives.
+- one CLIENT span per mirrored copy (RequestMirror), child of the SERVER span, with the
+  attributes of an attempt's span and `bilayer.mirror` true; it starts when the copy is
+  written and ends when the copy is answered or given up, often after the exchange (a copy
+  is fire and forget). A copy carries this trace's context with the copy's own span id as
+  parent, so the mirror's spans sit beside the primary's in the same trace: comparing the
+  two is what mirroring is for. Without a context the mirror would start traces of its own,
+  and with the client's context forwarded untouched the copy would pose as a second call
+  made by the client. A copy that is never written (no endpoint, refused, dropped before a
+  connection) has no span, as a failed connect has none.
 
 Status: Error for 5xx on the SERVER span, for 4xx and 5xx on a CLIENT span (the
 conventions' rule for each kind), and for the failures below. `error.type` holds the status
@@ -45,8 +54,10 @@ as a string when that is the error, otherwise one of Bilayer's values: `reset` (
 backend closed the connection before answering), `timeout` (it did not answer in time),
 `invalid_response` (its response was refused, 502), `response_incomplete` (a response
 with a Content-Length ended short: cut by either side), `client_closed` (the client left
-before a response), `_OTHER`. `url.query` and `url.full` redact the values of the query
-keys the conventions name (AWSAccessKeyId, Signature, sig, X-Goog-Signature).
+before a response), `_OTHER`; for a copy, `mirror_dropped` (a bound of mirroring dropped it)
+and `mirror_failed` (reset, refused or unanswered in time). `url.query` and `url.full`
+redact the values of the query keys the conventions name (AWSAccessKeyId, Signature, sig,
+X-Goog-Signature).
 """
 
 from __future__ import annotations
@@ -197,6 +208,23 @@ class Trace:
             parent = attempt.span_id
         else:
             parent = self.span_id  # no span: the context names the request's own id
+        self._put_context(headers, parent, modified)
+
+    def copy_span(self) -> CopySpan | None:
+        """The span of a mirrored copy about to be made; None when the trace is not sampled."""
+        return CopySpan(self.tracer, self.trace_id, self.span_id) if self.sampled else None
+
+    def copy_begins(self, headers: Headers, span: CopySpan | None, target: str, modified: bool) -> None:
+        """A mirrored copy's headers are being made: put our context in them (the copy's
+        span as parent; the request's own id when unsampled, as for an attempt)."""
+        if span is not None:
+            span.target = target
+            parent = span.span_id
+        else:
+            parent = self.span_id
+        self._put_context(headers, parent, modified)
+
+    def _put_context(self, headers: Headers, parent: int, modified: bool) -> None:
         if self.forwarding or modified:
             drop = (_TRACEPARENT_NAME,) if self.continued else (_TRACEPARENT_NAME, _TRACESTATE_NAME)
             headers[:] = [(n, v) for n, v in headers if len(n) not in (10, 11) or n.lower() not in drop]
@@ -303,16 +331,7 @@ def _method_attributes(method: str) -> dict[str, AttributeValue]:
 
 
 def _client_attributes(exchange: Exchange, attempt: Attempt) -> dict[str, AttributeValue]:
-    attributes = _method_attributes(exchange.head.method)
-    address = attempt.address
-    authority = f"[{address}]:{attempt.port}" if ":" in address else f"{address}:{attempt.port}"
-    path, sep, query = attempt.target.partition("?")
-    attributes["url.full"] = f"http://{authority}{path}" + (f"?{redact_query(query)}" if sep else "")
-    attributes["server.address"] = address
-    attributes["server.port"] = attempt.port
-    attributes["network.peer.address"] = address
-    attributes["network.peer.port"] = attempt.port
-    attributes["network.protocol.version"] = "1.1"
+    attributes = _sent_attributes(exchange.head.method, attempt.address, attempt.port, attempt.target)
     if attempt.resent:
         attributes["http.request.resend_count"] = attempt.resent
     if attempt.status:
@@ -320,6 +339,71 @@ def _client_attributes(exchange: Exchange, attempt: Attempt) -> dict[str, Attrib
     if attempt.error is not None:
         attributes["error.type"] = attempt.error
     return attributes
+
+
+def _sent_attributes(method: str, address: str, port: int, target: str) -> dict[str, AttributeValue]:
+    """What a CLIENT span says of the request it stands for: where it went, and how."""
+    attributes = _method_attributes(method)
+    authority = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    path, sep, query = target.partition("?")
+    attributes["url.full"] = f"http://{authority}{path}" + (f"?{redact_query(query)}" if sep else "")
+    attributes["server.address"] = address
+    attributes["server.port"] = port
+    attributes["network.peer.address"] = address
+    attributes["network.peer.port"] = port
+    attributes["network.protocol.version"] = "1.1"
+    return attributes
+
+
+class CopySpan:
+    """A mirrored copy of a request in a sampled trace: a CLIENT span, recorded by the copy
+    itself when it finishes, since it may outlive the exchange."""
+
+    __slots__ = ("address", "parent_id", "port", "span_id", "start", "status", "target", "trace_id", "tracer")
+
+    def __init__(self, tracer: Tracer, trace_id: int, parent_id: int) -> None:
+        self.tracer = tracer
+        self.trace_id = trace_id
+        self.parent_id = parent_id  # the exchange's SERVER span
+        self.span_id = tracer.new_span_id()
+        self.target = ""  # the request line's target, as sent
+        self.address = ""  # the mirror endpoint, once the copy is written to it
+        self.port = 0
+        self.start = 0
+        self.status = 0  # the mirror's status, when it answered
+
+    def sent(self, endpoint: EndpointState) -> None:
+        """The copy is written to endpoint: the span starts."""
+        self.address = endpoint.address
+        self.port = endpoint.port
+        self.start = time.time_ns()
+        self.tracer.counts.started += 1
+
+    def finish(self, method: str, result: str) -> None:
+        """The copy is over (result: answered, dropped or failed): record its span."""
+        if not self.start:
+            return  # never written: no span, as for a connect that failed
+        attributes = _sent_attributes(method, self.address, self.port, self.target)
+        attributes["bilayer.mirror"] = True
+        if self.status:
+            attributes["http.response.status_code"] = self.status
+        if result != "answered":
+            attributes["error.type"] = f"mirror_{result}"
+        elif self.status >= 400:
+            attributes["error.type"] = str(self.status)
+        tracer = self.tracer
+        tracer.record(
+            method if method in KNOWN_METHODS else "HTTP",
+            tracer.CLIENT,
+            self.trace_id,
+            self.span_id,
+            self.parent_id,
+            start=self.start,
+            end=time.time_ns(),
+            attributes=attributes,
+            error="" if "error.type" in attributes else None,
+            remote_parent=False,
+        )
 
 
 def _host_port(host: bytes, scheme: str) -> int:
