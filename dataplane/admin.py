@@ -4,6 +4,9 @@
 version (412 when the pod serves another version: push the whole table then). Every
 path except /healthz and /readyz needs ``Authorization: Bearer <token>``. Without a
 token configured the API must be bound to loopback (the caller enforces that).
+
+``build_metrics_app`` serves only /metrics, /healthz and /readyz, without a token, for a
+port of its own: a scraper then holds no credential that could also replace the table.
 """
 
 from __future__ import annotations
@@ -69,17 +72,6 @@ def build_app(
             if not hmac.compare_digest(sent, f"Bearer {token}".encode()):
                 return _json({"error": "missing or wrong bearer token"}, status=401)
         return await handler(request)
-
-    registry = CollectorRegistry()
-    registry.register(DataplaneCollector(dataplane))
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(_: web.Request) -> web.Response:
-        if dataplane.ready:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="no table loaded yet\n")
 
     def table_summary() -> dict[str, Any]:
         table = dataplane.table
@@ -159,23 +151,47 @@ def build_app(
             await on_push(dataplane.table)
         return _json({"changed": changed, **brief()})
 
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
     async def status(_: web.Request) -> web.Response:
         assert status_provider is not None
         return _json(status_provider())
 
     app = web.Application(middlewares=[require_token], client_max_size=MAX_TABLE_BYTES)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    _add_read_only_routes(app, dataplane)
     app.router.add_get("/v1/table", get_table)
     app.router.add_put("/v1/table", put_table)
     app.router.add_patch("/v1/table", patch_table)
-    app.router.add_get("/metrics", metrics)
     if status_provider is not None:
         app.router.add_get("/v1/status", status)
     return app
+
+
+def build_metrics_app(dataplane: Dataplane) -> web.Application:
+    """/metrics, /healthz and /readyz without a token; nothing here can change the table."""
+    # Requests here carry no body worth reading: a small cap keeps a stray upload cheap.
+    app = web.Application(client_max_size=64 * 1024)
+    _add_read_only_routes(app, dataplane)
+    return app
+
+
+def _add_read_only_routes(app: web.Application, dataplane: Dataplane) -> None:
+    """The GET routes both the admin and the metrics port serve."""
+    registry = CollectorRegistry()
+    registry.register(DataplaneCollector(dataplane))
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if dataplane.ready:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="no table loaded yet\n")
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
 
 
 async def serve(app: web.Application, host: str, port: int) -> web.AppRunner:

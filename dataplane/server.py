@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 
-from .admin import build_app, is_loopback, serve
+from .admin import build_app, build_metrics_app, is_loopback, serve
 from .logs import fields
 from .runtime import Dataplane, Settings
 
@@ -39,17 +39,33 @@ async def run_dataplane(
     admin_port: int,
     token: str | None,
     stop: asyncio.Event | None = None,
+    *,
+    metrics_port: int | None = None,
 ) -> None:
-    """Serve until stop is set or SIGTERM; the saved table, if any, is served at once."""
+    """Serve until stop is set or SIGTERM; the saved table, if any, is served at once.
+
+    With metrics_port, /metrics, /healthz and /readyz are also served there, on the admin
+    address and without the token.
+    """
     require_token(admin_host, token)
     dataplane = Dataplane(settings)
     await dataplane.load_persisted()
-    runner = await serve(build_app(dataplane, token), admin_host, admin_port)
-    log.info("dataplane started", extra=fields(admin=f"{admin_host}:{admin_port}", ready=dataplane.ready))
+    runners = [await serve(build_app(dataplane, token), admin_host, admin_port)]
+    if metrics_port:
+        runners.append(await serve(build_metrics_app(dataplane), admin_host, metrics_port))
+    log.info(
+        "dataplane started",
+        extra=fields(
+            admin=f"{admin_host}:{admin_port}",
+            metrics=f"{admin_host}:{metrics_port}" if metrics_port else None,
+            ready=dataplane.ready,
+        ),
+    )
     stop = stop_on_signals(stop)
     try:
         await stop.wait()
     finally:
         log.info("shutting down", extra=fields(grace=settings.drain_grace))
         await dataplane.close()
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()

@@ -209,3 +209,52 @@ async def test_pushes_from_an_older_leader_term_are_refused(admin: Admin, tmp_pa
     await restarted.load_persisted()
     assert restarted.term == (4, "operator-b")
     await restarted.close()
+
+
+async def test_the_metrics_port_reads_without_the_token_and_writes_nothing(tmp_path: Path) -> None:
+    """A scraper on the metrics port needs no credential, and that port cannot change the table."""
+    import asyncio
+
+    from dataplane.server import run_dataplane
+
+    from .helpers import async_wait_for
+
+    admin_port, metrics_port = free_port(), free_port()
+    stop = asyncio.Event()
+    settings = Settings(address="127.0.0.1", state_dir=tmp_path)
+    served = asyncio.create_task(
+        run_dataplane(settings, "127.0.0.1", admin_port, TOKEN, stop=stop, metrics_port=metrics_port)
+    )
+    admin_url, metrics_url = f"http://127.0.0.1:{admin_port}", f"http://127.0.0.1:{metrics_port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def up() -> bool:
+                try:
+                    async with session.get(metrics_url + "/healthz") as response:
+                        return response.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await async_wait_for(up, deadline_s=10, what="the metrics port")
+            admin = Admin(Dataplane(Settings()), admin_url, session)
+            metrics = Admin(admin.dataplane, metrics_url, session)
+            assert (await metrics.call("GET", "/readyz", token=None))[0] == 503
+            status, body = await metrics.call("GET", "/metrics", token=None)
+            assert status == 200 and "bilayer_table_generation 0.0" in body
+            pushed = table("l7-basic", 4).to_json()
+            for method in ("PUT", "PATCH"):
+                for token in (None, TOKEN):
+                    status, _ = await metrics.call(method, "/v1/table", pushed, token=token)
+                    assert status in (404, 405), (method, token, status)
+            assert (await metrics.call("GET", "/v1/table", token=TOKEN))[0] == 404
+            # The admin port still wants the token, for reads and writes alike.
+            assert (await admin.call("GET", "/metrics", token=None))[0] == 401
+            assert (await admin.call("PUT", "/v1/table", pushed, token=None))[0] == 401
+            assert (await admin.call("PUT", "/v1/table", pushed))[0] == 200
+            status, body = await metrics.call("GET", "/metrics", token=None)
+            assert "bilayer_table_generation 4.0" in body
+            assert (await metrics.call("GET", "/readyz", token=None))[0] == 200
+    finally:
+        stop.set()
+        await asyncio.wait_for(served, 30)

@@ -142,16 +142,40 @@ def test_rbac_is_least_privilege() -> None:
     assert {o["metadata"]["namespace"] for o in scoped if o["kind"] == "Role"} >= {"shop", "payments"}
 
 
-def test_network_policy_guards_only_the_admin_port() -> None:
+def test_network_policy_guards_the_admin_and_metrics_ports() -> None:
     policy = next(o for o in render(*NON_DEFAULT) if o["kind"] == "NetworkPolicy")
-    admin_rule, listeners_rule = policy["spec"]["ingress"]
+    admin_rule, metrics_rule, listeners_rule = policy["spec"]["ingress"]
     assert admin_rule["ports"] == [{"protocol": "TCP", "port": 19901}]
-    assert admin_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in admin_rule["from"]] == [
+        "operator"
+    ]
+    # Scrapers reach the read-only port only, never the one that takes tables.
+    assert metrics_rule["ports"] == [{"protocol": "TCP", "port": 9903}]
+    assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]
     assert listeners_rule["ports"] == [
-        {"protocol": "TCP", "port": 1, "endPort": 19900},
+        {"protocol": "TCP", "port": 1, "endPort": 9902},
+        {"protocol": "TCP", "port": 9904, "endPort": 19900},
         {"protocol": "TCP", "port": 19902, "endPort": 65535},
     ]
     assert "from" not in listeners_rule
+
+
+def test_probes_and_scrapes_use_the_read_only_port() -> None:
+    objects = render(*NON_DEFAULT)
+    _, container = next((d, c) for d, c in containers(objects) if c["name"] == "dataplane")
+    assert {"name": "metrics", "containerPort": 9903} in container["ports"]
+    assert "--metrics-port=9903" in container["args"]
+    assert container["readinessProbe"]["httpGet"]["port"] == "metrics"
+    assert container["livenessProbe"]["httpGet"]["port"] == "metrics"
+    monitor = next(
+        o for o in objects if o["kind"] == "ServiceMonitor" and o["metadata"]["name"].endswith("-dataplane")
+    )
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and "bearerTokenSecret" not in endpoint
+    service = next(o for o in objects if o["metadata"]["name"] == "bilayer-metrics")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9903, "targetPort": "metrics"}]
+    clash = helm("template", "bilayer", str(CHART), "--set", "dataplane.metricsPort=9901")
+    assert clash.returncode != 0 and "must differ" in clash.stderr
 
 
 @pytest.mark.parametrize(
@@ -200,15 +224,16 @@ def _args(container: dict[str, Any]) -> list[str]:
 
 def test_the_dataplane_entry_point_starts_as_the_chart_runs_it(tmp_path: Path) -> None:
     _, container = next((d, c) for d, c in containers(render()) if c["name"] == "dataplane")
-    port = free_port()
+    port, metrics = free_port(), free_port()
     args = [
         a
         for a in _args(container)
-        if not a.startswith(("--state-dir", "--admin-port", "--address", "--admin-address"))
+        if not a.startswith(("--state-dir", "--admin-port", "--metrics-port", "--address", "--admin-address"))
     ]
     args += [
         f"--state-dir={tmp_path}",
         f"--admin-port={port}",
+        f"--metrics-port={metrics}",
         "--address=127.0.0.1",
         "--admin-address=127.0.0.1",
     ]
@@ -220,8 +245,10 @@ def test_the_dataplane_entry_point_starts_as_the_chart_runs_it(tmp_path: Path) -
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: _status(f"http://127.0.0.1:{port}/healthz") == 200, what="/healthz")
-        assert _status(f"http://127.0.0.1:{port}/readyz") == 503  # no table yet
+        wait_for(lambda: _status(f"http://127.0.0.1:{metrics}/healthz") == 200, what="/healthz")
+        assert _status(f"http://127.0.0.1:{metrics}/readyz") == 503  # no table yet
+        assert _status(f"http://127.0.0.1:{metrics}/metrics") == 200  # no token needed there
+        assert _status(f"http://127.0.0.1:{port}/metrics") == 401  # but on the admin port
     finally:
         process.terminate()
         assert process.wait(30) == 0

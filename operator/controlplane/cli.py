@@ -183,7 +183,11 @@ def cmd_dataplane(args: argparse.Namespace) -> int:
     eventloop.raise_fd_limit()
     eventloop.run(
         run_dataplane(
-            _settings(args), admin_host=args.admin_address, admin_port=args.admin_port, token=_token(args)
+            _settings(args),
+            admin_host=args.admin_address,
+            admin_port=args.admin_port,
+            token=_token(args),
+            metrics_port=args.metrics_port or None,
         )
     )
     return 0
@@ -480,6 +484,14 @@ def parser() -> argparse.ArgumentParser:
         description="Serve tables pushed to PUT /v1/table; loads the saved table at start.",
     )
     _add_serving_options(p, address="0.0.0.0", admin_address="0.0.0.0")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9903,
+        help="read-only port on the admin address serving /metrics, /healthz and /readyz without "
+        "the admin token, for scrapers and probes; table writes stay on the admin port "
+        "(default 9903; 0: none)",
+    )
     p.set_defaults(func=cmd_dataplane)
     return root
 
