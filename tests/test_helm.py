@@ -316,3 +316,45 @@ def _status(url: str) -> int:
         return int(err.code)
     except OSError:
         return 0
+
+
+@pytest.mark.parametrize("values", [[], NON_DEFAULT], ids=["defaults", "non-defaults"])
+def test_two_renders_are_identical(values: list[str]) -> None:
+    """GitOps: a render that changes on every sync is a diff that never settles."""
+    first, second = (
+        helm("template", "bilayer", str(CHART), "--namespace", "ingress", *values) for _ in range(2)
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout
+
+
+def test_no_template_depends_on_the_cluster_or_on_chance() -> None:
+    """`helm template` (and so Argo CD and Flux) renders lookup as nothing: a template that
+    uses it renders differently from `helm install`."""
+    for template in (CHART / "templates").iterdir():
+        text = template.read_text()
+        for call in ("lookup ", "randAlphaNum", "randAscii", "uuidv4", "now ", "genCA", "genPrivateKey"):
+            assert call not in text, (template.name, call)
+
+
+def test_the_admin_token_comes_from_an_existing_secret_or_the_operator() -> None:
+    generated = render()
+    (secret,) = [o for o in generated if o["kind"] == "Secret"]
+    assert "data" not in secret and "stringData" not in secret
+    _, operator = next((d, c) for d, c in containers(generated) if c["name"] == "operator")
+    assert f"--admin-token-secret={secret['metadata']['name']}" in operator["args"]
+    (env,) = [e for e in operator["env"] if e["name"] == "BILAYER_ADMIN_TOKEN"]
+    assert env["valueFrom"]["secretKeyRef"]["optional"] is True  # it starts before the token exists
+    role = next(o for o in generated if o["kind"] == "Role" and o["metadata"]["namespace"] == "ingress")
+    (rule,) = [r for r in role["rules"] if r["resources"] == ["secrets"]]
+    assert rule["resourceNames"] == [secret["metadata"]["name"]] and rule["verbs"] == ["get", "patch"]
+
+    own = render("--set", "adminToken.existingSecret=platform-token")
+    assert not [o for o in own if o["kind"] == "Secret"]
+    for _, container in containers(own):
+        (env,) = [e for e in container["env"] if e["name"] == "BILAYER_ADMIN_TOKEN"]
+        assert env["valueFrom"]["secretKeyRef"] == {"name": "platform-token", "key": "token"}
+        assert not [a for a in container["args"] if a.startswith("--admin-token-secret")]
+    for role in (o for o in own if o["kind"] in ("Role", "ClusterRole")):
+        assert all("platform-token" not in r.get("resourceNames", []) for r in role["rules"])
+        assert all(r["resources"] != ["secrets"] or "patch" not in r["verbs"] for r in role["rules"])

@@ -206,6 +206,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         dataplane_service=args.dataplane_service,
         admin_port=args.admin_port,
         admin_token=_token(args),
+        admin_token_secret=args.admin_token_secret or None,
         resync=args.resync,
         holdoff=args.holdoff,
         max_holdoff=args.max_holdoff,
@@ -216,9 +217,10 @@ def cmd_operator(args: argparse.Namespace) -> int:
         api_qps=args.api_qps,
         api_burst=args.api_burst,
     )
-    if settings.admin_token is None:
+    if settings.admin_token is None and settings.admin_token_secret is None:
         raise SystemExit(
-            "the operator needs the dataplanes' admin token: set BILAYER_ADMIN_TOKEN or --admin-token-file"
+            "the operator needs the dataplanes' admin token: set BILAYER_ADMIN_TOKEN, "
+            "--admin-token-file or --admin-token-secret"
         )
     eventloop.run(run(settings))
     return 0
@@ -435,6 +437,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-port", type=int, default=9901, help="dataplane admin port when a pod names none")
     p.add_argument(
         "--admin-token-file", help="file with the dataplanes' admin token (or BILAYER_ADMIN_TOKEN)"
+    )
+    p.add_argument(
+        "--admin-token-secret",
+        metavar="NAME",
+        help="when neither of those gives a token: the Secret in --namespace holding it under "
+        "`token`; the first operator to start writes a random one there if it holds none",
     )
     p.add_argument(
         "--resync", type=float, default=60.0, help="seconds between checks of what each pod serves"

@@ -26,6 +26,7 @@ from dataplane.eventloop import freeze_heap
 from dataplane.logs import fields
 
 from . import status
+from .admintoken import ensure_token
 from .compiler import Compiled, ObjectKey
 from .compiler import conditions as c
 from .compiler.snapshot import ROUTE_KINDS
@@ -65,6 +66,8 @@ class OperatorSettings:
     dataplane_service: str = "bilayer-dataplane"
     admin_port: int = 9901
     admin_token: str | None = None
+    # Without admin_token: the Secret in `namespace` holding it, filled at the first start.
+    admin_token_secret: str | None = None
     # Compiles cost what changed (about 10 ms for a route at 10,000), so the hold-off only
     # merges events that arrive together. At 50 ms, churn of 20 events a second never
     # let it expire and every change waited the 500 ms cap (bench/control.py).
@@ -151,6 +154,7 @@ class Operator:
             self._health = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._health.setup()
             await web.TCPSite(self._health, self.settings.health_address, self.settings.health_port).start()
+        await self._admin_token()
         scopes: list[str | None] = [*self.settings.watch_namespaces] or [None]
         for kind in KINDS:
             for namespace in scopes:
@@ -189,6 +193,22 @@ class Operator:
             self.supervisor.spawn("leader election", self.leader.run)
         else:
             self._leadership(None, elected=False)
+
+    async def _admin_token(self) -> None:
+        """Take the admin token from its Secret (writing one at the first start) when no
+        flag or environment variable gave it; retried until the Secret can be read."""
+        name = self.settings.admin_token_secret
+        if self.publisher.token is not None or not name:
+            return
+        attempt = 0
+        while True:
+            try:
+                self.publisher.token = await ensure_token(self.client, self.settings.namespace, name)
+                return
+            except (KubeError, OSError) as err:
+                log.warning("cannot read the admin token", extra=fields(secret=name, error=str(err)))
+            await asyncio.sleep(backoff(attempt))
+            attempt += 1
 
     def supervisor_healthy(self) -> bool:
         return self.supervisor.healthy

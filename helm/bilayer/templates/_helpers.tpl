@@ -24,7 +24,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
-{{- define "bilayer.tokenSecret" -}}{{ include "bilayer.fullname" . }}-admin-token{{- end -}}
+{{- define "bilayer.tokenSecret" -}}{{ .Values.adminToken.existingSecret | default (printf "%s-admin-token" (include "bilayer.fullname" .)) }}{{- end -}}
 {{- define "bilayer.dataplaneService" -}}{{ include "bilayer.fullname" . }}-dataplane{{- end -}}
 
 {{/* Every container: non-root, read-only root filesystem, no capabilities. */}}
