@@ -96,8 +96,10 @@ def helm_template(namespace: str, *values: str) -> list[dict[str, Any]]:
     helm = BIN / "helm"
     if not helm.exists():
         raise AssertionError("helm is not installed: `make test` installs it (scripts/fetch-helm)")
+    # The chart has no default image; these tests run processes, never the image.
+    image = ["--set", "image.repository=bilayer"]
     result = subprocess.run(
-        [str(helm), "template", RELEASE, str(CHART), "--namespace", namespace, *values],
+        [str(helm), "template", RELEASE, str(CHART), "--namespace", namespace, *image, *values],
         capture_output=True,
         text=True,
         check=True,

@@ -48,9 +48,16 @@ NON_DEFAULT = [
 ]
 
 
+# The chart has no default image (there is no public one): every render names one,
+# unless a test sets image.repository itself.
+IMAGE = ["--set", "image.repository=registry.example/bilayer"]
+
+
 def helm(*args: str) -> subprocess.CompletedProcess[str]:
     if not HELM.exists():
         pytest.fail("helm is not installed: `make install` runs scripts/fetch-helm", pytrace=False)
+    if args[0] in ("template", "lint") and not any("image.repository" in a for a in args):
+        args = (*args, *IMAGE)
     return subprocess.run([str(HELM), *args], capture_output=True, text=True, check=False, timeout=60)
 
 
@@ -188,6 +195,9 @@ def test_probes_and_scrapes_use_the_read_only_port() -> None:
         (["--set", "surprise=true"], "surprise"),
         (["--set", "dataplane.tracing.sampling=2"], "/dataplane/tracing/sampling"),
         (["--set", "dataplane.tracing.otlpEndpoint=collector:4318"], "/dataplane/tracing/otlpEndpoint"),
+        (["--set", "image.registry=docker.io"], "registry"),  # a typo: global.imageRegistry
+        (["--set", "image.digest=latest"], "/image/digest"),
+        (["--set", "imagePullSecrets[0].nam=regcred"], "nam"),
     ],
 )
 def test_schema_rejects_bad_values(values: list[str], message: str) -> None:
@@ -358,3 +368,39 @@ def test_the_admin_token_comes_from_an_existing_secret_or_the_operator() -> None
     for role in (o for o in own if o["kind"] in ("Role", "ClusterRole")):
         assert all("platform-token" not in r.get("resourceNames", []) for r in role["rules"])
         assert all(r["resources"] != ["secrets"] or "patch" not in r["verbs"] for r in role["rules"])
+
+
+DIGEST = "sha256:" + "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("values", "image"),
+    [
+        ([], "registry.example/bilayer:0.1.0"),
+        (["--set", "image.tag=1.2.3"], "registry.example/bilayer:1.2.3"),
+        (
+            ["--set", f"image.digest={DIGEST}", "--set", "image.tag=1.2.3"],
+            f"registry.example/bilayer@{DIGEST}",
+        ),
+        (
+            ["--set", "global.imageRegistry=mirror.internal:5000/"],
+            "mirror.internal:5000/registry.example/bilayer:0.1.0",
+        ),
+    ],
+)
+def test_image_digest_registry_and_pull_secrets(values: list[str], image: str) -> None:
+    objects = render(*values, "--set", "imagePullSecrets[0].name=regcred")
+    for deployment, container in containers(objects):
+        assert container["image"] == image
+        assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+
+
+def test_an_umbrella_charts_other_globals_pass() -> None:
+    render("--set", "global.storageClass=fast")
+
+
+@pytest.mark.parametrize("repository", ["", "null"], ids=["empty", "unset"])
+def test_no_image_repository_fails_the_render_saying_what_to_do(repository: str) -> None:
+    result = helm("template", "bilayer", str(CHART), "--set", f"image.repository={repository}")
+    assert result.returncode != 0
+    assert "image.repository is not set" in result.stderr and "docker push" in result.stderr

@@ -21,7 +21,17 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "bilayer.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- $image := .Values.image -}}
+{{- if not $image.repository -}}
+{{- fail "image.repository is not set: build the image from the repository's Dockerfile, push it (docker build -t REGISTRY/bilayer:TAG . && docker push REGISTRY/bilayer:TAG) and install with --set image.repository=REGISTRY/bilayer; see the README's \"Install on a cluster\"" -}}
+{{- end -}}
+{{- $registry := (.Values.global).imageRegistry -}}
+{{- $repository := ternary (printf "%s/%s" (trimSuffix "/" $registry) $image.repository) $image.repository (not (empty $registry)) -}}
+{{- if $image.digest -}}
+{{ $repository }}@{{ $image.digest }}
+{{- else -}}
+{{ $repository }}:{{ $image.tag | default .Chart.AppVersion }}
+{{- end -}}
 {{- end -}}
 
 {{- define "bilayer.tokenSecret" -}}{{ .Values.adminToken.existingSecret | default (printf "%s-admin-token" (include "bilayer.fullname" .)) }}{{- end -}}
