@@ -404,3 +404,84 @@ def test_no_image_repository_fails_the_render_saying_what_to_do(repository: str)
     result = helm("template", "bilayer", str(CHART), "--set", f"image.repository={repository}")
     assert result.returncode != 0
     assert "image.repository is not set" in result.stderr and "docker push" in result.stderr
+
+
+PLACEMENT = [
+    *("--set", "service.loadBalancerClass=example.com/lb"),
+    *("--set", "service.loadBalancerSourceRanges={10.0.0.0/8}"),
+    *("--set", "service.annotations.team=edge"),
+    *("--set", "service.externalTrafficPolicy=Local"),
+]
+for _component in ("operator", "dataplane"):
+    PLACEMENT += [
+        *("--set", f"{_component}.priorityClassName=system-cluster-critical"),
+        *("--set", f"{_component}.podLabels.team=edge"),
+        *("--set", f"{_component}.podAnnotations.note=hi"),
+        *("--set", f"{_component}.extraArgs={{--log-level=debug}}"),
+        *("--set", f"{_component}.extraEnv[0].name=TZ"),
+        *("--set", f"{_component}.extraEnv[0].value=UTC"),
+        *("--set", f"{_component}.tolerations[0].key=edge"),
+        *("--set", f"{_component}.tolerations[0].operator=Exists"),
+        *("--set", f"{_component}.nodeSelector.role=edge"),
+        *(
+            "--set",
+            f"{_component}.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0].weight=1",
+        ),
+        *(
+            "--set",
+            f"{_component}.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0]"
+            ".preference.matchExpressions[0].key=edge",
+        ),
+        *(
+            "--set",
+            f"{_component}.affinity.nodeAffinity.preferredDuringSchedulingIgnoredDuringExecution[0]"
+            ".preference.matchExpressions[0].operator=Exists",
+        ),
+    ]
+
+
+def test_placement_labels_and_extras_reach_both_components() -> None:
+    objects = render(*PLACEMENT)
+    for obj in objects:
+        if obj["apiVersion"] in BUILT_IN:
+            kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+    for deployment, container in containers(objects):
+        template = deployment["spec"]["template"]
+        pod = template["spec"]
+        assert pod["priorityClassName"] == "system-cluster-critical"
+        assert template["metadata"]["labels"]["team"] == "edge"
+        assert template["metadata"]["annotations"] == {"note": "hi"}
+        assert container["args"][-1] == "--log-level=debug"
+        assert {"name": "TZ", "value": "UTC"} in container["env"]
+        assert pod["tolerations"] == [{"key": "edge", "operator": "Exists"}]
+        assert pod["nodeSelector"] == {"role": "edge"}
+        assert pod["affinity"]["nodeAffinity"]
+        # The selector stays the chart's own: extra labels never orphan the pods.
+        assert "team" not in deployment["spec"]["selector"]["matchLabels"]
+    service = next(
+        o for o in objects if o["metadata"]["name"] == "bilayer-dataplane" and o["kind"] == "Service"
+    )
+    assert service["metadata"]["annotations"] == {"team": "edge"}
+    assert service["spec"]["loadBalancerClass"] == "example.com/lb"
+    assert service["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8"]
+    assert service["spec"]["externalTrafficPolicy"] == "Local"
+    defaults = render()
+    for deployment, _ in containers(defaults):
+        assert "priorityClassName" not in deployment["spec"]["template"]["spec"]
+    (default_service,) = [o for o in defaults if o["kind"] == "Service"]
+    assert "loadBalancerClass" not in default_service["spec"]
+
+
+def test_the_operator_has_a_disruption_budget_while_it_has_a_standby() -> None:
+    budgets = {o["metadata"]["name"]: o for o in render() if o["kind"] == "PodDisruptionBudget"}
+    operator = budgets["bilayer-operator"]
+    assert operator["spec"]["maxUnavailable"] == 1
+    assert operator["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    single = render("--set", "operator.replicas=1")  # a budget of one replica blocks every drain
+    assert "bilayer-operator" not in {
+        o["metadata"]["name"] for o in single if o["kind"] == "PodDisruptionBudget"
+    }
+    off = render("--set", "operator.podDisruptionBudget.enabled=false")
+    assert "bilayer-operator" not in {
+        o["metadata"]["name"] for o in off if o["kind"] == "PodDisruptionBudget"
+    }
