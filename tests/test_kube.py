@@ -190,3 +190,31 @@ async def test_a_watch_refused_with_429_says_how_long_to_wait(
         )  # the informer waits that long
     finally:
         await client.close()
+
+
+async def test_every_attempt_of_a_retried_write_carries_its_content_type(
+    fake_api: Callable[[Handler], Awaitable[str]],
+) -> None:
+    """A write retried after a dropped connection went without its Content-Type (the
+    headers were put back only when the request did not raise), and the real API server
+    answers such a PATCH 415."""
+    content_types: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        content_types.append(request.headers.get("Content-Type"))
+        if len(content_types) == 1:
+            assert request.transport is not None
+            request.transport.close()  # the connection drops mid-request
+            return web.Response()
+        if len(content_types) == 2:
+            return web.json_response({"message": "etcd leader changed"}, status=500)
+        if request.headers.get("Content-Type") != "application/merge-patch+json":
+            return web.json_response({"message": "unsupported media type"}, status=415)
+        return web.json_response({"ok": True})
+
+    client = KubeClient(Credentials(server=await fake_api(handler)))
+    try:
+        assert await client.patch("/apis/x", {"status": {}}) == {"ok": True}
+    finally:
+        await client.close()
+    assert content_types == ["application/merge-patch+json"] * 3

@@ -311,6 +311,9 @@ class KubeClient:
         self, method: str, path: str, *, params: dict[str, str] | None = None, **kwargs: Any
     ) -> Any:
         """One API call: rate-limited, retried where that is safe, its answer bounded."""
+        # Made once: every attempt sends the same headers (taken from kwargs per attempt,
+        # a retry after a dropped connection went without its Content-Type: 415).
+        extra: dict[str, str] = kwargs.pop("headers", None) or {}
         reauthenticated = False
         attempt = 0
         while True:
@@ -318,7 +321,7 @@ class KubeClient:
             self.requests += 1
             wait: float | None = None
             try:
-                headers = {**kwargs.pop("headers", {}), **self._auth()}
+                headers = {**extra, **self._auth()}
                 async with self.session.request(
                     method,
                     path,
@@ -329,7 +332,6 @@ class KubeClient:
                 ) as response:
                     if response.status == 401 and not reauthenticated and self._reload_token():
                         reauthenticated = True
-                        kwargs["headers"] = headers
                         continue
                     if response.status == 429 or response.status >= 500:
                         self.throttled += response.status == 429
@@ -343,7 +345,6 @@ class KubeClient:
                     else:
                         body = await _bounded(response, MAX_ANSWER_BYTES)
                         return json.loads(body) if body else {}
-                kwargs["headers"] = headers
             except TRANSIENT as err:
                 if attempt >= RETRIES:
                     raise
