@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -218,3 +219,30 @@ async def test_every_attempt_of_a_retried_write_carries_its_content_type(
     finally:
         await client.close()
     assert content_types == ["application/merge-patch+json"] * 3
+
+
+async def test_429_after_the_last_retry_says_how_long_to_wait_and_retry_after_0_is_not_immediate(
+    fake_api: Callable[[Handler], Awaitable[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the retries run out, the caller (an informer) must still know the server's
+    Retry-After; and `Retry-After: 0` must not turn the retries into a busy loop."""
+    from controlplane import kube
+
+    calls: list[float] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        calls.append(time.monotonic())
+        wait = "0" if len(calls) < 3 else "2"
+        return web.json_response({"message": "too many requests"}, status=429, headers={"Retry-After": wait})
+
+    monkeypatch.setattr(kube, "RETRIES", 2)
+    client = KubeClient(Credentials(server=await fake_api(handler)))
+    try:
+        with pytest.raises(KubeError) as refused:
+            await client.get("/api/v1/pods")
+    finally:
+        await client.close()
+    assert refused.value.status == 429 and refused.value.retry_after == 2.0
+    assert len(calls) == 3
+    # Retry-After: 0 waits a floor (0.2 s), not nothing.
+    assert all(b - a >= 0.15 for a, b in itertools.pairwise(calls)), calls

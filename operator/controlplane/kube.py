@@ -46,6 +46,7 @@ RETRIES = 5  # attempts after the first, for 429, 5xx and dropped connections
 BACKOFF_BASE = 0.2
 BACKOFF_MAX = 10.0
 RETRY_AFTER_MAX = 30.0
+RETRY_AFTER_MIN = 0.2  # a "Retry-After: 0" would retry at once, in a loop
 TOKEN_RECHECK = 60.0  # seconds: a token file is read again at least this often
 
 
@@ -230,7 +231,7 @@ class RateLimiter:
 def _retry_after(response: aiohttp.ClientResponse) -> float | None:
     value = response.headers.get("Retry-After")
     try:
-        return min(RETRY_AFTER_MAX, max(0.0, float(value))) if value else None
+        return min(RETRY_AFTER_MAX, max(RETRY_AFTER_MIN, float(value))) if value else None
     except ValueError:
         return None
 
@@ -337,7 +338,9 @@ class KubeClient:
                         self.throttled += response.status == 429
                         wait = _retry_after(response)
                         if attempt >= RETRIES:
-                            raise KubeError(response.status, await _text(response))
+                            # With the server's wait: an informer waits that long before it
+                            # lists or watches again.
+                            raise KubeError(response.status, await _text(response), wait)
                     elif response.status >= 400:
                         raise (Gone if response.status == 410 else KubeError)(
                             response.status, await _text(response)
