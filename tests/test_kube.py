@@ -246,3 +246,16 @@ async def test_429_after_the_last_retry_says_how_long_to_wait_and_retry_after_0_
     assert len(calls) == 3
     # Retry-After: 0 waits a floor (0.2 s), not nothing.
     assert all(b - a >= 0.15 for a, b in itertools.pairwise(calls)), calls
+
+
+def test_credentials_never_show_their_secrets_in_a_repr() -> None:
+    """A repr reaches logs (an exception's locals, a debug line): no token, no key."""
+    credentials = Credentials(
+        server="https://api:6443",
+        token="s3cret-token",
+        certificate_data=b"CERT-DATA",
+        private_key_data=b"PRIVATE-KEY-DATA",
+    )
+    text = repr(credentials)
+    assert "https://api:6443" in text
+    assert "s3cret-token" not in text and "PRIVATE-KEY-DATA" not in text

@@ -23,7 +23,7 @@ import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,8 @@ class Credentials:
     """Where the API is and how to authenticate (the fields of kopf.ConnectionInfo)."""
 
     server: str
-    token: str | None = None
+    # Secrets stay out of the repr: a repr reaches logs.
+    token: str | None = field(default=None, repr=False)
     token_file: str | None = None  # read again on 401 and every minute
     ca_path: str | None = None
     ca_data: bytes | None = None
@@ -79,7 +80,7 @@ class Credentials:
     certificate_path: str | None = None
     certificate_data: bytes | None = None
     private_key_path: str | None = None
-    private_key_data: bytes | None = None
+    private_key_data: bytes | None = field(default=None, repr=False)
     default_namespace: str | None = None
 
     @classmethod
