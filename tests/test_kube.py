@@ -259,3 +259,42 @@ def test_credentials_never_show_their_secrets_in_a_repr() -> None:
     text = repr(credentials)
     assert "https://api:6443" in text
     assert "s3cret-token" not in text and "PRIVATE-KEY-DATA" not in text
+
+
+async def test_with_a_cluster_ca_only_that_ca_is_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster's CA is the one authority for the API server: a certificate from a
+    CA the system trusts (here SSL_CERT_FILE plays the system store) must not do."""
+    import asyncio
+    import ssl
+
+    import trustme
+
+    cluster_ca, system_ca = trustme.CA(), trustme.CA()
+    system_file = tmp_path / "system.pem"
+    system_ca.cert_pem.write_to_path(str(system_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(system_file))
+    cluster_file = tmp_path / "cluster.pem"
+    cluster_ca.cert_pem.write_to_path(str(cluster_file))
+
+    async def handshake(issuer: trustme.CA) -> bool:
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        issuer.issue_cert("localhost").configure_cert(server_context)
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=server_context)
+        port = server.sockets[0].getsockname()[1]
+        context = Credentials(server=f"https://localhost:{port}", ca_path=str(cluster_file)).ssl_context()
+        assert isinstance(context, ssl.SSLContext)
+        try:
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=context, server_hostname="localhost"
+            )
+            writer.close()
+            return True
+        except ssl.SSLCertVerificationError:
+            return False
+        finally:
+            server.close()
+
+    assert await handshake(cluster_ca)
+    assert not await handshake(system_ca)

@@ -167,7 +167,12 @@ class Credentials:
     def ssl_context(self) -> ssl.SSLContext | bool:
         if not self.server.startswith("https"):
             return False
-        context = ssl.create_default_context()
+        if self.ca_path or self.ca_data:
+            # The cluster's CA is the one authority for its API server: not also every CA
+            # the system trusts (any of them could then vouch for "kubernetes.default.svc").
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        else:
+            context = ssl.create_default_context()
         if self.insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
