@@ -451,3 +451,41 @@ async def test_a_pod_that_never_answers_holds_no_status_back(cluster: Cluster, w
             assert asyncio.get_running_loop().time() - started < within, name
     finally:
         silent.close()
+
+
+async def test_a_failed_start_closes_its_api_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the health port cannot be bound, kopf runs the startup handler again; each
+    attempt made a KubeClient (two connection pools) that nothing closed."""
+    import socket
+    from typing import Any
+
+    import kopf
+
+    from controlplane import main
+    from controlplane.cluster import OperatorSettings
+    from controlplane.kube import Credentials, KubeClient
+
+    made: list[KubeClient] = []
+
+    class Recorded(KubeClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(main, "KubeClient", Recorded)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    settings = OperatorSettings(health_address="127.0.0.1", health_port=busy.getsockname()[1])
+    registry, state = main.build_registry(
+        settings, login=lambda **_: Credentials(server="http://127.0.0.1:1")
+    )
+    (startup,) = [h for h in registry._activities.get_all_handlers() if h.activity.value == "startup"]
+    try:
+        for _ in range(2):  # kopf retries a failed startup
+            with pytest.raises(OSError):
+                await startup.fn(settings=kopf.OperatorSettings())
+    finally:
+        busy.close()
+    assert len(made) == 2 and all(c.session.closed and c._watch_session.closed for c in made)
+    assert "operator" not in state

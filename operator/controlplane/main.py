@@ -76,7 +76,15 @@ def build_registry(
         state["credentials"] = credentials
         state["loop"] = asyncio.get_running_loop()
         state["operator"] = operator
-        await operator.start()
+        try:
+            await operator.start()
+        except BaseException:
+            # kopf runs a failed startup again (e.g. the health port is taken): this
+            # attempt's tasks and connection pools must not outlive it.
+            del state["operator"]
+            await operator.stop()
+            await client.close()
+            raise
 
     @kopf.on.cleanup(registry=registry)
     async def _cleanup(**_: Any) -> None:
