@@ -583,9 +583,12 @@ async def env_cluster(
 
 
 def kubectl(server: ApiServer, directory: Path, *args: str) -> str:
+    binary = BIN / "kubectl"
+    if not binary.exists():
+        raise AssertionError("kubectl is not installed: `make test` installs it (scripts/fetch-helm)")
     config = server.kubeconfig(directory / "kubeconfig-admin")
     result = subprocess.run(
-        [str(BIN / "kubectl"), "--kubeconfig", str(config), *args],
+        [str(binary), "--kubeconfig", str(config), *args],
         capture_output=True,
         text=True,
         timeout=30,

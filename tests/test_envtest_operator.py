@@ -427,3 +427,15 @@ async def test_an_operator_started_before_its_crds_catches_up_at_once(
             assert took < 20, took
     finally:
         await asyncio.to_thread(fresh.stop)
+
+
+def test_kubectl_missing_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: FileNotFoundError from subprocess, with no word of where kubectl comes from."""
+    import types
+
+    from . import envtest_kit
+
+    monkeypatch.setattr(envtest_kit, "BIN", tmp_path)  # a venv without kubectl
+    server = types.SimpleNamespace(kubeconfig=lambda path: path)
+    with pytest.raises(AssertionError, match="make test"):
+        kubectl(server, tmp_path, "get", "pods")  # type: ignore[arg-type]
