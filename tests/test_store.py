@@ -95,3 +95,17 @@ def test_a_late_echo_of_an_earlier_status_write_is_not_news() -> None:
     changed = {**late, "metadata": {**late["metadata"], "generation": 2}}
     assert store.apply("L7Route", "MODIFIED", changed)
     assert store.status_of(key) == [{"type": "Programmed", "status": "True"}]
+
+
+def test_references_of_deleted_routes_leave_no_entries_behind() -> None:
+    """Counter.subtract keeps keys at zero: a cluster with route churn grew an entry per
+    Service and Secret ever named, for as long as the operator ran."""
+    store = Store()
+    route = load_yaml(ROUTE)[0]
+    store.apply("L7Route", "ADDED", route)
+    store.apply("L7Route", "DELETED", route)
+    assert not store._services and not store._secrets
+    store.apply("L7Route", "ADDED", route)
+    moved = {**route, "spec": {**route["spec"], "tls": {"secretName": "other"}}}
+    store.apply("L7Route", "MODIFIED", moved)
+    assert dict(store._secrets) == {("shop", "other"): 1}

@@ -140,8 +140,11 @@ class Store:
 
     def _count(self, key: ObjectKey, obj: Mapping[str, Any] | None) -> None:
         old_services, old_secrets = self._named.pop(key, (set(), set()))
-        self._services.subtract(old_services)
-        self._secrets.subtract(old_secrets)
+        for counts, names in ((self._services, old_services), (self._secrets, old_secrets)):
+            for name in names:
+                counts[name] -= 1
+                if counts[name] <= 0:
+                    del counts[name]  # Counter.subtract keeps zeros: one per name ever seen
         if obj is not None:
             services, secrets = self._named[key] = _references(key, obj)
             self._services.update(services)
