@@ -140,3 +140,54 @@ async def test_healthz_follows_the_supervised_tasks() -> None:
         healthy = False
         assert (await client.get("/healthz")).status == 503
         assert "bilayer_operator_compiles_total" in await (await client.get("/metrics")).text()
+
+
+def informer_of(api: ScriptedApi, on_list: Any, on_event: Any) -> Informer:
+    return Informer(api, "l7routes", "/apis/bilayer.dev/v1alpha1/l7routes", on_list, on_event)  # type: ignore[arg-type]
+
+
+async def test_an_event_whose_handler_failed_is_delivered_again() -> None:
+    """The version moved past an event before its handler ran: when the handler raised,
+    the watch resumed after the event, and the event was lost for good."""
+    store = Store()
+    failures = [RuntimeError("a bug, once")]
+
+    def on_event(event: str, body: Any) -> None:
+        if failures and body["metadata"]["name"] == "b":
+            raise failures.pop()
+        store.apply("L7Route", event, body)
+
+    api = ScriptedApi(
+        lists=[[route("a", 1, 8080)]],
+        # The server sends from the version asked for: b again when resumed from 1.
+        watches=[[{"type": "ADDED", "object": route("b", 5, 8081)}]] * 2,
+    )
+    informer = informer_of(api, lambda items: store.replace_all("L7Route", items), on_event)
+    supervisor = Supervisor()
+    supervisor.spawn("watch", informer.run)  # restarted after the handler's exception
+    await asyncio.wait_for(api.idle.wait(), 10)
+    assert api.watched_from == ["1", "1", "5"]
+    assert sorted(k.name for k in store.objects) == ["a", "b"]
+    await supervisor.stop()
+
+
+async def test_a_list_whose_handler_failed_is_listed_again() -> None:
+    """The list's version was kept although on_list raised: the restarted informer went
+    straight to watching, `synced` was never set and the operator's start waited forever."""
+    store = Store()
+    calls = 0
+
+    def on_list(items: list[dict[str, Any]]) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug, once")
+        store.replace_all("L7Route", items)
+
+    api = ScriptedApi(lists=[[route("a", 1, 8080)], [route("a", 1, 8080)]], watches=[])
+    informer = informer_of(api, on_list, lambda event, body: None)
+    supervisor = Supervisor()
+    supervisor.spawn("watch", informer.run)
+    await asyncio.wait_for(informer.synced.wait(), 10)
+    assert calls == 2 and informer.lists == 1 and [k.name for k in store.objects] == ["a"]
+    await supervisor.stop()

@@ -58,11 +58,15 @@ class Informer:
         while True:
             try:
                 if self.version is None:
-                    items, self.version = await self.client.list(self.path, self.params)
+                    items, version = await self.client.list(self.path, self.params)
+                    # The version is kept only once on_list took the items: if it raises,
+                    # the supervisor restarts this and the kind is listed again (kept
+                    # before, the restart went straight to watching and never set synced).
+                    self.on_list(items)
+                    self.version = version
                     self.lists += 1
                     if self.metrics is not None:
                         self.metrics.relists.labels(self.name).inc()
-                    self.on_list(items)
                     self.synced.set()
                 await self._watch()
                 attempt = 0  # the server ended the stream (timeoutSeconds): watch on
@@ -99,8 +103,10 @@ class Informer:
                 if code == 410:
                     raise Gone(410, str(obj.get("message")))
                 raise KubeError(int(code or 500), str(obj.get("message")))
+            if kind in ("ADDED", "MODIFIED", "DELETED"):
+                self.on_event(str(kind), obj)
+            # Past the event only once its handler succeeded: after an exception the
+            # watch resumes before it and the event comes again.
             version = (obj.get("metadata") or {}).get("resourceVersion")
             if version:
                 self.version = str(version)
-            if kind in ("ADDED", "MODIFIED", "DELETED"):
-                self.on_event(str(kind), obj)
