@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import pytest
 
 from controlplane.informer import Informer
 from controlplane.store import Store
@@ -85,6 +86,7 @@ async def test_a_relist_after_410_drops_what_was_deleted_meanwhile() -> None:
     task.cancel()
 
 
+@pytest.mark.looptime  # backoffs and watch floors on the fake clock
 async def test_a_dropped_watch_resumes_from_the_last_version_seen() -> None:
     store = Store()
     api = ScriptedApi(
@@ -146,6 +148,7 @@ def informer_of(api: ScriptedApi, on_list: Any, on_event: Any) -> Informer:
     return Informer(api, "l7routes", "/apis/bilayer.dev/v1alpha1/l7routes", on_list, on_event)  # type: ignore[arg-type]
 
 
+@pytest.mark.looptime  # backoffs and watch floors on the fake clock
 async def test_an_event_whose_handler_failed_is_delivered_again() -> None:
     """The version moved past an event before its handler ran: when the handler raised,
     the watch resumed after the event, and the event was lost for good."""
@@ -171,6 +174,7 @@ async def test_an_event_whose_handler_failed_is_delivered_again() -> None:
     await supervisor.stop()
 
 
+@pytest.mark.looptime  # backoffs and watch floors on the fake clock
 async def test_a_list_whose_handler_failed_is_listed_again() -> None:
     """The list's version was kept although on_list raised: the restarted informer went
     straight to watching, `synced` was never set and the operator's start waited forever."""
@@ -191,3 +195,18 @@ async def test_a_list_whose_handler_failed_is_listed_again() -> None:
     await asyncio.wait_for(informer.synced.wait(), 10)
     assert calls == 2 and informer.lists == 1 and [k.name for k in store.objects] == ["a"]
     await supervisor.stop()
+
+
+@pytest.mark.looptime
+async def test_watches_the_server_ends_at_once_are_reopened_at_most_once_a_second() -> None:
+    """A server (or a proxy in front of it) that closes every watch cleanly at once was
+    asked again in a tight loop."""
+    store = Store()
+    api = ScriptedApi(lists=[[route("a", 1, 8080)]], watches=[[] for _ in range(10)])
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    _, task = await run_informer(api, store)
+    await asyncio.wait_for(api.idle.wait(), 60)
+    assert len(api.watched_from) == 11
+    assert loop.time() - started >= 9.5  # ten that ended at once: a second each
+    task.cancel()

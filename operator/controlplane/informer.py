@@ -21,6 +21,8 @@ from .observe import Metrics
 
 log = logging.getLogger("bilayer.informer")
 
+MIN_WATCH_SECONDS = 1.0  # a watch is opened at most this often when each ends at once
+
 OnList = Callable[[list[dict[str, Any]]], None]
 OnEvent = Callable[[str, Mapping[str, Any]], None]
 
@@ -54,6 +56,7 @@ class Informer:
         self.version: str | None = None
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             try:
@@ -68,8 +71,14 @@ class Informer:
                     if self.metrics is not None:
                         self.metrics.relists.labels(self.name).inc()
                     self.synced.set()
+                opened = loop.time()
                 await self._watch()
                 attempt = 0  # the server ended the stream (timeoutSeconds): watch on
+                lasted = loop.time() - opened
+                if lasted < MIN_WATCH_SECONDS:
+                    # Ended cleanly at once (a proxy's idle timeout, a struggling server):
+                    # not again in a tight loop.
+                    await asyncio.sleep(MIN_WATCH_SECONDS - lasted)
             except Gone:
                 self._restarted()
                 log.info("watch expired; listing again", extra=fields(watch=self.name))
