@@ -105,7 +105,20 @@ def build_app(
     async def get_table(_: web.Request) -> web.Response:
         return _json(table_summary())
 
+    def refuse_term(request: web.Request) -> web.Response | None:
+        """The answer to a push whose term is older or malformed, before its body is read:
+        a deposed leader's push is a 403 whatever it carries."""
+        try:
+            dataplane.judge(request.headers.get(TERM_HEADER))
+        except StaleTerm as err:
+            return _stale(err)
+        except TableError as err:
+            return _json({"error": str(err)}, status=400)
+        return None
+
     async def put_table(request: web.Request) -> web.Response:
+        if (refused := refuse_term(request)) is not None:
+            return refused
         body = await request.read()
         try:
             with gc_paused():  # a table of 10,000 routes is some 200,000 objects
@@ -131,6 +144,8 @@ def build_app(
 
     async def patch_table(request: web.Request) -> web.Response:
         """Apply a delta (dataplane.delta): the parts that changed since a version."""
+        if (refused := refuse_term(request)) is not None:
+            return refused
         body = await request.read()
         try:
             change = delta.parse(body)

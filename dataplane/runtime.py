@@ -9,6 +9,7 @@ reaches it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -143,14 +144,15 @@ class Dataplane:
     def state_file(self) -> Path | None:
         return self.settings.state_dir / "table.json" if self.settings.state_dir else None
 
-    def admit(self, term: str | None) -> None:
-        """Fencing: accept a push of this term (None: an operator without leader
-        election), or raise StaleTerm. A newer term is remembered (and saved)."""
+    def judge(self, term: str | None) -> tuple[int, str] | None:
+        """Fencing, without recording anything: the pushed term (None: an operator without
+        leader election), or StaleTerm when it is older than the one seen, or TableError
+        when it is malformed. The admin API asks before it reads a body."""
         if term is None:
             if self.term is not None:
                 self.stale_pushes += 1
                 raise StaleTerm(f"this pod is programmed by term {self._term_text()}; a push needs a term")
-            return
+            return None
         try:
             pushed = parse_term(term)
         except ValueError as err:
@@ -161,7 +163,13 @@ class Dataplane:
         ):
             self.stale_pushes += 1
             raise StaleTerm(f"term {term} is older than term {self._term_text()}, which programs this pod")
-        if pushed != current:
+        return pushed
+
+    def admit(self, term: str | None) -> None:
+        """Fencing: accept a push of this term (None: an operator without leader
+        election), or raise StaleTerm. A newer term is remembered (and saved)."""
+        pushed = self.judge(term)
+        if pushed is not None and pushed != self.term:
             self.term = pushed
             self._save_term()
             log.info("new leader term", extra=fields(term=term))
@@ -176,11 +184,27 @@ class Dataplane:
     def _save_term(self) -> None:
         if self.settings.state_dir is None or self.term is None:
             return
+        self._write_atomically(self.settings.state_dir / "term", self._term_text(), ".term-", "term")
+
+    @staticmethod
+    def _write_atomically(path: Path, text: str, prefix: str, what: str) -> None:
+        """Write a temporary file and rename it over path: a crash mid-write must never
+        leave a torn file to load (a torn term would not parse, and the restarted pod
+        would take pushes of any term). mkstemp makes it 0600: a table holds TLS keys."""
+        tmp = None
         try:
-            self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-            (self.settings.state_dir / "term").write_text(self._term_text())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
+            with os.fdopen(fd, "w") as out:
+                out.write(text)
+            os.replace(tmp, path)
+            tmp = None
         except OSError as err:
-            log.error("cannot save the term", extra=fields(error=str(err)))
+            log.error(f"cannot save the {what}", extra=fields(path=str(path), error=str(err)))
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
     def load_term(self) -> None:
         """The newest term seen before a restart, so a restarted pod stays fenced."""
@@ -374,15 +398,7 @@ class Dataplane:
         path = self.state_file
         if path is None:
             return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Atomic replace: a crash mid-write must never leave a torn table to load.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".table-", suffix=".json")
-            with os.fdopen(fd, "w") as out:  # mkstemp creates it 0600: the table holds TLS keys
-                out.write(table.to_json())
-            os.replace(tmp, path)
-        except OSError as err:
-            log.error("cannot save the table", extra=fields(path=str(path), error=str(err)))
+        self._write_atomically(path, table.to_json(), ".table-", "table")
 
     async def close(self, grace: float | None = None) -> None:
         """Stop every listener and drain connections for up to grace seconds."""

@@ -258,3 +258,40 @@ async def test_the_metrics_port_reads_without_the_token_and_writes_nothing(tmp_p
     finally:
         stop.set()
         await asyncio.wait_for(served, 30)
+
+
+async def test_a_push_of_an_older_term_is_refused_whatever_its_body(admin: Admin) -> None:
+    """The term is judged before the body: a deposed leader's push is a 403 even when its
+    body does not parse (it was a 400, which a pusher takes for a bad table)."""
+    status, _ = await put(admin, table("l7-basic", 1).to_json(), "4/operator-b")
+    assert status == 200
+    headers = {"Authorization": f"Bearer {TOKEN}", "Bilayer-Term": "3/operator-a"}
+    for method in ("PUT", "PATCH"):
+        async with admin.session.request(
+            method, admin.url + "/v1/table", data="{not json", headers=headers
+        ) as response:
+            assert response.status == 403, method
+    assert admin.dataplane.term == (4, "operator-b")
+
+
+async def test_the_term_is_saved_whole_or_not_at_all(
+    admin: Admin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The term file is replaced by a rename: a crash while it is written leaves the term
+    before it, never a torn one (a torn term does not parse, and a restarted pod would
+    then take pushes of any term)."""
+    import os
+
+    from dataplane import runtime
+
+    status, _ = await put(admin, table("l7-basic", 1).to_json(), "4/operator-b")
+    assert status == 200 and (tmp_path / "term").read_text() == "4/operator-b"
+
+    def crash(*args: object) -> None:
+        raise OSError("the process died before the rename")
+
+    monkeypatch.setattr(runtime.os, "replace", crash)
+    status, _ = await put(admin, table("l4-basic", 2).to_json(), "5/operator-c")
+    assert status == 200
+    assert (tmp_path / "term").read_text() == "4/operator-b"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".term")]  # no temporary left
