@@ -1,7 +1,7 @@
 """Leader election on a Lease, as client-go does it.
 
 An in-memory Lease store (with resourceVersion checks, like the API server's) that can
-hang or fail calls; short durations (lease 1.5 s > renew deadline 1 s > retry 0.2 s).
+hang or fail calls; short durations (lease 2 s > renew deadline 1 s > retry 0.2 s).
 The real API server's side is in tests/test_envtest_operator.py (two replicas).
 """
 
@@ -20,7 +20,7 @@ from controlplane.leader import Leader, Term
 
 from .helpers import async_wait_for
 
-LEASE = dict(lease_seconds=1.5, renew_deadline=1.0, retry_period=0.2)
+LEASE = dict(lease_seconds=2, renew_deadline=1.0, retry_period=0.2)
 
 
 class Leases:
@@ -107,7 +107,7 @@ async def test_one_leader_then_the_standby_takes_over_after_the_lease_expires() 
     # from the stop instead, a loaded machine delaying the last renewal failed the test.)
     took_over = loop.time()
     assert leases.lease is not None
-    assert took_over - renewed >= leases.lease["spec"]["leaseDurationSeconds"]
+    assert took_over - renewed >= leases.lease["spec"]["leaseDurationSeconds"] == 2
     assert other.leader.term == Term(1, other.leader.identity)  # a new term
     await stop_all(other)
 
@@ -135,8 +135,8 @@ async def test_a_hung_renewal_steps_down_within_the_renew_deadline_and_the_proce
     leases.hang.set()  # every call hangs from now on (before: one renew could hang 30 s)
     hung = loop.time()
     await async_wait_for(lambda: not a.leader.leading, deadline_s=3, what="a to step down")
-    # Stepped down before the Lease expires for anyone else (lease 1.5 s after the last renewal).
-    assert loop.time() - hung < 1.5
+    # Stepped down before the Lease expires for anyone else (lease 2 s after the last renewal).
+    assert loop.time() - hung < 2.0
     assert a.changes[-1] is None and not a.task.done()  # a candidate again, not exited
     leases.hang.clear()
     await async_wait_for(lambda: a.leader.leading, deadline_s=5, what="a to lead again")
@@ -175,3 +175,11 @@ async def test_release_on_shutdown_hands_over_at_once() -> None:
 def test_durations_must_be_ordered() -> None:
     with pytest.raises(ValueError, match="lease duration > renew deadline > retry period"):
         Leader(Leases(), "ns", "a", lease_seconds=10, renew_deadline=10, retry_period=2)  # type: ignore[arg-type]
+
+
+def test_the_lease_duration_is_whole_seconds() -> None:
+    """leaseDurationSeconds is an integer: a lease of 1.5 s was written as 1 s, the renew
+    deadline itself, and a standby could take the Lease while the leader still acted
+    (test_one_leader_then_the_standby_takes_over_after_the_lease_expires failed 3 runs in 7)."""
+    with pytest.raises(ValueError, match="whole seconds"):
+        Leader(Leases(), "ns", "a", lease_seconds=1.5, renew_deadline=1.0, retry_period=0.2)  # type: ignore[arg-type]

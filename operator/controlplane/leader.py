@@ -72,6 +72,10 @@ class Leader:
     ) -> None:
         if not lease_seconds > renew_deadline > retry_period * JITTER:
             raise ValueError("lease duration > renew deadline > retry period (x1.2) is required")
+        if lease_seconds != int(lease_seconds):
+            # leaseDurationSeconds is an integer: 1.5 s would be written as 1 s, and others
+            # would count the Lease expired while we still act.
+            raise ValueError(f"the lease duration is whole seconds, not {lease_seconds}")
         self.client = client
         self.path = resource_path("coordination.k8s.io", "v1", "leases", namespace, name)
         self.collection = resource_path("coordination.k8s.io", "v1", "leases", namespace)
