@@ -31,11 +31,14 @@ class Leases:
         self.version = 0
         self.hang = asyncio.Event()  # set: every call hangs
         self.fail = False  # every call fails as a dropped connection does
+        self.delay = 0.0  # seconds each call takes
         self.calls = 0
         self.written = 0.0  # the event loop's time of the last write that succeeded
 
     async def _gate(self) -> None:
         self.calls += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.hang.is_set():
             await asyncio.Event().wait()
         if self.fail:
@@ -183,3 +186,20 @@ def test_the_lease_duration_is_whole_seconds() -> None:
     (test_one_leader_then_the_standby_takes_over_after_the_lease_expires failed 3 runs in 7)."""
     with pytest.raises(ValueError, match="whole seconds"):
         Leader(Leases(), "ns", "a", lease_seconds=1.5, renew_deadline=1.0, retry_period=0.2)  # type: ignore[arg-type]
+
+
+async def test_the_renew_deadline_counts_from_when_the_renewal_was_sent() -> None:
+    """Others count the lease from when they see the record change, which can be as early
+    as the moment our request reaches the server: our deadline counts from when we sent
+    it, not from when the answer came back (0.6 s later here)."""
+    leases = Leases()
+    leases.delay = 0.3  # a GET and a CREATE: the answer comes 0.6 s after the request left
+    leader = Leader(leases, "ns", "a", **LEASE)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    sent = loop.time()
+    assert await leader.try_acquire_or_renew() == Term(0, "a")
+    assert leader._renewed_at - sent < 0.05
+    sent = loop.time()
+    leader.term = Term(0, "a")
+    assert await leader.try_acquire_or_renew() == Term(0, "a")  # a renewal: GET and PATCH
+    assert leader._renewed_at - sent < 0.05

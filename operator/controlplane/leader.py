@@ -157,6 +157,9 @@ class Leader:
     async def try_acquire_or_renew(self) -> Term | None:
         """One attempt, as client-go's tryAcquireOrRenew: the term held after it, or None."""
         loop = asyncio.get_running_loop()
+        # The renew deadline counts from here, before the request leaves: others may see
+        # the record change as soon as it reaches the server, and count from then.
+        sent = loop.time()
         now = _stamp(self.wall())
         lease = await self.client.get(self.path)
         if lease is None:
@@ -173,7 +176,7 @@ class Leader:
                 if err.status == 409:
                     return None  # another replica created it first
                 raise
-            return self._held(created, loop.time())
+            return self._held(created, sent)
         spec = lease.get("spec") or {}
         record = self._view(spec)
         if record != self._observed:
@@ -201,7 +204,7 @@ class Leader:
             if err.status == 409:
                 return None
             raise
-        return self._held(updated, loop.time())
+        return self._held(updated, sent)
 
     def _record(self, transitions: int, acquired: str, now: str) -> dict[str, Any]:
         return {
