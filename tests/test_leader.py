@@ -203,3 +203,21 @@ async def test_the_renew_deadline_counts_from_when_the_renewal_was_sent() -> Non
     leader.term = Term(0, "a")
     assert await leader.try_acquire_or_renew() == Term(0, "a")  # a renewal: GET and PATCH
     assert leader._renewed_at - sent < 0.05
+
+
+async def test_a_leader_that_sees_another_holder_steps_down_at_once() -> None:
+    """Someone else holds the Lease (we stalled past our lease, and a standby took it):
+    before, the renewal took that for a failed try and kept acting until its deadline."""
+    leases = Leases()
+    a = Replica(leases, "a", lease_seconds=10, renew_deadline=5)
+    await async_wait_for(lambda: a.leader.leading, what="a to lead")
+    assert leases.lease is not None
+    leases.version += 1
+    leases.lease["spec"]["holderIdentity"] = "b"
+    leases.lease["spec"]["leaseTransitions"] += 1
+    leases.lease["metadata"]["resourceVersion"] = str(leases.version)
+    loop = asyncio.get_running_loop()
+    taken = loop.time()
+    await async_wait_for(lambda: not a.leader.leading, deadline_s=6, what="a to step down")
+    assert loop.time() - taken < 1.0  # a retry period or two, not the 5 s renew deadline
+    await stop_all(a)

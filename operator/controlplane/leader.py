@@ -92,6 +92,7 @@ class Leader:
         self._observed_at = 0.0  # when it was seen to change, by the event loop's clock
         self._renewed_at = 0.0
         self._version: str | None = None
+        self.holder: str | None = None  # holderIdentity seen by the last try (None: not read)
 
     @property
     def leading(self) -> bool:
@@ -127,6 +128,15 @@ class Leader:
                         return True
                     if term is not None:  # cannot happen: our own record changed under us
                         return False
+                    if self.holder not in (None, "", self.identity):
+                        # Not a failed try: another replica holds the Lease (we stalled past
+                        # the lease and it took over). It acts now; we must not, not even
+                        # until our deadline.
+                        log.error(
+                            "another replica holds the Lease; stepping down",
+                            extra=fields(identity=self.identity, holder=self.holder),
+                        )
+                        return False
                     await asyncio.sleep(self.retry_period)
         except TimeoutError:
             log.error(
@@ -161,6 +171,7 @@ class Leader:
         # the record change as soon as it reaches the server, and count from then.
         sent = loop.time()
         now = _stamp(self.wall())
+        self.holder = None
         lease = await self.client.get(self.path)
         if lease is None:
             spec = self._record(0, now, now)
@@ -181,7 +192,7 @@ class Leader:
         record = self._view(spec)
         if record != self._observed:
             self._observed, self._observed_at = record, loop.time()
-        holder = spec.get("holderIdentity") or ""
+        holder = self.holder = spec.get("holderIdentity") or ""
         duration = float(spec.get("leaseDurationSeconds") or self.lease_seconds)
         if holder and holder != self.identity and loop.time() < self._observed_at + duration:
             return None  # held by another replica, and renewed within its lease duration
