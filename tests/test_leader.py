@@ -165,8 +165,8 @@ async def test_release_on_shutdown_hands_over_at_once() -> None:
     await async_wait_for(lambda: a.leader.leading, what="a to lead")
     b = Replica(leases, "b", lease_seconds=30, renew_deadline=20)
     await asyncio.sleep(0.3)
+    await a.stop()  # the leader loop ends first, then the release (Operator.stop does so)
     await a.leader.release()
-    await a.stop()
     loop = asyncio.get_running_loop()
     released = loop.time()
     await async_wait_for(lambda: b.leader.leading, deadline_s=5, what="b to take over")
@@ -221,3 +221,22 @@ async def test_a_leader_that_sees_another_holder_steps_down_at_once() -> None:
     await async_wait_for(lambda: not a.leader.leading, deadline_s=6, what="a to step down")
     assert loop.time() - taken < 1.0  # a retry period or two, not the 5 s renew deadline
     await stop_all(a)
+
+
+async def test_the_operator_stops_its_leader_loop_before_it_releases_the_lease() -> None:
+    """Operator.stop() released the Lease while the leader loop still ran: a renewal in
+    flight then took the Lease again (a new term), the release's write lost the race,
+    and the standby waited out a whole lease (5 runs in 60)."""
+    from controlplane.cluster import Operator, OperatorSettings
+
+    leases = Leases()
+    operator = Operator(OperatorSettings(health_port=None), leases)  # type: ignore[arg-type]
+    operator.leader = Leader(leases, "ns", "a", on_change=operator._leadership, **LEASE)  # type: ignore[arg-type]
+    operator.supervisor.spawn("leader election", operator.leader.run)
+    await async_wait_for(lambda: operator.leading, what="a to lead")
+    leases.delay = 0.1  # each call takes a while: a renewal is in flight when we stop
+    calls = leases.calls
+    await async_wait_for(lambda: leases.calls > calls, what="a renewal in flight")
+    await operator.stop()
+    assert leases.lease is not None and "holderIdentity" not in leases.lease["spec"]
+    assert leases.lease["spec"]["leaseTransitions"] == 0  # not taken again meanwhile

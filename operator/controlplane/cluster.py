@@ -47,7 +47,8 @@ log = logging.getLogger("bilayer.operator")
 
 HISTORY = 64  # compiled versions remembered, to know what an older acknowledgement covers
 FREEZE_AFTER_WRITES = 1000
-SERVICE_PORTS_RECHECK = 60.0  # seconds: the dataplane Service is read again at least this often
+SERVICE_PORTS_RECHECK = 60.0
+LEADER_TASK = "leader election"  # seconds: the dataplane Service is read again at least this often
 
 
 @dataclass
@@ -190,7 +191,7 @@ class Operator:
                 name=self.settings.lease_name,
                 on_change=self._leadership,
             )
-            self.supervisor.spawn("leader election", self.leader.run)
+            self.supervisor.spawn(LEADER_TASK, self.leader.run)
         else:
             self._leadership(None, elected=False)
 
@@ -229,11 +230,15 @@ class Operator:
         )
 
     async def stop(self) -> None:
-        """Release the Lease (a standby takes over at once), stop every task."""
-        if self.leader is not None:
-            await self.leader.release()
+        """Stop every task, then release the Lease (a standby takes over at once)."""
+        # The leader loop first, then everything that acts, and only then the release: a
+        # renewal still running took the Lease again during a release (a new term), or
+        # made the release's write lose the race, and the standby waited a whole lease.
+        await self.supervisor.cancel(LEADER_TASK)
         await self.supervisor.stop()
         await self.publisher.close()
+        if self.leader is not None:
+            await self.leader.release()
         if self._health is not None:
             await self._health.cleanup()
 

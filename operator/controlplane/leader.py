@@ -245,9 +245,10 @@ class Leader:
         return Term(int(spec.get("leaseTransitions") or 0), self.identity)
 
     async def release(self) -> None:
-        """Give the Lease up (on shutdown): a standby takes it at its next try."""
-        if self.term is None:
-            return
+        """Give the Lease up if we hold it (on shutdown, once run() has ended: a renewal
+        racing the release could take it again): a standby takes it at its next try.
+        Asks the Lease rather than our own view: a cancelled acquisition may have
+        succeeded without our hearing of it."""
         self._set(None)
         try:
             lease = await self.client.get(self.path)

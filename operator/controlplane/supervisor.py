@@ -74,6 +74,13 @@ class Supervisor:
     def healthy(self) -> bool:
         return not self.ended and all(not t.done() for t in self.tasks.values())
 
+    async def cancel(self, name: str) -> None:
+        """Cancel one task (if it runs) and wait until it has ended."""
+        task = self.tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def stop(self) -> None:
         for task in self.tasks.values():
             task.cancel()
