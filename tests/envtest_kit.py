@@ -340,12 +340,16 @@ class EnvCluster:
     """One test's corner of the API server: a release namespace, an apps namespace, the
     chart's objects, the operator(s), dataplane pods, backends."""
 
-    def __init__(self, server: ApiServer, directory: Path, *, cluster_wide: bool = False) -> None:
+    def __init__(
+        self, server: ApiServer, directory: Path, *, cluster_wide: bool = False, apps_in_release: bool = False
+    ) -> None:
         n = next(_ids)
         self.server = server
         self.dir = directory
         self.namespace = f"bl{os.getpid() % 100000}-{n}"
-        self.apps = f"{self.namespace}-apps"
+        # apps_in_release: routes and Services live in the release namespace, the only one
+        # watched (a single-namespace install).
+        self.apps = self.namespace if apps_in_release else f"{self.namespace}-apps"
         self.cluster_wide = cluster_wide
         self.api = admin_client(server)
         self.pods: list[DataplanePod] = []
@@ -370,6 +374,17 @@ class EnvCluster:
             if exist_ok and err.status == 409:
                 return {}
             raise
+
+    async def apply(self, body: dict[str, Any]) -> None:
+        """Create, or replace what exists, as `helm install` and `kubectl apply` do: of two
+        objects of one name in a manifest, the later one is what the cluster keeps."""
+        try:
+            await self.create(body)
+        except KubeError as err:
+            if err.status != 409:
+                raise
+            meta = body["metadata"]
+            await self.api.update(path_of(body["kind"], meta.get("namespace"), meta["name"]), body)
 
     async def patch(
         self, kind: str, name: str, body: dict[str, Any], namespace: str | None = None
@@ -442,7 +457,7 @@ class EnvCluster:
     # --- the release: namespaces, the chart's objects, a token ---
 
     async def install(self, *values: str) -> None:
-        for namespace in (self.namespace, self.apps):
+        for namespace in dict.fromkeys((self.namespace, self.apps)):
             await self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
         flags = ["--set", "operator.resyncSeconds=2"]
         if not self.cluster_wide:
@@ -456,7 +471,7 @@ class EnvCluster:
                 "ClusterRole",
                 "ClusterRoleBinding",
             ) or (obj["kind"] == "Service" and obj["metadata"]["name"] == f"{RELEASE}-dataplane"):
-                await self.create(obj)
+                await self.apply(obj)
             if obj["kind"] == "Deployment" and obj["metadata"]["name"] == f"{RELEASE}-operator":
                 self.operator_args = [
                     str(a) for a in obj["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -571,9 +586,9 @@ class EnvCluster:
 
 @asynccontextmanager
 async def env_cluster(
-    server: ApiServer, directory: Path, *, cluster_wide: bool = False
+    server: ApiServer, directory: Path, *, cluster_wide: bool = False, apps_in_release: bool = False
 ) -> AsyncIterator[EnvCluster]:
-    cluster = EnvCluster(server, directory, cluster_wide=cluster_wide)
+    cluster = EnvCluster(server, directory, cluster_wide=cluster_wide, apps_in_release=apps_in_release)
     try:
         await cluster.install()
         yield cluster

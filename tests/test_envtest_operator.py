@@ -429,6 +429,30 @@ async def test_an_operator_started_before_its_crds_catches_up_at_once(
         await asyncio.to_thread(fresh.stop)
 
 
+async def test_a_single_namespace_install_watching_its_own_namespace(
+    apiserver: ApiServer, tmp_path: Path
+) -> None:
+    """operator.watchNamespaces = [the release namespace]: the chart rendered two Roles of
+    one name there, the one kept could not read routes, and the operator got 403s."""
+    async with env_cluster(apiserver, tmp_path, apps_in_release=True) as cluster:
+        await cluster.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "web"},
+                "spec": {"ports": [{"name": "http", "port": 80}]},
+            }
+        )
+        pod = await cluster.add_pod()
+        operator = cluster.start_operator()
+        port = free_port()
+        await cluster.create(l7route("api", port))
+        await cluster.wait_condition("L7Route", "api", "Programmed")
+        assert str(port) in pod.served()["listeners"]
+        await async_wait_for(lambda: _ports_are(cluster, [port]), what="the Service's port")
+        assert operator.get("/healthz")[0] == 200
+
+
 def test_kubectl_missing_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: FileNotFoundError from subprocess, with no word of where kubectl comes from."""
     import types

@@ -149,6 +149,46 @@ def test_rbac_is_least_privilege() -> None:
     assert {o["metadata"]["namespace"] for o in scoped if o["kind"] == "Role"} >= {"shop", "payments"}
 
 
+def _granted(objects: list[dict[str, Any]], namespace: str) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) the operator's ServiceAccount may use in namespace,
+    from the Roles its RoleBindings there name (and every ClusterRole bound to it)."""
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objects}
+    granted = set()
+    for binding in objects:
+        if binding["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        if binding["kind"] == "RoleBinding" and binding["metadata"]["namespace"] != namespace:
+            continue
+        ref = binding["roleRef"]
+        role = roles[(ref["kind"], namespace if ref["kind"] == "Role" else None, ref["name"])]
+        for rule in role["rules"]:
+            granted |= {
+                (g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+            }
+    return granted
+
+
+def test_watching_the_release_namespace_keeps_every_permission() -> None:
+    """operator.watchNamespaces holding the release namespace rendered two Roles named
+    bilayer-operator there; the one that survived could not read routes (403, and the
+    operator crash-looped on a single-namespace install)."""
+    objects = render("--set", "operator.watchNamespaces={ingress,shop}")
+    keys = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    granted = _granted(objects, "ingress")
+    for needed in [
+        ("bilayer.dev", "l7routes", "watch"),
+        ("bilayer.dev", "l4listeners/status", "patch"),
+        ("", "services", "list"),
+        ("discovery.k8s.io", "endpointslices", "watch"),
+        ("", "pods", "watch"),
+        ("", "services", "patch"),
+        ("coordination.k8s.io", "leases", "patch"),
+    ]:
+        assert needed in granted, needed
+    assert ("bilayer.dev", "l7routes", "watch") in _granted(objects, "shop")
+
+
 def test_network_policy_guards_the_admin_and_metrics_ports() -> None:
     policy = next(o for o in render(*NON_DEFAULT) if o["kind"] == "NetworkPolicy")
     admin_rule, metrics_rule, listeners_rule = policy["spec"]["ingress"]
