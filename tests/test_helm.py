@@ -144,6 +144,10 @@ def test_rbac_is_least_privilege() -> None:
                     # Writes outside status: only the dataplane Service and the Lease, by name.
                     assert rule.get("resourceNames") or rule["verbs"] == ["create"], rule
                 assert not {"delete", "update", "deletecollection", "escalate", "bind"} & set(rule["verbs"])
+                # The operator reads through list and watch; it GETs only the dataplane
+                # Service and its Lease, by name (the envtest tests run under these rules).
+                if "get" in rule["verbs"]:
+                    assert rule.get("resourceNames"), (obj["metadata"]["name"], rule)
     scoped = render(*NON_DEFAULT)
     assert not [o for o in scoped if o["kind"] == "ClusterRole"]  # watchNamespaces: Roles only
     assert {o["metadata"]["namespace"] for o in scoped if o["kind"] == "Role"} >= {"shop", "payments"}

@@ -51,18 +51,19 @@ securityContext:
     type: RuntimeDefault
 {{- end -}}
 
-{{/* What the operator reads, cluster-wide or per watched namespace. */}}
+{{/* What the operator reads, cluster-wide or per watched namespace: it lists and
+watches (its informers), never GETs one of these, and writes only status. */}}
 {{- define "bilayer.readRules" -}}
 - apiGroups: ["bilayer.dev"]
   resources: ["l4listeners", "l7routes"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["bilayer.dev"]
   resources: ["l4listeners/status", "l7routes/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 - apiGroups: [""]
   resources: ["services", "secrets"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 {{- end -}}
