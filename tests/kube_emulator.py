@@ -10,6 +10,7 @@ methods, so kmock is pinned to 0.8.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import uuid
 from collections import defaultdict
@@ -38,6 +39,10 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         super().__attrs_post_init__()
         self._version = 0
         self.status_writes = 0  # PATCH/PUT of a .../status subresource, for bench/control.py
+        # Seconds a write (create, patch) of a resource, by plural, takes before it is
+        # served: a slow admission webhook.
+        self.write_delay: dict[str, float] = {}
+        self._held: list[rendering.Request] = []  # writes waiting out their delay
         self._deletions: dict[Any, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
         self.resources.load_bundled()
         for key, (kind, singular) in CRDS.items():
@@ -50,7 +55,19 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         return str(self._version)
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
-        del self._requests[:-1]  # no history: kmock would scan all of it on every request
+        # No history: kmock would scan all of it on every request. But kmock serves a
+        # request only while it still lists it (it matches reactions by looking the request
+        # up there), so a write held in its delay stays listed: dropped by a request that
+        # came meanwhile, it was answered 500 and retried for good.
+        self._requests[:] = [*self._held, request]
+        if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
+            delay = self.write_delay.get(request.resource.plural or "")
+            if delay:
+                self._held.append(request)
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self._held = [held for held in self._held if held is not request]  # by identity
         if request.resource is not None and isinstance(request.data, dict):
             if request.action == enums.action.CREATE:
                 meta = request.data.setdefault("metadata", {})

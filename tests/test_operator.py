@@ -178,6 +178,32 @@ async def test_l4_conflicts_and_service_ports(cluster: Cluster, web: HTTPBackend
     await async_wait_for(only_tcp, what="the http port to leave the Service")
 
 
+async def test_a_slow_service_webhook_holds_no_compile_back(cluster: Cluster, web: HTTPBackend) -> None:
+    """The dataplane Service's ports were reconciled inside the compile path: a Service
+    admission webhook that takes seconds (a minute when it times out) held every compile,
+    and every push, back by as long."""
+    await cluster.add_pod()
+    for obj in service_objects("web", web.port):
+        await cluster.create(obj)
+    await cluster.start_operator()
+    cluster.emulator.write_delay["services"] = 4.0
+    loop = asyncio.get_running_loop()
+    ports = []
+    for name in ("one", "two"):
+        ports.append(free_port())
+        started = loop.time()
+        await cluster.create(l7route(name, ports[-1]))
+        await cluster.wait_condition("L7Route", name, "Programmed")
+        # Programmed in 0.1-0.5 s (measured); with the Service write in the compile, 3.9 s.
+        assert loop.time() - started < 2.0, name
+    # The Service catches up on its own time: a write or two of 4 s each.
+    await async_wait_for(lambda: _sorted_ports_are(cluster, ports), deadline_s=30, what="the Service's ports")
+
+
+async def _sorted_ports_are(cluster: Cluster, ports: list[int]) -> bool:
+    return sorted(await dataplane_service_ports(cluster)) == sorted(ports)
+
+
 async def test_endpoint_changes_move_traffic(cluster: Cluster, web: HTTPBackend) -> None:
     other = await HTTPBackend("other").start()
     try:

@@ -47,8 +47,8 @@ log = logging.getLogger("bilayer.operator")
 
 HISTORY = 64  # compiled versions remembered, to know what an older acknowledgement covers
 FREEZE_AFTER_WRITES = 1000
-SERVICE_PORTS_RECHECK = 60.0
-LEADER_TASK = "leader election"  # seconds: the dataplane Service is read again at least this often
+SERVICE_PORTS_RECHECK = 60.0  # seconds: the dataplane Service is read again at least this often
+LEADER_TASK = "leader election"
 
 
 @dataclass
@@ -141,8 +141,9 @@ class Operator:
         self._recheck_all = True
         self._pods_view: tuple[Any, ...] = ()
         self._first_pass = True
-        self._service_ports: tuple[Any, ...] | None = None
+        self._service_ports: tuple[Any, ...] | None = None  # what the Service was last made to hold
         self._service_checked = 0.0
+        self._ports_due = asyncio.Event()
         self._health: web.AppRunner | None = None
         self.synced = asyncio.Event()
 
@@ -183,6 +184,7 @@ class Operator:
         self.synced.set()
         self.supervisor.spawn("compile loop", self.loop.run)
         self.supervisor.spawn("status loop", self._status_loop)
+        self.supervisor.spawn("service ports", self._service_loop)
         if self.settings.leader_election:
             self.leader = Leader(
                 self.client,
@@ -266,6 +268,8 @@ class Operator:
             return
         self.publisher.activate(term.header if term is not None else None)
         self._recheck_all = True
+        self._service_ports = None  # another leader may have changed it meanwhile: look again
+        self._ports_due.set()
         self.loop.mark_synced()
         self._status_due.set()
 
@@ -381,22 +385,44 @@ class Operator:
                 del self._wanted[key]
         self.publisher.publish(table, compiled.changes)
         self._status_due.set()
-        ports = tuple(
-            (port, listener.l4 is None, bool(listener.l7 and listener.l7.tls))
-            for port, listener in table.listeners.items()
-        )
-        now = asyncio.get_running_loop().time()
-        if not self.leading:
-            return  # the leader keeps the Service; a standby writes nothing
-        if ports == self._service_ports and now - self._service_checked < SERVICE_PORTS_RECHECK:
-            return
-        try:
-            await reconcile_service_ports(
-                self.client, self.settings.namespace, self.settings.dataplane_service, table
+        self._ports_due.set()  # the Service's ports follow on their own task
+
+    async def _service_loop(self) -> None:
+        """Keep the dataplane Service's ports equal to the latest table's listeners. A task
+        of its own, not a step of the compile: a slow or failing admission webhook on
+        Services held every compile and push back by seconds (a minute on timeouts)."""
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ports_due.wait(), SERVICE_PORTS_RECHECK)
+            self._ports_due.clear()
+            if self.latest is None or not self.leading:
+                continue  # the leader keeps the Service; a standby writes nothing
+            table = self.latest.table
+            ports = tuple(
+                (port, listener.l4 is None, bool(listener.l7 and listener.l7.tls))
+                for port, listener in table.listeners.items()
             )
+            now = loop.time()
+            if ports == self._service_ports and now - self._service_checked < SERVICE_PORTS_RECHECK:
+                continue
+            try:
+                await reconcile_service_ports(
+                    self.client, self.settings.namespace, self.settings.dataplane_service, table
+                )
+            except (KubeError, *TRANSIENT) as err:
+                failures += 1
+                delay = backoff(failures, 1.0, 60.0)
+                log.warning(
+                    "cannot update the dataplane Service",
+                    extra=fields(error=str(err) or repr(err), retry_in=round(delay, 2)),
+                )
+                await asyncio.sleep(delay)
+                self._ports_due.set()  # again, with whatever table is the latest by then
+                continue
+            failures = 0
             self._service_ports, self._service_checked = ports, now
-        except (KubeError, *TRANSIENT) as err:
-            log.warning("cannot update the dataplane Service", extra=fields(error=str(err)))
 
     def _acks_changed(self) -> None:
         self._status_due.set()
