@@ -168,3 +168,32 @@ async def test_a_pod_that_goes_takes_its_metrics_along(pods: Callable[[], Awaita
     publisher.set_pods([])  # the pod is gone (a rollout): no series of it stays behind
     assert f'pod="{fake.pod.name}"' not in generate_latest(publisher.metrics.registry).decode()
     await publisher.close()
+
+
+async def test_a_new_leader_tells_every_pod_its_term_even_when_the_table_is_the_same(
+    pods: Callable[[], Awaitable[FakePod]],
+) -> None:
+    """A new leader compiles the table its predecessor pushed: the pod already serves it,
+    so nothing was pushed, the pod never heard the new term, and the deposed leader (which
+    does not know yet) could still program it."""
+    fake = await pods()
+    old = Publisher(TOKEN, resync=60)
+    old.set_pods([fake.pod])
+    old.activate("1/old-leader")
+    old.publish(table("l7-basic", 1))
+    await async_wait_for(lambda: served(fake) is not None, what="the old leader's push")
+    new = Publisher(TOKEN, resync=60)
+    new.set_pods([fake.pod])
+    new.publish(table("l7-basic", 2))  # the same content: the version the pod serves
+    new.activate("2/new-leader")
+    await async_wait_for(
+        lambda: fake.dataplane.term == (2, "new-leader"), what="the pod to hear the new term"
+    )
+    assert served(fake).generation == 1  # type: ignore[union-attr]  # nothing but the term moved
+    assert new.metrics.pushes.labels("term")._value.get() == 1
+    old.publish(table("l4-basic", 3))
+    state = old.pods[fake.pod.uid]
+    await async_wait_for(lambda: state.fenced, what="the deposed leader's push refused")
+    assert served(fake).version == table("l7-basic", 1).version  # type: ignore[union-attr]
+    await old.close()
+    await new.close()

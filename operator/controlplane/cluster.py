@@ -6,7 +6,7 @@ list is complete), the compile loop, leader election, pushes to the dataplane po
 `Programmed` from their acknowledgements, the dataplane Service's ports, health and
 metrics. Every long-lived task is supervised. It keeps no state of its own beyond caches:
 a restarted operator lists, compiles the same table, finds the pods already serving it
-and pushes nothing.
+and pushes no table (only its new leader term, in an empty delta).
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ deadlocked every fresh pod (first install, scale-out, rollouts).
 
 Only the leader pushes: `activate(term)` starts one worker per pod, `deactivate()` stops
 them all at once (leadership lost). Every push carries the term, and a pod refuses one
-older than a term it has seen (403): then that worker stops.
+older than a term it has seen (403): then that worker stops. A pod that reports another
+term than ours is told ours at once, by an empty delta when it already serves our table:
+a new leader usually compiles the very table its predecessor pushed, and until a pod
+has seen the new term it still takes the deposed leader's pushes.
 
 A worker pushes the desired table when the pod's acknowledged version differs, retries
 failures with capped exponential backoff and jitter, and every `resync` seconds asks the
@@ -74,6 +77,7 @@ class PodState:
     pod: Pod
     acked_version: str | None = None  # what the pod said it serves
     acked_generation: int | None = None
+    term: str | None = None  # the leader term the pod reported, or ours once it took a push
     refused_version: str | None = None  # a version it answered 400 to
     failed_ports: dict[int, str] = field(default_factory=dict)  # listeners it could not open
     error: str | None = None
@@ -278,7 +282,9 @@ class Publisher:
             # (cleared after the push, it waited for the next resync, 60 s).
             state.wake.clear()
             table = self.table
-            if table is not None and table.version not in (state.acked_version, state.refused_version):
+            if table is not None and (
+                table.version not in (state.acked_version, state.refused_version) or self._unaware(state)
+            ):
                 ok = await self._push(state, table)
                 if state.fenced:
                     return
@@ -301,6 +307,10 @@ class Publisher:
                 # A refused table is tried again: the pod's side of the cause may be fixed.
                 state.refused_version = None
 
+    def _unaware(self, state: PodState) -> bool:
+        """The pod serves a table but has not seen our term (we just took over)."""
+        return self.term is not None and state.acked_version is not None and state.term != self.term
+
     async def _sleep(self, state: PodState, seconds: float) -> bool:
         """Sleep until woken (True) or until seconds pass (False)."""
         try:
@@ -322,6 +332,8 @@ class Publisher:
         if not isinstance(answer, dict):
             return None
         state.answered = True
+        term = answer.get("term")
+        state.term = term if isinstance(term, str) else None
         failed = {
             int(port): str(info.get("error"))
             for port, info in (answer.get("listeners") or {}).items()
@@ -342,7 +354,15 @@ class Publisher:
     async def _push(self, state: PodState, table: Table) -> bool:
         pod = state.pod
         started = time.monotonic()
-        body = self._delta_from(state.acked_version, table)
+        served = state.acked_version
+        term_only = served is not None and table.version in (served, state.refused_version)
+        if term_only:
+            # Only our term is news to the pod: a delta of nothing, from what it serves to
+            # what it serves. The pod records the term before it looks at the delta.
+            assert served is not None
+            body: bytes | None = delta.Delta(served, served, state.acked_generation or 0, ()).to_json()
+        else:
+            body = self._delta_from(served, table)
         method = "PATCH" if body is not None else "PUT"
         try:
             status, answer = await self._send(pod, method, body or self._whole(table))
@@ -369,16 +389,22 @@ class Publisher:
         seconds = time.monotonic() - started
         self.metrics.push_seconds.labels(pod.name).observe(seconds)
         if status == 200:
-            self.metrics.pushes.labels("delta" if method == "PATCH" else "whole").inc()
+            self.metrics.pushes.labels(
+                "term" if term_only else "delta" if method == "PATCH" else "whole"
+            ).inc()
             state.failures = 0
             state.error = None
+            # It took a push of our term, so it knows it (whatever its answer says: an
+            # older dataplane does not report its term, and we would tell it again and again).
+            state.term = self.term
             failed = {
                 int(p): str(e) for p, e in (answer.get("failedListeners") or {}).items() if str(p).isdigit()
             }
             log.info(
-                "table pushed",
+                "term pushed" if term_only else "table pushed",
                 extra=fields(
                     pod=pod.name,
+                    term=self.term,
                     version=table.version,
                     generation=table.generation,
                     method=method,
