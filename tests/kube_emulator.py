@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         super().__attrs_post_init__()
         self._version = 0
         self.status_writes = 0  # PATCH/PUT of a .../status subresource, for bench/control.py
+        self.status_arrivals: list[float] = []  # when each came in (time.monotonic), before any delay
         # Seconds a write (create, patch) of a resource, by plural, takes before it is
         # served: a slow admission webhook.
         self.write_delay: dict[str, float] = {}
@@ -60,6 +62,8 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
         # up there), so a write held in its delay stays listed: dropped by a request that
         # came meanwhile, it was answered 500 and retried for good.
         self._requests[:] = [*self._held, request]
+        if request.action == enums.action.UPDATE and request.subresource == "status":
+            self.status_arrivals.append(time.monotonic())
         if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
             delay = self.write_delay.get(request.resource.plural or "")
             if delay:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 
 import pytest
+
+from controlplane.kube import resource_path
 
 from .helpers import async_wait_for, free_port
 from .l7kit import HTTPBackend
@@ -515,3 +519,47 @@ async def test_a_failed_start_closes_its_api_client(monkeypatch: pytest.MonkeyPa
         busy.close()
     assert len(made) == 2 and all(c.session.closed and c._watch_session.closed for c in made)
     assert "operator" not in state
+
+
+async def test_a_deposed_leader_stops_writing_status_at_once(cluster: Cluster, web: HTTPBackend) -> None:
+    """Leadership was lost in the middle of a status pass (another replica took the
+    Lease): the pass went on writing, for as long as it lasts (minutes at 10,000 routes
+    and 100 writes a second), beside the new leader's writes."""
+    await cluster.add_pod()
+    for obj in service_objects("web", web.port):
+        await cluster.create(obj)
+    port = free_port()
+    for i in range(100):
+        await cluster.create(l7route(f"r{i}", port, f"/r{i}"))
+    # A status pass of 100 writes of 1 s each, 16 at a time: some 7 s. Before, its writes
+    # went on for 7.3 s after the step-down.
+    cluster.emulator.write_delay["l7routes"] = 1.0
+    await cluster.start_operator(leader_election=True)
+    arrivals = cluster.emulator.status_arrivals
+    await async_wait_for(lambda: arrivals, deadline_s=30, what="the first status writes")
+    lease = resource_path("coordination.k8s.io", "v1", "leases", NAMESPACE, "bilayer-operator")
+    held = await cluster.api.get(lease)
+    assert held is not None and held["spec"]["holderIdentity"] == "test-operator"
+    await cluster.api.patch(
+        lease,
+        {
+            "spec": {
+                "holderIdentity": "another-replica",
+                "leaseTransitions": held["spec"]["leaseTransitions"] + 1,
+                "renewTime": datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            }
+        },
+    )
+    await async_wait_for(lambda: not cluster.operator.leading, deadline_s=5, what="the step-down")
+    stepped_down = time.monotonic()
+    written = len(arrivals)
+    cluster.emulator.write_delay.clear()  # the pass after the next take-over is quick
+    # A standby until the other replica's Lease expires (15 s by our clock), then it
+    # leads again and finishes.
+    await async_wait_for(lambda: cluster.operator.leading, deadline_s=30, what="leading again")
+    took_over = time.monotonic()
+    late = [round(t - stepped_down, 2) for t in arrivals if stepped_down + 0.2 < t < took_over]
+    assert not late, f"status writes {late} s after the step-down"
+    assert written < 100
+    for i in (0, 99):
+        await cluster.wait_condition("L7Route", f"r{i}", "Programmed")

@@ -49,6 +49,8 @@ HISTORY = 64  # compiled versions remembered, to know what an older acknowledgem
 FREEZE_AFTER_WRITES = 1000
 SERVICE_PORTS_RECHECK = 60.0  # seconds: the dataplane Service is read again at least this often
 LEADER_TASK = "leader election"
+STATUS_TASK = "status loop"
+SERVICE_TASK = "service ports"
 
 
 @dataclass
@@ -183,8 +185,7 @@ class Operator:
         )
         self.synced.set()
         self.supervisor.spawn("compile loop", self.loop.run)
-        self.supervisor.spawn("status loop", self._status_loop)
-        self.supervisor.spawn("service ports", self._service_loop)
+        self._spawn_writers()
         if self.settings.leader_election:
             self.leader = Leader(
                 self.client,
@@ -212,6 +213,12 @@ class Operator:
                 log.warning("cannot read the admin token", extra=fields(secret=name, error=str(err)))
             await asyncio.sleep(backoff(attempt))
             attempt += 1
+
+    def _spawn_writers(self) -> None:
+        """(Re)start the tasks that write to the API server (route status, the dataplane
+        Service); a restart cancels the one running, with the writes it has in flight."""
+        self.supervisor.spawn(STATUS_TASK, self._status_loop)
+        self.supervisor.spawn(SERVICE_TASK, self._service_loop)
 
     def supervisor_healthy(self) -> bool:
         return self.supervisor.healthy
@@ -253,6 +260,11 @@ class Operator:
             for state in self.publisher.pods.values():
                 if state.task is not None:
                     state.task.cancel()
+            # A status pass in progress stops now, not when it ends: at 10,000 routes a
+            # pass is minutes of writes, and the new leader writes meanwhile. Its
+            # unwritten objects are looked at again when we lead again (_take_over).
+            if self.supervisor.tasks.get(STATUS_TASK) is not None:
+                self._spawn_writers()
             return
         self.leading = True
         self.metrics.leader.set(1)
