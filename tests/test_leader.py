@@ -240,3 +240,43 @@ async def test_the_operator_stops_its_leader_loop_before_it_releases_the_lease()
     await operator.stop()
     assert leases.lease is not None and "holderIdentity" not in leases.lease["spec"]
     assert leases.lease["spec"]["leaseTransitions"] == 0  # not taken again meanwhile
+
+
+async def test_a_new_leader_writes_no_status_before_it_has_taken_over() -> None:
+    """Leadership was acted on at once for status, while the take-over (asking every pod
+    what it serves, up to 3 s) had not yet started the pushes: a status pass in that gap
+    judged Programmed by what pods had acknowledged under the previous leader."""
+    from controlplane.cluster import STATUS_TASK, Operator, OperatorSettings
+    from controlplane.compiler import Snapshot, compile_snapshot
+
+    from .golden import inputs
+
+    settings = OperatorSettings(health_port=None, status_delay=0.01, status_settle=0.1)
+    operator = Operator(settings, Leases())  # type: ignore[arg-type]
+    asked = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def discover_generation(within: float = 3.0) -> int:
+        asked.set()
+        await answer.wait()  # the pods take a while to answer
+        return 0
+
+    active_at_writes: list[bool] = []
+
+    async def write_all(desired: dict[Any, Any]) -> tuple[int, set[Any]]:
+        active_at_writes.append(operator.publisher.active)
+        return 0, set()
+
+    operator.publisher.discover_generation = discover_generation  # type: ignore[method-assign]
+    operator.status.write_all = write_all  # type: ignore[method-assign]
+    operator.latest = compile_snapshot(Snapshot.of(inputs("l7-basic")), 1)
+    operator.supervisor.spawn(STATUS_TASK, operator._status_loop)
+    operator._leadership(Term(1, "a"))
+    await asyncio.wait_for(asked.wait(), 5)
+    operator._status_due.set()  # e.g. a route changed
+    # The status loop's turn, twice over, while the take-over waits for the pods.
+    await async_wait_for(lambda: not operator._status_due.is_set(), what="the status loop to look")
+    answer.set()
+    await async_wait_for(lambda: active_at_writes, what="a status pass")
+    assert all(active_at_writes), active_at_writes
+    await operator.stop()

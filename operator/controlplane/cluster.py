@@ -220,6 +220,13 @@ class Operator:
         self.supervisor.spawn(STATUS_TASK, self._status_loop)
         self.supervisor.spawn(SERVICE_TASK, self._service_loop)
 
+    @property
+    def acting(self) -> bool:
+        """Leading and taken over (pushing): only then are status and the Service ours to
+        write. Leading alone is not enough: until the take-over has asked every pod what
+        it serves, what we know of them is what they acknowledged under the last leader."""
+        return self.leading and self.publisher.active
+
     def supervisor_healthy(self) -> bool:
         return self.supervisor.healthy
 
@@ -409,7 +416,7 @@ class Operator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ports_due.wait(), SERVICE_PORTS_RECHECK)
             self._ports_due.clear()
-            if self.latest is None or not self.leading:
+            if self.latest is None or not self.acting:
                 continue  # the leader keeps the Service; a standby writes nothing
             table = self.latest.table
             ports = tuple(
@@ -453,10 +460,10 @@ class Operator:
             await self._status_due.wait()
             await asyncio.sleep(self.settings.status_delay)
             self._status_due.clear()
-            if self.latest is None or not self.leading:
+            if self.latest is None or not self.acting:
                 continue
             await self._settle()
-            if not self.leading:
+            if not self.acting:
                 continue
             # Compare with the cluster only where what we want changed since the last pass
             # (or someone overwrote it, see on_event).
