@@ -6,10 +6,11 @@ dataplane validates each new part, checks references only where the delta touche
 table, and refuses the delta unless the result has the promised version, so a pod
 patched from any base ends exactly where a full push would have taken it.
 
-Paths are those of ``Table.parts()``. Setting ``listeners/<port>/l4`` or
-``listeners/<port>/l7`` (an L7 head: its TLS) replaces a listener of the other kind;
-removing either removes the whole listener. A delta lists heads before the rules and
-host groups under them.
+Paths are those of ``Table.parts()``. A port has a TCP face and a UDP face. Setting
+``listeners/<port>/l4``, ``.../passthrough`` or ``.../l7`` (an L7 head: its TLS) replaces
+a TCP listener of another kind; removing one removes the whole TCP face (an L7
+listener's rules and host groups with it). ``listeners/<port>/udp`` sets or removes the
+UDP face alone. A delta lists heads before the rules and host groups under them.
 """
 
 from __future__ import annotations
@@ -32,14 +33,16 @@ from .table import (
     L7Listener,
     Listener,
     PartPath,
+    Passthrough,
     Rule,
     Table,
     TableError,
+    UDPListener,
     _Model,
-    check_backends,
     check_cluster,
     check_host_group,
     check_host_key,
+    check_l4_faces,
     check_rule,
     entries_of,
     l7_parts,
@@ -124,32 +127,49 @@ def _steps(old: Table, new: Table, changes: Changes | None) -> Iterator[_Step]:
         key = str(port)
         paths = changes.ports.get(port) if changes is not None else None
         if paths is not None and was is not None and now is not None and was.l7 and now.l7:
-            yield from _listed(key, was.l7, now.l7, paths)
+            yield from _listed(key, was, now, paths)
             continue
-        if was is not None and (now is None or (now.l4 is None) != (was.l4 is None)):
-            # Removed, or replaced by the other kind: every old part goes.
-            for i, (path, value) in enumerate(_listener_parts(key, was)):
-                yield path, value, None, now is not None or i > 0
-            was = None
-        if now is None:
-            continue
-        if now.l4 is not None:
-            if was is None or was.l4 != now.l4:
-                yield ("listeners", key, "l4"), (was.l4 if was else None), now.l4, False
-            continue
-        assert now.l7 is not None
-        if was is None:
-            yield from ((path, None, value, False) for path, value in l7_parts(key, now.l7))
-            continue
-        assert was.l7 is not None
-        yield from _diff_l7(key, was.l7, now.l7)
+        yield from _tcp_steps(key, was, now)
+        was_udp = was.udp if was is not None else None
+        now_udp = now.udp if now is not None else None
+        if was_udp is not now_udp and was_udp != now_udp:
+            yield ("listeners", key, "udp"), was_udp, now_udp, False
 
 
-def _listener_parts(port: str, listener: Listener) -> Iterator[tuple[PartPath, _Model]]:
+def _tcp_head(listener: Listener | None) -> str | None:
+    """Which head the TCP face has: l4, passthrough, l7 or None."""
+    if listener is None:
+        return None
     if listener.l4 is not None:
-        yield ("listeners", port, "l4"), listener.l4
-    elif listener.l7 is not None:
-        yield from l7_parts(port, listener.l7)
+        return "l4"
+    if listener.passthrough is not None:
+        return "passthrough"
+    return "l7" if listener.l7 is not None else None
+
+
+def _tcp_steps(key: str, was: Listener | None, now: Listener | None) -> Iterator[_Step]:
+    was_head, now_head = _tcp_head(was), _tcp_head(now)
+    if was is not None and was_head is not None and was_head != now_head:
+        # Removed, or replaced by another kind: every old part goes; only the removal of
+        # a head with nothing in its place is sent.
+        for i, (path, value) in enumerate(was.tcp_parts(key)):
+            yield path, value, None, now_head is not None or i > 0
+        was = None
+    if now is None or now_head is None:
+        return
+    if now_head != "l7":
+        path = ("listeners", key, now_head)
+        before = getattr(was, now_head) if was is not None else None
+        after = getattr(now, now_head)
+        if before is not after and before != after:
+            yield path, before, after, False
+        return
+    assert now.l7 is not None
+    if was is None:
+        yield from ((path, None, value, False) for path, value in l7_parts(key, now.l7))
+        return
+    assert was.l7 is not None
+    yield from _diff_l7(key, was.l7, now.l7)
 
 
 def _diff_l7(port: str, was: L7Listener, now: L7Listener) -> Iterator[_Step]:
@@ -163,11 +183,17 @@ def _diff_l7(port: str, was: L7Listener, now: L7Listener) -> Iterator[_Step]:
         yield (*base, "any", ""), was.hosts.any, now.hosts.any, False
 
 
-def _listed(port: str, was: L7Listener, now: L7Listener, paths: set[PartPath]) -> Iterator[_Step]:
-    """The steps among the listed part paths of one L7 listener."""
+def _listed(port: str, was_port: Listener, now_port: Listener, paths: set[PartPath]) -> Iterator[_Step]:
+    """The steps among the listed part paths of one L7 listener (and the port's UDP face)."""
+    was, now = was_port.l7, now_port.l7
+    assert was is not None and now is not None
     for path in sorted(paths):
         before: _Model | None
         after: _Model | None
+        if len(path) == 3 and path[2] == "udp":
+            if was_port.udp is not now_port.udp and was_port.udp != now_port.udp:
+                yield path, was_port.udp, now_port.udp, False
+            continue
         if len(path) == 3:
             if was.tls != now.tls:
                 yield path, was, now, False
@@ -202,6 +228,8 @@ _MODEL_OF: dict[str, type[BaseModel]] = {
     "clusters": Cluster,
     "l4": L4Listener,
     "l7": L7Listener,
+    "passthrough": Passthrough,
+    "udp": UDPListener,
     "rules": Rule,
     "exact": HostRoutes,
     "wildcard": HostRoutes,
@@ -256,7 +284,7 @@ def _kind_of(where: str, path: PartPath) -> str:
     if len(path) >= 3 and path[0] == "listeners":
         if not path[1].isdigit() or not 1 <= int(path[1]) <= 65535:
             raise TableError(f"{where}.path: port must be 1-65535, not {path[1]!r}")
-        if len(path) == 3 and path[2] in ("l4", "l7"):
+        if len(path) == 3 and path[2] in ("l4", "l7", "passthrough", "udp"):
             return path[2]
         if len(path) == 5 and path[2] == "l7" and path[3] in ("rules", *HOST_KINDS):
             if path[3] == "any" and path[4] != "":
@@ -331,21 +359,38 @@ class _Patch:
         self.removed_clusters.discard(name)
         self.add(("clusters", name), value)
 
-    def drop_listener(self, port: int) -> None:
-        """Remove whatever listens on port, with all its parts."""
+    def drop_tcp(self, port: int) -> None:
+        """Remove whatever listens on the TCP port, with all its parts; keep its UDP face."""
         key = str(port)
         draft = self.drafts.pop(port, None)
         listener = self.listeners.pop(port, None)
         if draft is not None:
             old: Iterable[tuple[PartPath, _Model]] = draft.parts(key)
-        elif listener is not None and listener.l4 is not None:
-            old = [(("listeners", key, "l4"), listener.l4)]
-        elif listener is not None and listener.l7 is not None:
-            old = l7_parts(key, listener.l7)
+        elif listener is not None:
+            old = listener.tcp_parts(key)
         else:
             old = []
         for path, value in old:
             self.subtract(path, value)
+        udp_only = listener.without_tcp() if listener is not None else None
+        if udp_only is not None:
+            self.listeners[port] = udp_only
+
+    def set_udp(self, port: int, path: PartPath, value: UDPListener | None) -> None:
+        """Set or remove the port's UDP face; its TCP face stays."""
+        current = self.listeners.get(port)
+        if current is not None and current.udp is not None:
+            self.subtract(path, current.udp)
+        faces = {k: v for k, v in (current.__dict__ if current is not None else {}).items() if v is not None}
+        faces.pop("udp", None)
+        if value is not None:
+            faces["udp"] = value
+            self.add(path, value)
+            self.touched_l4.add(port)
+        if faces or port in self.drafts:
+            self.listeners[port] = Listener.build(**faces)
+        else:
+            self.listeners.pop(port, None)
 
     def draft(self, port: int, path: PartPath) -> _L7Draft:
         draft = self.drafts.get(port)
@@ -357,13 +402,20 @@ class _Patch:
         return draft
 
     def head(self, port: int, path: PartPath, value: _Model | None) -> None:
-        """Set or remove an L4 listener or an L7 head."""
+        """Set or remove a port's UDP face, or the head of its TCP face (an L4 or
+        passthrough listener, an L7 head)."""
+        if path[2] == "udp":
+            assert value is None or isinstance(value, UDPListener)
+            self.set_udp(port, path, value)
+            return
         current = self.listeners.get(port)
         is_l7 = port in self.drafts or (current is not None and current.l7 is not None)
-        if value is None or isinstance(value, L4Listener) or not is_l7:
-            self.drop_listener(port)
-            if isinstance(value, L4Listener):
-                self.listeners[port] = Listener.build(l4=value)
+        if value is None or path[2] != "l7" or not is_l7:
+            self.drop_tcp(port)
+            if isinstance(value, (L4Listener, Passthrough)):
+                udp = self.listeners.get(port)
+                face = {path[2]: value, **({"udp": udp.udp} if udp is not None else {})}
+                self.listeners[port] = Listener.build(**face)
                 self.touched_l4.add(port)
                 self.add(path, value)
             elif isinstance(value, L7Listener):
@@ -407,7 +459,9 @@ class _Patch:
         for port, draft in self.drafts.items():
             l7 = draft.freeze()
             l7._rule_refs = draft.rule_refs
-            self.listeners[port] = Listener.build(l7=l7)
+            kept = self.listeners.get(port)
+            udp = {"udp": kept.udp} if kept is not None and kept.udp is not None else {}
+            self.listeners[port] = Listener.build(l7=l7, **udp)
         clusters = self.table.clusters if self.clusters is None else self.clusters
         table = Table.build(
             version=delta.version,
@@ -429,8 +483,8 @@ class _Patch:
     def _check(self, table: Table) -> None:
         """Check references where the delta changed something; the rest held before."""
         for port in self.touched_l4:
-            if port in table.listeners and (l4 := table.listeners[port].l4) is not None:
-                check_backends(f"listeners.{port}.l4", l4.backends, table.clusters)
+            if port in table.listeners:
+                check_l4_faces(f"listeners.{port}", table.listeners[port], table.clusters)
         for port, ids in self.touched_rules.items():
             l7 = table.listeners[port].l7
             assert l7 is not None
@@ -449,8 +503,7 @@ class _Patch:
         gone_clusters = self.removed_clusters - set(table.clusters)
         if gone_clusters:  # rare (a Service went away): look at every backend once
             for port, listener in table.listeners.items():
-                if listener.l4 is not None:
-                    check_backends(f"listeners.{port}.l4", listener.l4.backends, table.clusters)
+                check_l4_faces(f"listeners.{port}", listener, table.clusters)
                 for rid, rule in (listener.l7.rules if listener.l7 is not None else {}).items():
                     check_rule(f"listeners.{port}.l7.rules.{rid}", rule, table.clusters)
         for port, ids in self.removed_rules.items():

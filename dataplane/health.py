@@ -7,7 +7,9 @@ Two signals decide whether an endpoint gets new traffic:
 - passive ejection: consecutive failures seen by real traffic (refused connects, and for
   HTTP 5xx answers) eject it for a back-off that doubles with each ejection.
 
-State is keyed by (address, port) and survives table swaps for endpoints that remain.
+State is keyed by (address, port, protocol) and survives table swaps for endpoints that
+remain. A UDP endpoint is its own state (a TCP and a UDP service on one port number fail
+apart); its active check is a TCP connect to the same port, where the Service has TCP too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .logs import fields
-from .table import HealthCheck, Table
+from .table import Backend, HealthCheck, Listener, Table
 
 log = logging.getLogger("bilayer.health")
 
@@ -49,10 +51,12 @@ class EndpointState:
         "total",
     )
 
-    def __init__(self, address: str, port: int) -> None:
+    def __init__(self, address: str, port: int, protocol: str = "tcp") -> None:
         self.address = address
         self.port = port
         self.key = f"{address}:{port}" if ":" not in address else f"[{address}]:{port}"
+        if protocol != "tcp":
+            self.key += f"/{protocol}"
         self.active = 0  # connections or requests in flight
         self.total = 0
         self.healthy = True  # from active checks
@@ -81,37 +85,36 @@ class HealthRegistry:
         eject_base: float = EJECT_BASE_SECONDS,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self.endpoints: dict[tuple[str, int], EndpointState] = {}
+        self.endpoints: dict[tuple[str, int, str], EndpointState] = {}
         self.eject_after = eject_after
         self.eject_base = eject_base
-        self._checks: dict[tuple[str, int], _Check] = {}
+        self._checks: dict[tuple[str, int, str], _Check] = {}
         self.clock = clock or time.monotonic
 
-    def endpoint(self, address: str, port: int) -> EndpointState:
-        key = (address, port)
+    def endpoint(self, address: str, port: int, protocol: str = "tcp") -> EndpointState:
+        key = (address, port, protocol)
         state = self.endpoints.get(key)
         if state is None:
-            state = self.endpoints[key] = EndpointState(address, port)
+            state = self.endpoints[key] = EndpointState(address, port, protocol)
         return state
 
     def retain(self, table: Table) -> None:
         """Forget endpoints the table no longer has; start and stop active checks."""
-        wanted: dict[tuple[str, int], HealthCheck] = {}
-        present: set[tuple[str, int]] = set()
-        for cluster in table.clusters.values():
-            present.update((e.address, e.port) for e in cluster.endpoints)
+        wanted: dict[tuple[str, int, str], HealthCheck] = {}
+        present: set[tuple[str, int, str]] = set()
+        for name, cluster in table.clusters.items():
+            protocol = "udp" if name.endswith("/udp") else "tcp"
+            present.update((e.address, e.port, protocol) for e in cluster.endpoints)
         for listener in table.listeners.values():
-            l4 = listener.l4
-            if l4 is None or l4.healthCheck is None:
-                continue
-            for backend in l4.backends:
-                if backend.cluster is None:
-                    continue
-                for e in table.clusters[backend.cluster].endpoints:
-                    key = (e.address, e.port)
-                    # Two listeners checking one endpoint: the more frequent check wins.
-                    if key not in wanted or l4.healthCheck.interval < wanted[key].interval:
-                        wanted[key] = l4.healthCheck
+            for config, backends, protocol in _checked(listener):
+                for backend in backends:
+                    if backend.cluster is None:
+                        continue
+                    for e in table.clusters[backend.cluster].endpoints:
+                        key = (e.address, e.port, protocol)
+                        # Two listeners checking one endpoint: the more frequent check wins.
+                        if key not in wanted or config.interval < wanted[key].interval:
+                            wanted[key] = config
         for key in list(self.endpoints):
             if key not in present and self.endpoints[key].active == 0:
                 del self.endpoints[key]
@@ -196,6 +199,16 @@ class HealthRegistry:
             ejections.add_metric([state.key], state.ejections)
             failures.add_metric([state.key], state.connect_failures)
         yield from (healthy, active, ejections, failures)
+
+
+def _checked(listener: Listener) -> Iterator[tuple[HealthCheck, list[Backend], str]]:
+    """Each L4 face of a port with a health check: the check, its backends, the protocol."""
+    routes = list(listener.passthrough.routes.values()) if listener.passthrough is not None else []
+    for l4 in [listener.l4, *routes]:
+        if l4 is not None and l4.healthCheck is not None:
+            yield l4.healthCheck, l4.backends, "tcp"
+    if listener.udp is not None and listener.udp.healthCheck is not None:
+        yield listener.udp.healthCheck, listener.udp.backends, "udp"
 
 
 async def probe(address: str, port: int, *, limit: float) -> bool:

@@ -48,12 +48,15 @@ class DataplaneCollector(Collector):
         )
         if dp.table is not None:
             for port, listener in sorted(dp.table.listeners.items()):
-                kind = "l4" if listener.l4 is not None else "l7"
-                up.add_metric([str(port), kind], 0 if port in dp.listener_errors else 1)
+                kinds = [listener.tcp_kind] + (["udp"] if listener.udp is not None else [])
+                for kind in kinds:
+                    running = dp.udp_listeners if kind == "udp" else dp.listeners
+                    if kind is not None:
+                        up.add_metric([str(port), kind], 1 if port in running else 0)
         yield up
         # Each listener class reports all of its instances in one set of metric families.
         by_class: dict[type, list[object]] = {}
-        for serving in dp.listeners.values():
+        for serving in [*dp.listeners.values(), *dp.udp_listeners.values()]:
             by_class.setdefault(type(serving), []).append(serving)
         for cls, group in by_class.items():
             collect: Callable[[list[object]], Iterator[Metric]] = getattr(cls, "collect")  # noqa: B009

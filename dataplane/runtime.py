@@ -14,7 +14,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -24,7 +24,7 @@ from .eventloop import freeze_heap
 from .health import HealthRegistry
 from .l7.tls import Contexts, build_contexts
 from .logs import fields
-from .table import TLS, Listener, Table, TableError
+from .table import TLS, Backend, Listener, Table, TableError
 
 if TYPE_CHECKING:
     from .tracing import Tracer
@@ -118,7 +118,8 @@ class Dataplane:
         # Spans go to tracer: the one given (tests), or one exporting to --otlp-endpoint.
         self.tracer = tracer if tracer is not None else open_tracer(self.settings)
         self.table: Table | None = None
-        self.listeners: dict[int, ServingListener] = {}
+        self.listeners: dict[int, ServingListener] = {}  # TCP ports
+        self.udp_listeners: dict[int, ServingListener] = {}  # UDP ports (kind "udp")
         self.listener_errors: dict[int, str] = {}
         self.health = HealthRegistry()
         # SSL contexts by port, built from the table before it is swapped in, and the TLS
@@ -300,7 +301,7 @@ class Dataplane:
         scope = _scope(current, table)
         self.tls_contexts, self._tls_sources = self._prepare_tls(table, scope)
         await self._reconcile_listeners(table, current, scope)
-        if scope is None or any(table.listeners.get(p, _NO_LISTENER).l4 for p in scope):
+        if scope is None or any(_has_l4(table.listeners.get(p, _NO_LISTENER)) for p in scope):
             self.health.retain(table)  # health checks are set on L4 listeners
         self.table = table
         self.tables_applied += 1
@@ -343,7 +344,7 @@ class Dataplane:
             listener = table.listeners.get(port)
             if listener is None:
                 continue
-            kind = "l4" if listener.l4 is not None else "l7"
+            kind = listener.tcp_kind
             running = self.listeners.get(port)
             if running is not None and running.kind == kind:
                 if current is None or not _unchanged(port, listener, current, table):
@@ -351,27 +352,44 @@ class Dataplane:
                 continue
             if running is not None:
                 self._retire(port)
-            await self._open(port, kind, listener, table)
+            if kind is not None:
+                await self._open(port, kind, listener, table)
+        await self._reconcile_udp(table, current, ports)
+
+    async def _reconcile_udp(self, table: Table, current: Table | None, ports: Iterable[int]) -> None:
+        """The UDP faces: a port's UDP listener lives beside its TCP one."""
+        for port in [p for p in self.udp_listeners if table.listeners.get(p, _NO_LISTENER).udp is None]:
+            self._retire(port, udp=True)
+        for port in sorted(ports):
+            listener = table.listeners.get(port)
+            if listener is None or listener.udp is None:
+                continue
+            running = self.udp_listeners.get(port)
+            if running is None:
+                await self._open(port, "udp", listener, table)
+            elif current is None or not _unchanged(port, listener, current, table):
+                running.update(listener, table)
 
     async def _open(self, port: int, kind: str, listener: Listener, table: Table) -> None:
         factory = self.factories.get(kind)
+        udp = kind == "udp"
         if factory is None:
             self.listener_errors[port] = f"no {kind} listener support in this dataplane"
             return
         try:
             serving = await factory(self, port, listener, table)
         except OSError as err:
-            self.listener_errors[port] = (
-                f"cannot listen on {self.settings.address}:{port}: {err.strerror or err}"
-            )
+            where = f"{'udp ' if udp else ''}{self.settings.address}:{port}"
+            self.listener_errors[port] = f"cannot listen on {where}: {err.strerror or err}"
             log.error("listener failed", extra=fields(port=port, error=self.listener_errors[port]))
             return
-        self.listener_errors.pop(port, None)
-        self.listeners[port] = serving
+        if (self.listener_errors.get(port) or "").startswith("cannot listen on udp ") == udp:
+            self.listener_errors.pop(port, None)  # this face's error, not the other's
+        (self.udp_listeners if udp else self.listeners)[port] = serving
         log.info("listener started", extra=fields(port=port, kind=kind))
 
-    def _retire(self, port: int, grace: float | None = None) -> None:
-        serving = self.listeners.pop(port)
+    def _retire(self, port: int, grace: float | None = None, *, udp: bool = False) -> None:
+        serving = (self.udp_listeners if udp else self.listeners).pop(port)
         serving.stop_accepting()
         grace = self.settings.drain_grace if grace is None else grace
         task = asyncio.get_running_loop().create_task(serving.drain(grace))
@@ -408,6 +426,8 @@ class Dataplane:
                 self._persist(self.table)  # what a save in waiting would have written
         for port in list(self.listeners):
             self._retire(port, grace)
+        for port in list(self.udp_listeners):
+            self._retire(port, grace, udp=True)
         if self._draining:
             await asyncio.gather(*self._draining, return_exceptions=True)
         await self.health.close()
@@ -430,15 +450,13 @@ def _scope(current: Table | None, table: Table) -> set[int] | None:
 def _unchanged(port: int, listener: Listener, current: Table, table: Table) -> bool:
     """Whether the L4 listener on port serves exactly as before: the same part and the
     same clusters. L7 listeners are always updated: they rebuild only what changed."""
-    if listener.l4 is None or current.listeners.get(port) is not listener:
+    if listener.l7 is not None or current.listeners.get(port) is not listener:
         return False  # an L7 listener looks at what changed itself (l7.config)
     if table.clusters is current.clusters:
         return True
-    if listener.l4 is None:
-        return False
     return all(
         table.clusters.get(b.cluster) is current.clusters.get(b.cluster)
-        for b in listener.l4.backends
+        for b in _l4_backends(listener)
         if b.cluster is not None
     )
 
@@ -453,9 +471,25 @@ def open_tracer(settings: Settings) -> Tracer | None:
     return tracing.open_tracer(settings.otlp_endpoint, settings.trace_sampling)
 
 
+def _has_l4(listener: Listener) -> bool:
+    return listener.l4 is not None or listener.passthrough is not None or listener.udp is not None
+
+
+def _l4_backends(listener: Listener) -> Iterator[Backend]:
+    """The backends of a port's L4 faces."""
+    if listener.l4 is not None:
+        yield from listener.l4.backends
+    if listener.passthrough is not None:
+        for route in listener.passthrough.routes.values():
+            yield from route.backends
+    if listener.udp is not None:
+        yield from listener.udp.backends
+
+
 def default_factories() -> dict[str, ListenerFactory]:
     """The L4 and L7 listener implementations."""
     from .l4.listener import open_l4
     from .l7.listener import open_l7
+    from .udp.listener import open_udp
 
-    return {"l4": open_l4, "l7": open_l7}
+    return {"l4": open_l4, "l7": open_l7, "udp": open_udp}

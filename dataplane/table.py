@@ -230,15 +230,66 @@ class HealthCheck(_Model):
     healthyThreshold: Annotated[int, Field(ge=1)]
 
 
+class Limits(_Model):
+    """What one client may open on a listener (a client is an IPv4 address or an IPv6
+    /64), and how fast the listener accepts at all; absent fields mean no limit.
+    Connections on TCP, sessions on UDP."""
+
+    clientConnections: Annotated[int, Field(ge=1)] | None = None  # at once, per client
+    clientRate: Annotated[float, Field(gt=0)] | None = None  # new per second, per client
+    clientBurst: Annotated[int, Field(ge=1)] = 1
+    acceptRate: Annotated[float, Field(gt=0)] | None = None  # new per second, whole listener
+    acceptBurst: Annotated[int, Field(ge=1)] = 1
+
+
+Policy = Literal["RoundRobin", "LeastConnections", "Random", "ConsistentHash"]
+
+
 class L4Listener(_Part):
     source: str
     backends: list[Backend]
-    policy: Literal["RoundRobin", "LeastConnections", "Random", "ConsistentHash"] = "RoundRobin"
+    policy: Policy = "RoundRobin"
     healthCheck: HealthCheck | None = None
     connectTimeout: Seconds = 5.0
     idleTimeout: Seconds = 3600.0
     proxyProtocol: Literal["None", "V1", "V2"] = "None"
     maxConnections: Annotated[int, Field(ge=1)] = 10000
+    limits: Limits | None = None
+
+
+class Passthrough(_Part):
+    """TLS passthrough: several L4 routes on one TCP port, each connection's chosen by
+    the SNI of its ClientHello (exact name, then the longest wildcard suffix, then the
+    default); the bytes, ClientHello included, go to the backend untouched."""
+
+    routes: dict[str, L4Listener] = Field(min_length=1)  # by source (namespace/name)
+    exact: dict[str, str] = Field(default_factory=dict)  # host name -> route
+    # Keyed by the suffix with its leading dot: "*.example.com" is ".example.com".
+    wildcard: dict[str, str] = Field(default_factory=dict)
+    default: str | None = None  # the route of hellos without a matching SNI (or none)
+    limits: Limits | None = None  # checked at accept, before any route is known
+
+    @field_validator("routes", "exact", "wildcard")
+    @classmethod
+    def _sorted(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return _sorted_keys(value)
+
+
+MAX_DATAGRAM = 65507  # the largest UDP payload IPv4 can carry
+
+
+class UDPListener(_Part):
+    """Datagrams on a UDP port, forwarded per session (the client's address and port)
+    to one endpoint over a connected socket; replies leave from the listener's socket."""
+
+    source: str
+    backends: list[Backend]
+    policy: Policy = "RoundRobin"
+    healthCheck: HealthCheck | None = None  # active TCP checks, where the Service has TCP too
+    idleTimeout: Seconds = 30.0  # a session without a datagram either way ends
+    maxSessions: Annotated[int, Field(ge=1)] = 10000
+    maxDatagramSize: Annotated[int, Field(ge=1, le=MAX_DATAGRAM)] = MAX_DATAGRAM
+    limits: Limits | None = None
 
 
 class ValueCondition(_Model):
@@ -404,8 +455,35 @@ def rule_id(route: str, index: int) -> str:
 
 
 class Listener(_Model):
+    """What a port serves: on TCP one of l4, passthrough and l7; on UDP, udp."""
+
     l4: L4Listener | None = None
     l7: L7Listener | None = None
+    passthrough: Passthrough | None = None
+    udp: UDPListener | None = None
+
+    @property
+    def tcp_kind(self) -> str | None:
+        """The kind of TCP listener (l4 or l7) the port needs, None for a UDP-only port.
+        Passthrough is an L4 listener that routes by SNI."""
+        if self.l7 is not None:
+            return "l7"
+        if self.l4 is not None or self.passthrough is not None:
+            return "l4"
+        return None
+
+    def tcp_parts(self, port: str) -> Iterator[tuple[PartPath, _Model]]:
+        """The parts of the TCP face, head first."""
+        if self.l4 is not None:
+            yield ("listeners", port, "l4"), self.l4
+        elif self.passthrough is not None:
+            yield ("listeners", port, "passthrough"), self.passthrough
+        elif self.l7 is not None:
+            yield from l7_parts(port, self.l7)
+
+    def without_tcp(self) -> Listener | None:
+        """This port's UDP face alone; None when it has none."""
+        return Listener.build(udp=self.udp) if self.udp is not None else None
 
 
 class Table(_Model):
@@ -491,10 +569,9 @@ class Table(_Model):
             yield ("clusters", name), cluster
         for port, listener in self.listeners.items():
             key = str(port)
-            if listener.l4 is not None:
-                yield ("listeners", key, "l4"), listener.l4
-            if listener.l7 is not None:
-                yield from l7_parts(key, listener.l7)
+            yield from listener.tcp_parts(key)
+            if listener.udp is not None:
+                yield ("listeners", key, "udp"), listener.udp
 
     def stamped(self, generation: int) -> Table:
         """This table with its version computed and the given generation."""
@@ -532,13 +609,12 @@ class Table(_Model):
             where = f"listeners.{port}"
             if not 1 <= port <= 65535:
                 raise TableError(f"{where}: port must be 1-65535")
-            if (listener.l4 is None) == (listener.l7 is None):
-                raise TableError(f"{where}: set exactly one of l4 and l7")
-            if listener.l4 is not None:
-                check_backends(f"{where}.l4", listener.l4.backends, self.clusters)
-                for i, backend in enumerate(listener.l4.backends):
-                    if backend.filters is not None:
-                        raise TableError(f"{where}.l4.backends.{i}.filters: filters are for L7 backends")
+            tcp_faces = [listener.l4, listener.l7, listener.passthrough].count(None)
+            if tcp_faces < 2:
+                raise TableError(f"{where}: set at most one of l4, passthrough and l7")
+            if tcp_faces == 3 and listener.udp is None:
+                raise TableError(f"{where}: set one of l4, passthrough and l7, or udp, or both")
+            check_l4_faces(where, listener, self.clusters)
             if listener.l7 is not None:
                 for rid, rule in listener.l7.rules.items():
                     check_rule(f"{where}.l7.rules.{rid}", rule, self.clusters)
@@ -595,6 +671,35 @@ def check_backends(where: str, backends: list[Backend], clusters: Mapping[str, C
     for i, backend in enumerate(backends):
         if backend.cluster is not None and backend.cluster not in clusters:
             raise TableError(f"{where}.backends.{i}.cluster: no cluster named {backend.cluster!r}")
+
+
+def check_l4_backends(where: str, backends: list[Backend], clusters: Mapping[str, Cluster]) -> None:
+    """An L4 face's backends: known clusters, and no filters (they act on HTTP)."""
+    check_backends(where, backends, clusters)
+    for i, backend in enumerate(backends):
+        if backend.filters is not None:
+            raise TableError(f"{where}.backends.{i}.filters: filters are for L7 backends")
+
+
+def check_l4_faces(where: str, listener: Listener, clusters: Mapping[str, Cluster]) -> None:
+    """The backends of a port's L4 faces (plain, passthrough, UDP), and the SNI index."""
+    if listener.l4 is not None:
+        check_l4_backends(f"{where}.l4", listener.l4.backends, clusters)
+    if listener.udp is not None:
+        check_l4_backends(f"{where}.udp", listener.udp.backends, clusters)
+    passthrough = listener.passthrough
+    if passthrough is None:
+        return
+    for source, route in passthrough.routes.items():
+        check_l4_backends(f"{where}.passthrough.routes.{source}", route.backends, clusters)
+    named = [("exact", k, v) for k, v in passthrough.exact.items()]
+    named += [("wildcard", k, v) for k, v in passthrough.wildcard.items()]
+    for kind, key, source in named:
+        check_host_key(f"{where}.passthrough.{kind}.{key}", kind, key)
+        if source not in passthrough.routes:
+            raise TableError(f"{where}.passthrough.{kind}.{key}: no route named {source!r}")
+    if passthrough.default is not None and passthrough.default not in passthrough.routes:
+        raise TableError(f"{where}.passthrough.default: no route named {passthrough.default!r}")
 
 
 def check_rule(where: str, rule: Rule, clusters: Mapping[str, Cluster]) -> None:

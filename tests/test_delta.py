@@ -39,6 +39,15 @@ def patched(base: Table, target: Table) -> Table:
         ("tls-basic", "l7-basic"),  # TLS goes away
         ("l7-basic", "tls-two-certificates"),
         ("tls-basic", "tls-two-certificates"),
+        ("l4-basic", "sni-basic"),  # plain L4 becomes passthrough
+        ("sni-basic", "sni-conflicts"),
+        ("sni-basic", "l7-basic"),
+        ("l4-basic", "udp-basic"),  # a UDP face appears beside the TCP one
+        ("udp-basic", "l4-basic"),
+        ("udp-basic", "udp-conflict"),
+        ("l7-basic", "udp-conflict"),  # an L7 port gains a UDP face
+        ("udp-conflict", "l7-basic"),
+        ("udp-conflict", "udp-health-needs-tcp"),
     ],
 )
 def test_a_patched_table_is_the_target(before: str, after: str) -> None:

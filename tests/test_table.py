@@ -60,7 +60,30 @@ def good() -> dict[str, Any]:
         ),
         (
             lambda t: t["listeners"]["8080"].update(l4=t["listeners"]["7000"]["l4"]),
-            "exactly one of l4 and l7",
+            "at most one of l4, passthrough and l7",
+        ),
+        (
+            lambda t: t["listeners"].update({"9": {}}),
+            "set one of l4, passthrough and l7, or udp",
+        ),
+        (
+            lambda t: t["listeners"].update(
+                {"443": {"passthrough": {"routes": {"a/b": t["listeners"]["7000"]["l4"]}, "default": "a/c"}}}
+            ),
+            "passthrough.default: no route named 'a/c'",
+        ),
+        (
+            lambda t: t["listeners"].update(
+                {
+                    "443": {
+                        "passthrough": {
+                            "routes": {"a/b": t["listeners"]["7000"]["l4"]},
+                            "wildcard": {"example.com": "a/b"},
+                        }
+                    }
+                }
+            ),
+            "a wildcard key starts with '.'",
         ),
         (lambda t: t.update(version="sha256:0000"), "does not match the content"),
         (lambda t: t["listeners"].update({"70000": t["listeners"]["7000"]}), "port must be 1-65535"),

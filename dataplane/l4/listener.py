@@ -40,7 +40,10 @@ class L4Config:
 
 
 def endpoint_weights(
-    backends: Iterable[table.Backend], clusters: dict[str, table.Cluster], health: HealthRegistry
+    backends: Iterable[table.Backend],
+    clusters: dict[str, table.Cluster],
+    health: HealthRegistry,
+    protocol: str = "tcp",
 ) -> tuple[list[tuple[EndpointState, float]], float]:
     """Each resolved backend's weight split evenly over its endpoints; and the share of
     weight held by unresolved references."""
@@ -54,7 +57,7 @@ def endpoint_weights(
             continue
         endpoints = clusters[backend.cluster].endpoints
         for e in endpoints:
-            state = health.endpoint(e.address, e.port)
+            state = health.endpoint(e.address, e.port, protocol)
             weighted[state] = weighted.get(state, 0.0) + backend.weight / len(endpoints)
     return list(weighted.items()), (unresolved / total if total else 0.0)
 

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 from dataplane import table
 from dataplane.delta import Changes, carry_parts_sum
+from dataplane.table import PartPath
 
 from ..resources.common import Condition
 from .backends import BackendResolver
 from .cache import CompileCache
 from .parse import entry_of, parse_all, superseded_conditions, with_fallback
 from .port import Context, PortResult, compile_port
-from .ports import Invalid, Parsed, claim_order, references_of
+from .ports import Invalid, Parsed, Slot, claim_order, references_of
 from .snapshot import REFERENCE_KINDS, ROUTE_KINDS, Object, ObjectKey, Snapshot
 from .tls import SecretIndex
 
@@ -53,7 +54,7 @@ class _State:
     served: frozenset[ObjectKey]
     results: dict[ObjectKey, Parsed | Invalid]  # the parse that counts, per key
     duplicates: bool  # some key came twice (files): compile everything
-    ports: dict[int, PortResult]
+    ports: dict[Slot, PortResult]  # a TCP and a UDP slot may share a port number
     objects: dict[int, Object]  # the snapshot's objects by id (held, so ids stay theirs)
     # ("Service" | "Secret", namespace, name) -> the route objects that name it
     users: dict[tuple[str, str, str], set[ObjectKey]]
@@ -83,10 +84,10 @@ def _compile_all(snapshot: Snapshot, cache: CompileCache, state: _State | None) 
     context = Context(resolver, secrets, cache)
     fallback = snapshot.last_valid
     results = {key: with_fallback(key, copies[0], fallback, cache) for key, copies in parses.items()}
-    by_port: dict[int, list[Parsed]] = {}
+    by_port: dict[Slot, list[Parsed]] = {}
     for result in results.values():
         if isinstance(result, Parsed):
-            by_port.setdefault(result.port, []).append(result)
+            by_port.setdefault(result.slot, []).append(result)
     ports = {}
     previous = state.ports if state is not None else {}
     for port in sorted(by_port):
@@ -174,12 +175,12 @@ def _compile_changes(snapshot: Snapshot, cache: CompileCache, state: _State) -> 
         statuses.pop(key, None)
     last_valid = dict(state.last_valid)
     superseded = set(state.superseded) - changed
-    touched: dict[int, set[ObjectKey]] = {}
+    touched: dict[Slot, set[ObjectKey]] = {}
     for key in keys_removed:
         old = results.pop(key, None)
         last_valid.pop(key, None)
         if isinstance(old, Parsed):
-            touched.setdefault(old.port, set()).add(key)
+            touched.setdefault(old.slot, set()).add(key)
             _count_users(users, old, -1)
     for obj, key, parsed in entries:
         result = with_fallback(key, parsed, snapshot.last_valid, cache)
@@ -191,14 +192,14 @@ def _compile_changes(snapshot: Snapshot, cache: CompileCache, state: _State) -> 
             last_valid[key] = snapshot.last_valid[key]
             superseded.add(key)
         if isinstance(result, Parsed):
-            touched.setdefault(result.port, set()).add(key)
+            touched.setdefault(result.slot, set()).add(key)
             _count_users(users, result, +1)
         else:
             statuses[key] = result.conditions
     for key in forced - changed:
         kept = results.get(key)
         if isinstance(kept, Parsed):
-            touched.setdefault(kept.port, set()).add(key)
+            touched.setdefault(kept.slot, set()).add(key)
     cache.forget([key for key in changed if key not in results])
     ports = dict(state.ports)
     served = set(state.served)
@@ -213,7 +214,7 @@ def _compile_changes(snapshot: Snapshot, cache: CompileCache, state: _State) -> 
         now_here: dict[ObjectKey, Parsed | None] = dict.fromkeys(keys)
         for key in keys:
             now_parsed = results.get(key)
-            if isinstance(now_parsed, Parsed) and now_parsed.port == port:
+            if isinstance(now_parsed, Parsed) and now_parsed.slot == port:
                 if key in changed:
                     bisect.insort(claimants, now_parsed, key=claim_order)
                 now_here[key] = now_parsed
@@ -226,7 +227,14 @@ def _compile_changes(snapshot: Snapshot, cache: CompileCache, state: _State) -> 
     if len(ports) != len(state.ports) or any(p not in state.ports for p in touched):
         ports = dict(sorted(ports.items()))
     base = state.table.content_version()
-    changes = Changes(base, {port: ports[port].changed if port in ports else None for port in touched})
+    changed_paths: dict[int, set[PartPath] | None] = {}
+    for slot in touched:
+        paths = ports[slot].changed if slot in ports else None
+        if slot.port in changed_paths:  # the TCP and the UDP face of one port both changed
+            earlier = changed_paths[slot.port]
+            paths = None if paths is None or earlier is None else paths | earlier
+        changed_paths[slot.port] = paths
+    changes = Changes(base, changed_paths)
     outcome = _State(
         table.Table(),
         statuses,
@@ -293,7 +301,15 @@ def _finish(
         clusters = {name: resolver.clusters[name] for name in sorted(names)}
         if changes is not None:
             changes = Changes(changes.base, changes.ports, clusters=True)
-    listeners = {port: r.listener for port, r in result.ports.items() if r.listener is not None}
+    previous = state.table.listeners if state is not None else {}
+    listeners: dict[int, table.Listener] = {}
+    for slot, r in result.ports.items():
+        if r.listener is None:
+            continue
+        other = listeners.get(slot.port)
+        listeners[slot.port] = (
+            r.listener if other is None else _both_faces(slot.port, other, r.listener, previous)
+        )
     built = table.Table.build(clusters=clusters, listeners=listeners)
     if state is not None:
         carry_parts_sum(state.table, built, changes)
@@ -305,6 +321,19 @@ def _finish(
     result.table = built
     cache.state = result
     return Compiled(built, result.statuses, result.served, changes, result.last_valid)
+
+
+def _both_faces(
+    port: int, first: table.Listener, second: table.Listener, previous: dict[int, table.Listener]
+) -> table.Listener:
+    """One port's TCP and UDP listeners as one table listener: the previous compile's
+    object when both faces are the same objects, so unchanged parts stay identical."""
+    faces = {k: v for k, v in [*first.__dict__.items(), *second.__dict__.items()] if v is not None}
+    kept = previous.get(port)
+    same = kept is not None and all(getattr(kept, k) is v for k, v in faces.items())
+    if same and kept is not None and sum(v is not None for v in kept.__dict__.values()) == len(faces):
+        return kept
+    return table.Listener.build(**faces)
 
 
 def _references(snapshot: Snapshot, cache: CompileCache) -> tuple[BackendResolver, SecretIndex]:

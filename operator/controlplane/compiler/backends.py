@@ -40,8 +40,10 @@ class ServiceRef(Protocol):
     def port(self) -> int: ...
 
 
-def cluster_name(namespace: str, service: str, port: int) -> str:
-    return f"{namespace}/{service}:{port}"
+def cluster_name(namespace: str, service: str, port: int, protocol: str = "TCP") -> str:
+    """A cluster's name: ``namespace/service:port``, with ``/udp`` for a UDP port (a Service
+    may have port 53 on TCP and on UDP, each with its own endpoints)."""
+    return f"{namespace}/{service}:{port}" + ("/udp" if protocol == "UDP" else "")
 
 
 class BackendResolver:
@@ -52,7 +54,7 @@ class BackendResolver:
         # (namespace, service) -> slice name -> the slice (None: malformed, no endpoints)
         self._slices: dict[tuple[str, str], dict[str, EndpointSlice | None]] = defaultdict(dict)
         self.clusters: dict[str, table.Cluster] = {}
-        self._resolved: dict[tuple[str, str, int], tuple[str | None, str | None]] = {}
+        self._resolved: dict[tuple[str, str, int, str], tuple[str | None, str | None]] = {}
         self.update([], [o for o in snapshot.objects if o.get("kind") in ("Service", "EndpointSlice")])
 
     def update(self, removed: Sequence[Object], added: Sequence[Object]) -> set[tuple[str, str]]:
@@ -83,15 +85,21 @@ class BackendResolver:
                 self.clusters.pop(cluster_name(*resolved), None)
         return affected
 
-    def resolve(self, namespace: str, refs: Sequence[BackendRef], field_path: str) -> Resolution:
+    def resolve(
+        self, namespace: str, refs: Sequence[BackendRef], field_path: str, protocol: str = "TCP"
+    ) -> Resolution:
+        """The backends of refs to Service ports of protocol (TCP or UDP)."""
         result = Resolution()
         for i, ref in enumerate(refs):
-            name = self.resolve_one(namespace, ref, f"{field_path}[{i}]", result)
+            name = self.resolve_one(namespace, ref, f"{field_path}[{i}]", result, protocol)
             result.backends.append(interned(table.Backend, cluster=name, weight=ref.weight))
         return result
 
-    def resolve_one(self, namespace: str, ref: ServiceRef, where: str, result: Resolution) -> str | None:
-        """The cluster of one reference, or None; what is wrong goes into result."""
+    def resolve_one(
+        self, namespace: str, ref: ServiceRef, where: str, result: Resolution, protocol: str = "TCP"
+    ) -> str | None:
+        """The cluster of one reference to a Service port of protocol, or None; what is
+        wrong goes into result."""
         if ref.namespace is not None and ref.namespace != namespace:
             result.not_permitted = True
             result.problems.append(
@@ -99,7 +107,7 @@ class BackendResolver:
                 f"only Services in {namespace} may be referenced"
             )
             return None
-        name, problem = self._cluster(namespace, ref)
+        name, problem = self._cluster(namespace, ref, protocol)
         if problem:
             result.problems.append(f"{where}: {problem}")
         return name
@@ -111,28 +119,39 @@ class BackendResolver:
             return None, "not permitted"
         return self._cluster(namespace, ref)
 
-    def _cluster(self, namespace: str, ref: ServiceRef) -> tuple[str | None, str | None]:
+    def _cluster(
+        self, namespace: str, ref: ServiceRef, protocol: str = "TCP"
+    ) -> tuple[str | None, str | None]:
         # Many routes name the same Service port: resolve each once per compile.
-        key = (namespace, ref.name, ref.port)
+        key = (namespace, ref.name, ref.port, protocol)
         found = self._resolved.get(key)
         if found is None:
-            found = self._resolved[key] = self._resolve_cluster(namespace, ref)
+            found = self._resolved[key] = self._resolve_cluster(namespace, ref, protocol)
         return found
 
-    def _resolve_cluster(self, namespace: str, ref: ServiceRef) -> tuple[str | None, str | None]:
+    def has_port(self, namespace: str, name: str, port: int, protocol: str) -> bool:
+        """Whether the Service has this port number on this protocol."""
+        service = self._services.get((namespace, name))
+        if service is None or isinstance(service, str):
+            return False
+        return any(p.port == port and p.protocol == protocol for p in service.spec.ports)
+
+    def _resolve_cluster(
+        self, namespace: str, ref: ServiceRef, protocol: str
+    ) -> tuple[str | None, str | None]:
         service = self._services.get((namespace, ref.name))
         if service is None:
             return None, f"Service {namespace}/{ref.name} not found"
         if isinstance(service, str):
             return None, f"Service {namespace}/{ref.name} {service}"
-        port = next((p for p in service.spec.ports if p.port == ref.port), None)
+        port = next((p for p in service.spec.ports if p.port == ref.port and p.protocol == protocol), None)
         if port is None:
-            have = ", ".join(str(p.port) for p in service.spec.ports) or "none"
+            have = ", ".join(_port_text(p) for p in service.spec.ports) or "none"
             return (
                 None,
-                f"Service {namespace}/{ref.name} has no port {ref.port} (its ports: {have})",
+                f"Service {namespace}/{ref.name} has no {protocol} port {ref.port} (its ports: {have})",
             )
-        name = cluster_name(namespace, ref.name, ref.port)
+        name = cluster_name(namespace, ref.name, ref.port, protocol)
         if name not in self.clusters:
             self.clusters[name] = table.Cluster.build(endpoints=self._endpoints(namespace, ref.name, port))
         return name, None
@@ -153,6 +172,10 @@ class BackendResolver:
                     if _is_ip(address):
                         found.add((address, number))
         return [table.Endpoint.build(address=a, port=p) for a, p in sorted(found)]
+
+
+def _port_text(port: ServicePort) -> str:
+    return f"{port.port}" if port.protocol == "TCP" else f"{port.port}/{port.protocol}"
 
 
 def _service(obj: Object) -> Service | str:

@@ -19,10 +19,11 @@ from ..resources.l7route import L7Route
 from . import conditions as c
 from .backends import BackendResolver, Resolution
 from .cache import CompileCache
-from .l4 import build_l4
+from .l4 import build_l4, build_udp
 from .l7 import L7Port, RouteRefs
-from .ports import Parsed, Refusal, claim_port, verdict
+from .ports import Parsed, Refusal, Slot, claim_port, verdict
 from .snapshot import ObjectKey
+from .sni import HOSTNAME_CONFLICT, index_hostnames, served_message
 from .tls import SecretIndex
 
 
@@ -55,7 +56,7 @@ class Context:
 
 
 def compile_port(
-    port: int,
+    slot: Slot,
     claimants: list[Parsed],
     changed: dict[ObjectKey, Parsed | None] | None,
     context: Context,
@@ -64,6 +65,7 @@ def compile_port(
     """The port's result. changed names the objects that may differ from previous, with
     what each is now on this port (None: it left); changed None: any may. The result
     equals a compile from scratch either way."""
+    port = slot.port
     cache = context.cache
     oldest = claimants[0]
     incremental = (
@@ -84,6 +86,8 @@ def compile_port(
         refused = {}
         owners = claim_port(claimants, refused)
     if isinstance(oldest.model, L4Listener):
+        if any(isinstance(p.model, L4Listener) and p.model.spec.hostnames for p in owners):
+            return _passthrough_port(port, claimants, refused, context)
         return _l4_port(port, claimants, refused, context)
     l7 = previous.l7 if previous is not None and previous.l7 is not None else L7Port(port)
     # The listener serves owners only: a changed object refused on this port leaves it.
@@ -119,9 +123,10 @@ def compile_port(
 def _l4_port(
     port: int, claimants: list[Parsed], refused: dict[ObjectKey, Refusal], context: Context
 ) -> PortResult:
+    """A port of one L4Listener, on TCP or UDP."""
     cache = context.cache
     owner = claimants[0]
-    listener, resolution = _l4(owner, context.resolver, cache, owner.key in context.force)
+    listener, resolution = l4_listener(owner, context.resolver, cache, owner.key in context.force)
     statuses = {owner.key: memo_status(cache, _l4_conditions, owner, port, resolution)}
     for p in claimants[1:]:
         statuses[p.key] = memo_status(cache, _refused_conditions, p, refused[p.key])
@@ -129,15 +134,86 @@ def _l4_port(
     return PortResult(claimants, refused, listener, statuses, {owner.key}, clusters)
 
 
-def _l4(
+def _passthrough_port(
+    port: int, claimants: list[Parsed], refused: dict[ObjectKey, Refusal], context: Context
+) -> PortResult:
+    """A TCP port shared by L4Listeners with hostnames: routes chosen by SNI."""
+    cache = context.cache
+    owners = [p for p in claimants if p.key not in refused]
+    index = index_hostnames(port, owners)
+    refused = {**refused, **index.refused}
+    routes: dict[str, table.L4Listener] = {}
+    statuses: dict[ObjectKey, list[Condition]] = {}
+    clusters: set[str] = set()
+    port_owner = next(p for p in owners if p.key in index.served)
+    for p in owners:
+        if p.key in refused:
+            continue
+        listener, resolution = l4_listener(p, context.resolver, cache, p.key in context.force)
+        route = listener.l4
+        assert route is not None
+        # Limits apply at accept, before a ClientHello names a route: the port's come
+        # from its oldest listener (Passthrough.limits).
+        routes[p.key.ref] = table.L4Listener.build(**{**route.__dict__, "limits": None})
+        clusters.update(b.cluster for b in resolution.backends if b.cluster is not None)
+        message = served_message(port, index.served[p.key], index.taken.get(p.key, []))
+        if route.limits is not None and p is not port_owner:
+            message += (
+                f"; its limits are not used: connections on port {port} are limited at accept "
+                f"by those of the oldest listener, {port_owner.key}"
+            )
+        reason = HOSTNAME_CONFLICT if p.key in index.taken else None
+        statuses[p.key] = memo_status(cache, _passthrough_conditions, p, message, reason, resolution)
+    for p in claimants:
+        if p.key in refused:
+            statuses[p.key] = memo_status(cache, _refused_conditions, p, refused[p.key])
+    owner_limits = l4_listener(port_owner, context.resolver, cache, False)[0].l4
+    passthrough = table.Passthrough.build(
+        routes=dict(sorted(routes.items())),
+        exact=dict(sorted(index.exact.items())),
+        wildcard=dict(sorted(index.wildcard.items())),
+        default=index.default,
+        limits=owner_limits.limits if owner_limits is not None else None,
+    )
+    served = {p.key for p in owners if p.key not in refused}
+    listener = table.Listener.build(passthrough=passthrough)
+    return PortResult(claimants, refused, listener, statuses, served, frozenset(clusters))
+
+
+def _passthrough_conditions(
+    p: Parsed, message: str, reason: str | None, resolution: Resolution
+) -> list[Condition]:
+    accepted = c.condition(c.ACCEPTED, True, reason or c.ACCEPTED, message, p.generation)
+    return [accepted, refs_condition(p, resolution)]
+
+
+def l4_listener(
     p: Parsed, resolver: BackendResolver, cache: CompileCache, force: bool
 ) -> tuple[table.Listener, Resolution]:
+    """The table listener of one L4Listener (its l4 or its udp face), remembered."""
     assert isinstance(p.model, L4Listener)
     kept = cache.l4.get(p.key)
     if kept is not None and kept[0] is p and kept[1] is resolver and not force:
         return kept[2]  # type: ignore[no-any-return]
-    resolution = resolver.resolve(p.key.namespace, p.model.spec.backendRefs, "spec.backendRefs")
-    result = (build_l4(p.model, p.key.ref, resolution), resolution)
+    spec = p.model.spec
+    resolution = resolver.resolve(p.key.namespace, spec.backendRefs, "spec.backendRefs", spec.protocol)
+    if spec.protocol == "UDP":
+        unchecked = [
+            ref.name
+            for ref in spec.backendRefs
+            if spec.healthCheck is not None
+            and not resolver.has_port(p.key.namespace, ref.name, ref.port, "TCP")
+        ]
+        for name in unchecked:
+            resolution.problems.append(
+                f"spec.healthCheck: Service {p.key.namespace}/{name} has no TCP port {spec.port} to check "
+                "(checks are TCP connects); health checks are off: add the TCP port or remove healthCheck"
+            )
+        udp = build_udp(p.model, p.key.ref, resolution, checked=not unchecked)
+        listener = table.Listener.build(udp=udp)
+    else:
+        listener = table.Listener.build(l4=build_l4(p.model, p.key.ref, resolution))
+    result = (listener, resolution)
     cache.l4[p.key] = (p, resolver, result)
     return result
 
@@ -161,7 +237,8 @@ def _refused_conditions(p: Parsed, why: Refusal) -> list[Condition]:
 
 
 def _l4_conditions(p: Parsed, port: int, resolution: Resolution) -> list[Condition]:
-    return _accepted(p, f"serving TCP on port {port}", _refs_condition(p, resolution))
+    protocol = p.model.spec.protocol if isinstance(p.model, L4Listener) else "TCP"
+    return _accepted(p, f"serving {protocol} on port {port}", refs_condition(p, resolution))
 
 
 def _l7_conditions(p: Parsed, message: str, refs: RouteRefs, dropped: bool) -> list[Condition]:
@@ -172,7 +249,7 @@ def _accepted(p: Parsed, message: str, refs: Condition) -> list[Condition]:
     return [c.condition(c.ACCEPTED, True, c.ACCEPTED, message, p.generation), refs]
 
 
-def _refs_condition(p: Parsed, resolution: Resolution) -> Condition:
+def refs_condition(p: Parsed, resolution: Resolution) -> Condition:
     if not resolution.problems:
         return c.condition(c.RESOLVED_REFS, True, c.RESOLVED_REFS, "all backendRefs resolved", p.generation)
     reason = c.REF_NOT_PERMITTED if resolution.not_permitted else c.BACKEND_NOT_FOUND

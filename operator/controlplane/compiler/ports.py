@@ -1,19 +1,30 @@
 """Port ownership: the oldest object on a port decides what the port is.
 
-An L4Listener owns its port alone. L7Routes on one port merge into one HTTP listener;
-the port is TLS when its oldest route says so, and a route that disagrees is refused.
+TCP and UDP port numbers are separate (a Slot each): a UDP L4Listener never conflicts with
+what listens on TCP. A UDP port has one L4Listener. On TCP, an L4Listener without
+hostnames owns its port alone, except that L4Listeners with hostnames (TLS passthrough,
+routed by SNI) may share it; L7Routes on one port merge into one HTTP listener; the port
+is TLS when its oldest route says so, and a route that disagrees is refused. L7Routes
+and L4Listeners never share a port.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..resources.common import Condition
 from ..resources.l4listener import L4Listener
 from ..resources.l7route import L7Route
 from .snapshot import ObjectKey
+
+
+class Slot(NamedTuple):
+    """A port number on one transport."""
+
+    port: int
+    protocol: str  # TCP | UDP
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,12 @@ class Parsed:
     @property
     def port(self) -> int:
         return self.model.spec.port
+
+    @property
+    def slot(self) -> Slot:
+        model = self.model
+        protocol = model.spec.protocol if isinstance(model, L4Listener) else "TCP"
+        return Slot(model.spec.port, protocol)
 
 
 @dataclass(frozen=True)
@@ -59,12 +76,12 @@ def references_of(p: Parsed) -> set[tuple[str, str, str]]:
     return names
 
 
-def claim_ports(objects: list[Parsed]) -> tuple[dict[int, list[Parsed]], dict[ObjectKey, Refusal]]:
+def claim_ports(objects: list[Parsed]) -> tuple[dict[Slot, list[Parsed]], dict[ObjectKey, Refusal]]:
     """Owners of each port (oldest first) and the objects refused, with why."""
-    by_port: dict[int, list[Parsed]] = defaultdict(list)
+    by_port: dict[Slot, list[Parsed]] = defaultdict(list)
     for parsed in objects:
-        by_port[parsed.port].append(parsed)
-    owners: dict[int, list[Parsed]] = {}
+        by_port[parsed.slot].append(parsed)
+    owners: dict[Slot, list[Parsed]] = {}
     refused: dict[ObjectKey, Refusal] = {}
     for port, claimants in by_port.items():
         claimants.sort(key=claim_order)
@@ -96,8 +113,28 @@ def verdict(oldest: Parsed, other: Parsed) -> Refusal | None:
         return None
     port = oldest.port
     if isinstance(oldest.model, L4Listener):
+        if oldest.model.spec.protocol == "UDP":
+            return Refusal(
+                "PortConflict", f"UDP port {port} is taken by the older {oldest.key}; choose another port"
+            )
+        if isinstance(other.model, L4Listener) and (
+            oldest.model.spec.hostnames or other.model.spec.hostnames
+        ):
+            return None  # TLS passthrough: listeners share the port by SNI (see compiler.sni)
+        if isinstance(other.model, L7Route) and oldest.model.spec.hostnames:
+            return Refusal(
+                "PortConflict",
+                f"port {port} is taken by the older {oldest.key} (TLS passthrough by SNI); an L7Route "
+                "cannot share a port with L4Listeners; choose another port",
+            )
         return Refusal("PortConflict", f"port {port} is taken by the older {oldest.key}; choose another port")
     if isinstance(other.model, L4Listener):
+        if other.model.spec.hostnames:
+            return Refusal(
+                "PortConflict",
+                f"port {port} is taken by the older {oldest.key} (HTTP); TLS passthrough L4Listeners "
+                "cannot share a port with L7Routes; choose another port",
+            )
         return Refusal(
             "PortConflict", f"port {port} is taken by the older {oldest.key} (HTTP); choose another port"
         )

@@ -1,12 +1,17 @@
-"""The L4Listener resource: forward TCP arriving on a port to backends, bytes untouched."""
+"""The L4Listener resource: forward TCP connections or UDP datagrams arriving on a port to
+backends, bytes untouched; TCP listeners with hostnames share a port, routed by TLS SNI."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .common import BackendRef, Duration, Model, Port, Status, parse_duration
+from .l7route import Hostname
+
+# The largest UDP payload an IPv4 datagram can carry.
+MAX_DATAGRAM = 65507
 
 
 class LoadBalancing(Model):
@@ -44,19 +49,69 @@ class HealthCheck(Model):
 
 
 class L4Timeouts(Model):
-    """Connection timeouts."""
+    """Connection and session timeouts."""
 
-    connect: Duration = Field(default="5s", description="Limit on each connect attempt to a backend.")
-    idle: Duration = Field(
-        default="1h", description="Close a connection after this long with no bytes either way."
+    connect: Duration = Field(default="5s", description="Limit on each connect attempt to a backend (TCP).")
+    idle: Duration | None = Field(
+        default=None,
+        description=(
+            "Close a connection (end a UDP session) after this long with no bytes either way; "
+            "default 1h for TCP, 10s for UDP (longer than a DNS client's retry interval)."
+        ),
+    )
+
+
+class ConnectionRate(Model):
+    """A token bucket: connections (UDP: sessions) allowed per unit, in bursts of burst."""
+
+    connections: Annotated[int, Field(ge=1, le=1_000_000_000)] = Field(
+        description="New connections (UDP: sessions) allowed per unit."
+    )
+    unit: Literal["Second", "Minute", "Hour"] = Field(default="Second", description="Second, Minute or Hour.")
+    burst: Annotated[int, Field(ge=1, le=1_000_000_000)] | None = Field(
+        default=None, description="How many may come at once after a quiet spell; defaults to connections."
+    )
+
+
+class ClientLimits(Model):
+    """What one client may hold (like HAProxy's sc_conn_cur and sc_conn_rate). A client is
+    an IPv4 address or an IPv6 /64 (one host usually has a whole /64)."""
+
+    maxConnections: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        default=None, description="Connections (UDP: sessions) one client may have open at once."
+    )
+    connectionRate: ConnectionRate | None = Field(
+        default=None, description="New connections (UDP: sessions) one client may open, as a token bucket."
+    )
+
+
+class L4Limits(Model):
+    """Limits that absorb floods at the edge: the excess is closed (UDP: dropped) before
+    any backend is contacted, and counted in bilayer_l4_rejected / bilayer_udp_drops."""
+
+    perClient: ClientLimits | None = Field(default=None, description="Limits per client address.")
+    acceptRate: ConnectionRate | None = Field(
+        default=None, description="New connections (UDP: sessions) the whole listener takes."
     )
 
 
 class L4ListenerSpec(Model):
-    """Forward TCP connections arriving on port to the backends, bytes untouched."""
+    """Forward TCP connections or UDP datagrams arriving on port to the backends, bytes untouched."""
 
     port: Port = Field(description="Port the dataplane listens on (1-65535).")
-    protocol: Literal["TCP"] = Field(default="TCP", description="Transport protocol; TCP only.")
+    protocol: Literal["TCP", "UDP"] = Field(
+        default="TCP",
+        description="TCP or UDP. A TCP and a UDP listener may share a port number (DNS on 53).",
+    )
+    hostnames: list[Hostname] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "TLS passthrough (TCP): serve only connections whose ClientHello names one of these "
+            "(SNI; exact, or *.suffix). Listeners with hostnames share their port; one without "
+            "hostnames on that port is the default. TLS is not terminated."
+        ),
+    )
     backendRefs: list[BackendRef] = Field(
         min_length=1, max_length=16, description="Services that receive the connections."
     )
@@ -73,8 +128,47 @@ class L4ListenerSpec(Model):
     )
     maxConnections: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
         default=10000,
-        description="Connections beyond this many are accepted and closed at once.",
+        description="TCP connections beyond this many are accepted and closed at once.",
     )
+    maxSessions: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        default=None,
+        description=(
+            "UDP: sessions (client address and port) at once; datagrams that would start "
+            "another are dropped. Each holds a socket. Default 10000."
+        ),
+    )
+    maxDatagramSize: Annotated[int, Field(ge=1, le=MAX_DATAGRAM)] | None = Field(
+        default=None,
+        description="UDP: larger datagrams, either way, are dropped and counted. Default 65507 (any).",
+    )
+    limits: L4Limits | None = Field(
+        default=None, description="Per-client and accept limits; none when absent."
+    )
+
+    @field_validator("hostnames")
+    @classmethod
+    def _unique_hostnames(cls, hostnames: list[str]) -> list[str]:
+        if len(set(hostnames)) != len(hostnames):
+            raise ValueError("hostnames must be unique")
+        return hostnames
+
+    @model_validator(mode="after")
+    def _fields_of_protocol(self) -> L4ListenerSpec:
+        given = self.model_fields_set
+        if self.protocol == "UDP":
+            if self.hostnames:
+                raise ValueError(
+                    "hostnames: TLS passthrough is TCP only; remove hostnames or use protocol TCP"
+                )
+            if self.proxyProtocol != "None":
+                raise ValueError("proxyProtocol: PROXY headers are sent on TCP only; remove it for UDP")
+            if "maxConnections" in given:
+                raise ValueError("maxConnections: counts TCP connections; use maxSessions for UDP")
+        else:
+            for name in ("maxSessions", "maxDatagramSize"):
+                if name in given:
+                    raise ValueError(f"{name}: applies to UDP only; remove it or set protocol: UDP")
+        return self
 
 
 class L4Listener(Model):

@@ -1,0 +1,1 @@
+"""UDP listeners: datagrams forwarded per session (client address and port)."""
