@@ -105,6 +105,8 @@ class ClientLimiter:
 
     def release(self, client: Client, now: float) -> None:
         """One of the client's connections (sessions) ended."""
+        if self.clients.get(client.key) is not client:
+            return  # counted by the limiter of an earlier table
         client.active -= 1
         if client.active > 0:
             return

@@ -161,3 +161,44 @@ def apiserver() -> object:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def haproxy_tls_parser(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """HAProxy (Debian) accepting PROXY v1/v2, then terminating TLS for hap.example.com with
+    a trustme certificate, and answering with the source it read from the PROXY header."""
+    import subprocess
+
+    import trustme
+
+    from .helpers import free_port
+
+    binary = _require("haproxy", "haproxy")
+    port = free_port()
+    ca = trustme.CA()
+    leaf = ca.issue_cert("hap.example.com")
+    folder = tmp_path_factory.mktemp("haproxy-tls")
+    pem = folder / "hap.pem"
+    pem.write_bytes(leaf.private_key_pem.bytes() + b"".join(c.bytes() for c in leaf.cert_chain_pems))
+    config = folder / "parser.cfg"
+    answer = 'lf-string "%[src]:%[src_port] -> %[dst]:%[dst_port]\\n"'
+    config.write_text(
+        f"""global
+    log stderr format raw local0 err
+defaults
+    mode http
+    timeout client 5s
+    timeout server 5s
+    timeout connect 1s
+frontend parser
+    bind 127.0.0.1:{port} accept-proxy ssl crt {pem}
+    http-request return status 200 content-type text/plain {answer}
+"""
+    )
+    process = subprocess.Popen(
+        [binary, "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    _wait_port(port, process)
+    yield port, ca
+    process.terminate()
+    process.wait(10)

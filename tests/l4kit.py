@@ -96,3 +96,56 @@ async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
 
 def listener_port() -> int:
     return free_port()
+
+
+def objects_table(listeners: dict[str, dict[str, Any]], services: str, generation: int = 1) -> Table:
+    """A table from L4Listeners (name -> spec, in age order) and Services' YAML."""
+    import json
+
+    docs = [services]
+    for i, (name, spec) in enumerate(listeners.items()):
+        stamp = f"2026-01-01T00:00:{i:02d}Z"
+        meta = {"name": name, "namespace": "default", "creationTimestamp": stamp}
+        docs.append(
+            json.dumps(
+                {"apiVersion": "bilayer.dev/v1alpha1", "kind": "L4Listener", "metadata": meta, "spec": spec}
+            )
+        )
+    compiled = compile_yaml("\n---\n".join(docs), generation)
+    for key, conditions in compiled.statuses.items():
+        assert conditions[0].status == "True", (key, conditions)
+    return compiled.table
+
+
+def services_yaml(backends: dict[str, list[int]], protocol: str = "TCP") -> str:
+    """Services on port 80 (the given protocol) with endpoints on 127.0.0.1 at these ports."""
+    if protocol == "TCP":
+        return "---\n".join(
+            service(name, 80, [("127.0.0.1", p) for p in ports]) for name, ports in backends.items()
+        )
+    docs = []
+    for name, ports in backends.items():
+        docs.append(
+            f"""apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  ports: [{{name: main, port: 80, targetPort: main, protocol: {protocol}}}]
+"""
+        )
+        for i, target in enumerate(ports):
+            docs.append(
+                f"""apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-{i}, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: main, port: {target}, protocol: {protocol}}}]
+endpoints:
+- addresses: [127.0.0.1]
+"""
+            )
+    return "---\n".join(docs)
+
+
+def refs(*names: str) -> list[dict[str, Any]]:
+    return [{"name": name, "port": 80} for name in names]

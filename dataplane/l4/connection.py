@@ -1,5 +1,9 @@
 """One proxied TCP connection: accept, pick an endpoint, connect, then a pair of protocols
 that copy bytes straight across (dataplane/pair.py: flow control, half-close, idle timeout).
+
+On a TLS passthrough port the client side first reads the ClientHello (bounded in bytes
+by the reader, in time by the hello timer), the server name picks the route, and the
+hello goes to the backend with everything after it, untouched.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ import time
 from typing import TYPE_CHECKING
 
 from ..logs import fields
-from ..pair import Pair, Side
+from ..pair import POOL, Pair, Side
 from . import proxyproto
+from .sni import HelloError, HelloReader, NoName, route_of
 
 if TYPE_CHECKING:
     from ..health import EndpointState
+    from ..limits import Client
     from .listener import L4Config, ServingL4
 
 log = logging.getLogger("bilayer.l4")
@@ -34,6 +40,40 @@ class ClientSide(Side):
         self.pair.accepted(self.attach(transport))
 
 
+class HelloSide(ClientSide):
+    """The accepted socket of a passthrough port: reads the ClientHello first."""
+
+    __slots__ = ("reader",)
+
+    pair: Connection
+
+    def __init__(self, pair: Connection) -> None:
+        super().__init__(pair)
+        self.reader: HelloReader | None = HelloReader()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        reader = self.reader
+        if reader is None:
+            super().buffer_updated(nbytes)
+            return
+        buffer = self.buffer
+        assert buffer is not None
+        data = bytes(buffer[1][:nbytes])
+        POOL.give(buffer)
+        self.buffer = None
+        self.received += nbytes
+        self.early += data  # replayed to the backend once connected
+        try:
+            found = reader.feed(data)
+        except HelloError as err:
+            self.reader = None
+            self.pair.refuse("bad_hello", str(err))
+            return
+        if found is not None:
+            self.reader = None
+            self.pair.hello_read(found)
+
+
 class BackendSide(Side):
     """The socket to the chosen endpoint."""
 
@@ -46,7 +86,17 @@ class BackendSide(Side):
 class Connection(Pair):
     """One proxied connection: its endpoint, its connect task, its listener's accounting."""
 
-    __slots__ = ("client_address", "config", "connecting", "endpoint", "listener", "started")
+    __slots__ = (
+        "client_address",
+        "config",
+        "connecting",
+        "endpoint",
+        "hello_timer",
+        "limited",
+        "listener",
+        "route",
+        "started",
+    )
 
     def __init__(self, listener: ServingL4) -> None:
         self.listener = listener
@@ -56,13 +106,16 @@ class Connection(Pair):
         self.client_address: tuple[str, int] = ("", 0)
         self.connecting: asyncio.Task[None] | None = None
         self.started = 0.0
+        self.limited: Client | None = None  # what the per-client limits count for us
+        self.route: str | None = None  # the passthrough route, once the hello chose it
+        self.hello_timer: asyncio.TimerHandle | None = None
 
     def new_side(self) -> Side:
-        return ClientSide(self)
+        return HelloSide(self) if self.listener.router is not None else ClientSide(self)
 
     def accepted(self, transport: asyncio.Transport) -> None:
         listener = self.listener
-        if listener.active_connections >= self.config.max_connections:
+        if listener.active_connections >= listener.max_connections:
             listener.rejected["max_connections"] += 1
             self.finished = True
             transport.abort()
@@ -70,10 +123,57 @@ class Connection(Pair):
         peer = transport.get_extra_info("peername")
         self.client_address = (peer[0], peer[1]) if peer else ("", 0)
         self.started = time.monotonic()
+        if listener.limiter is not None:
+            # Refused before any backend is asked, with a reset: the cheapest close.
+            admitted = listener.limiter.admit(self.client_address[0], self.started)
+            if isinstance(admitted, str):
+                listener.rejected[admitted] += 1
+                self.finished = True
+                transport.abort()
+                return
+            self.limited = admitted
         listener.connections.add(self)
         listener.accepted += 1
+        loop = asyncio.get_running_loop()
+        if listener.router is not None:  # read the ClientHello first, within the time allowed
+            self.hello_timer = loop.call_later(listener.settings.header_timeout, self._hello_late)
+            return
         transport.pause_reading()  # nowhere to send bytes until the backend answers
+        self.connecting = loop.create_task(self._connect())
+
+    def hello_read(self, name: str | NoName) -> None:
+        """The ClientHello named a server (or none): connect to its route's backend."""
+        listener = self.listener
+        router = listener.router
+        assert router is not None and self.client.transport is not None
+        self._stop_hello_timer()
+        self.client.transport.pause_reading()
+        source = route_of(name, router.exact, router.wildcard, router.default)
+        if source is None:
+            self.refuse("no_route", f"no listener for server name {name!r} and no default")
+            return
+        config = router.routes[source]
+        if listener.route_active[source] >= config.max_connections:
+            self.refuse("max_connections", f"{source} has {config.max_connections} connections")
+            return
+        self.config, self.idle_timeout, self.route = config, config.idle_timeout, source
+        listener.route_active[source] += 1
         self.connecting = asyncio.get_running_loop().create_task(self._connect())
+
+    def _hello_late(self) -> None:
+        self.hello_timer = None
+        self.refuse("hello_timeout", "no complete ClientHello in time")
+
+    def _stop_hello_timer(self) -> None:
+        if self.hello_timer is not None:
+            self.hello_timer.cancel()
+            self.hello_timer = None
+
+    def refuse(self, reason: str, detail: str) -> None:
+        """Close a passthrough connection before any backend was asked."""
+        self.listener.rejected[reason] += 1
+        log.debug("connection refused", extra=fields(client=self.client_address[0], reason=detail))
+        self.abort(reason.replace("_", "-"))
 
     async def _connect(self) -> None:
         config = self.config
@@ -125,9 +225,15 @@ class Connection(Pair):
             self.connecting.cancel()
 
     def ended(self) -> None:
+        self._stop_hello_timer()
         if self.endpoint is not None:
             self.endpoint.active -= 1
-        self.listener.closed(self)
+        listener = self.listener
+        if self.route is not None:
+            listener.route_active[self.route] -= 1
+        if self.limited is not None and listener.limiter is not None:
+            listener.limiter.release(self.limited, time.monotonic())
+        listener.closed(self)
 
     def log_fields(self) -> dict[str, object]:
         return fields(
