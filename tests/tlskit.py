@@ -4,6 +4,7 @@ certificate, and ClientHellos made by Python's own TLS stack."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 
 import trustme
@@ -56,10 +57,8 @@ def client_hello(server_name: str | None) -> bytes:
         context.verify_mode = ssl.CERT_NONE
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):  # it waits for the server's answer
         tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return outgoing.read()
 
 
