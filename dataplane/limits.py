@@ -49,9 +49,9 @@ class Client:
 class ClientLimiter:
     """Admits or refuses new connections (UDP: sessions) by client and for the listener."""
 
-    def __init__(self, limits: Limits, capacity: int = IDLE_CLIENTS) -> None:
+    def __init__(self, limits: Limits, capacity: int | None = None) -> None:
         self.limits = limits
-        self.capacity = capacity
+        self.capacity = capacity if capacity is not None else IDLE_CLIENTS
         self.clients: dict[str | bytes, Client] = {}
         self.idle: OrderedDict[str | bytes, Client] = OrderedDict()  # active == 0, least recent first
         self.accept_tokens = float(limits.acceptBurst)
