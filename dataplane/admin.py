@@ -80,7 +80,7 @@ def build_app(
             for port, listener in sorted(table.listeners.items()):
                 error = dataplane.listener_errors.get(port)
                 listeners[str(port)] = {
-                    "kind": "l4" if listener.l4 is not None else "l7",
+                    "kind": "+".join(k for k in (listener.tcp_kind, listener.udp and "udp") if k),
                     "state": "error" if error else "serving",
                     **({"error": error} if error else {}),
                 }
