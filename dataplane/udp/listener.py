@@ -31,7 +31,7 @@ from ..balancer import Balancer, build
 from ..l4.listener import endpoint_weights
 from ..limits import Client, ClientLimiter
 from ..logs import fields
-from .session import BATCH, Address, Session
+from .session import Address, Session, pause_at_once
 
 if TYPE_CHECKING:
     from ..runtime import Dataplane
@@ -68,8 +68,8 @@ class UDPConfig:
     limits: table.Limits | None
 
 
-class ServingUDP:
-    """A running UDP listener."""
+class ServingUDP(asyncio.DatagramProtocol):
+    """A running UDP listener: the protocol of the listening socket."""
 
     kind = "udp"
 
@@ -77,11 +77,10 @@ class ServingUDP:
         self.port = port
         self.health = dataplane.health
         self.settings = dataplane.settings
-        self.sock: socket.socket
+        self.transport: asyncio.DatagramTransport
+        self.busy = False  # the listening socket holds unsent replies
         self.sessions: dict[Address, Session] = {}
-        # One buffer for every datagram either way: it is sent on before the next read.
-        self.buffer = bytearray(65536)
-        self.view = memoryview(self.buffer)
+        self.starting: set[asyncio.Task[None]] = set()
         self.limiter: ClientLimiter | None = None
         self.drops: Counter[str] = Counter()
         self.created = self.expired = 0
@@ -106,9 +105,8 @@ class ServingUDP:
         except BaseException:
             sock.close()
             raise
-        self.sock = sock
-        loop = asyncio.get_running_loop()
-        loop.add_reader(sock.fileno(), self._readable)
+        self.transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: self, sock=sock)
+        pause_at_once(self.transport)
         self._sweep_later()
 
     def update(self, listener: table.Listener, tbl: table.Table) -> None:
@@ -133,26 +131,26 @@ class ServingUDP:
         elif self.limiter is None or self.limiter.limits != udp.limits:
             self.limiter = ClientLimiter(udp.limits)  # new limits: counts start over
 
-    def _readable(self) -> None:
-        """The listener's socket is readable: each datagram to its session."""
-        sock, buffer, view = self.sock, self.buffer, self.view
-        sessions, largest = self.sessions, self.config.max_datagram
-        for _ in range(BATCH):
-            try:
-                n, client = sock.recvfrom_into(buffer)
-            except BlockingIOError:
-                return
-            except OSError:
-                continue  # an error queued on the socket; the next datagram is fine
-            session = sessions.get(client)
+    def datagram_received(self, data: bytes, client: Address) -> None:
+        """A datagram from a client, to its session."""
+        session = self.sessions.get(client)
+        if session is None:
+            session = self._open(client)
             if session is None:
-                session = self._open(client)
-                if session is None:
-                    continue
-            if n > largest:
-                self.drops["too_large"] += 1
-                continue
-            session.forward(view[:n])
+                return
+        if len(data) > self.config.max_datagram:
+            self.drops["too_large"] += 1
+            return
+        session.forward(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.drops["send_failed"] += 1  # a reply the kernel refused; the next one may go
+
+    def pause_writing(self) -> None:
+        self.busy = True
+
+    def resume_writing(self) -> None:
+        self.busy = False
 
     def _open(self, client: Address) -> Session | None:
         """A new session for client, or None (the datagram is dropped, counted)."""
@@ -176,18 +174,18 @@ class ServingUDP:
             self._release(limited, now)
             self.drops["no_endpoint"] += 1
             return None
-        try:
-            session = Session.open(self, client, endpoint, limited)
-        except OSError as err:
-            self._release(limited, now)
-            self.drops["socket_failed"] += 1
-            log.warning("cannot open a session socket", extra=fields(port=self.port, error=str(err)))
-            return None
+        session = Session(self, client, endpoint, limited)
+        task = asyncio.get_running_loop().create_task(session.connect())  # per session, not per datagram
+        self.starting.add(task)
+        task.add_done_callback(self.starting.discard)
         endpoint.active += 1
         endpoint.total += 1
         self.sessions[client] = session
         self.created += 1
         return session
+
+    def socket_failed(self, err: OSError) -> None:
+        log.warning("cannot open a session socket", extra=fields(port=self.port, error=str(err)))
 
     def _release(self, limited: Client | None, now: float) -> None:
         if limited is not None and self.limiter is not None:
@@ -250,12 +248,11 @@ class ServingUDP:
         if self.sweeper is not None:
             self.sweeper.cancel()
             self.sweeper = None
-        loop = asyncio.get_running_loop()
-        if self.sock.fileno() >= 0:
-            loop.remove_reader(self.sock.fileno())
+        for task in self.starting:
+            task.cancel()
         for session in list(self.sessions.values()):
             session.close("listener-removed")
-        self.sock.close()
+        self.transport.close()
 
     async def drain(self, grace: float) -> None:
         """Nothing to wait for: stop_accepting ended every session."""
