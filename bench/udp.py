@@ -198,9 +198,8 @@ def main() -> None:
     for name in ("direct", "nginx", "bilayer"):
         value = qps.median(name)
         per = f"{cpu.median(name):.1f} µs" if name in cpu.rounds else ""
-        print(
-            f"| {name} | {value:,.0f} | {value / nginx_qps:.2f}x | {value / qps.median('direct'):.2f}x | {per} |"
-        )
+        direct = value / qps.median("direct")
+        print(f"| {name} | {value:,.0f} | {value / nginx_qps:.2f}x | {direct:.2f}x | {per} |")
     print(f"\nraw: {save('udp', {'qps': qps.rounds, 'cpu_us_per_datagram': cpu.rounds})}")
 
 
