@@ -178,7 +178,8 @@ print(sent)
             output, _ = await asyncio.wait_for(flooder.communicate(), 30)
             drops = {k: v for k, v in serving.drops.items() if v}
             print(
-                f"\nUDP flood: {int(output)} datagrams from new ports of 127.0.0.2, {serving.created - 40} sessions made, drops {drops}; victim: {answered}/40 answered"
+                f"\nUDP flood: {int(output)} datagrams from new ports of 127.0.0.2, "
+                f"{serving.created - 40} sessions made, drops {drops}; victim: {answered}/40 answered"
             )
             assert answered == 40
             assert serving.created - 40 <= 20 + 50 * 3

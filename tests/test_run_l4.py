@@ -130,7 +130,8 @@ async def test_udp_passthrough_and_limits_from_files(tmp_path: Path) -> None:
         # An invalid listener is reported, naming the field; everything else keeps serving.
         (tmp_path / "bad.yaml").write_text(
             "apiVersion: bilayer.dev/v1alpha1\nkind: L4Listener\nmetadata: {name: bad, namespace: demo}\n"
-            f"spec: {{port: {dns_port + 1}, protocol: UDP, proxyProtocol: V1, backendRefs: [{{name: dns, port: 53}}]}}\n"
+            f"spec: {{port: {dns_port + 1}, protocol: UDP, proxyProtocol: V1,\n"
+            "  backendRefs: [{name: dns, port: 53}]}\n"
         )
         bad = wait_for(lambda: run.conditions("L4Listener", "bad"), what="the bad listener's status")
         assert bad["Accepted"]["status"] == "False" and "proxyProtocol" in bad["Accepted"]["message"]
