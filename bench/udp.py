@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BILAYER, Series, free_port, need, process, save, workdir
 
 PROXY_CORE, LOAD_CORE = "1", "0"
+OUTSTANDING = 100
 NGINX_STREAM = """
 load_module {module};
 worker_processes 1;
@@ -100,7 +101,7 @@ def dnsperf(port: int, seconds: int, clients: int, data: Path) -> tuple[float, i
     """queries/s, queries completed, queries lost."""
     binary = need("dnsperf", "dnsperf")
     args = ["taskset", "-c", LOAD_CORE, binary, "-s", "127.0.0.1", "-p", str(port), "-d", str(data)]
-    args += ["-c", str(clients), "-T", "1", "-l", str(seconds), "-q", "100", "-t", "2"]
+    args += ["-c", str(clients), "-T", "1", "-l", str(seconds), "-q", str(OUTSTANDING), "-t", "2"]
     out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
     qps = re.search(r"Queries per second:\s+([\d.]+)", out)
     done = re.search(r"Queries completed:\s+(\d+)", out)

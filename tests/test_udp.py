@@ -112,6 +112,24 @@ async def test_sessions_are_capped_and_oversized_datagrams_dropped(servers: dict
         await async_wait_for(lambda: serving.drops["too_large"] == 1, 5, what="the big datagram dropped")
 
 
+async def test_a_new_datagram_size_applies_to_live_sessions(servers: dict[str, Dnsmasq]) -> None:
+    """The listener copies maxDatagramSize out of its config (read per datagram, both
+    ways): a table swap must update that copy, for sessions already open too."""
+    port, client_port = free_udp_port(), free_udp_port()
+    a = servers["a"].port
+    async with running_dataplane() as dp:
+        await dp.apply(udp_table(port, {"dns": [a]}, maxDatagramSize=512))
+        assert await whoami(port, client_port) == "a"
+        await dp.apply(udp_table(port, {"dns": [a]}, 2, maxDatagramSize=20))  # under a query's size
+        with pytest.raises(dns.exception.Timeout):
+            await whoami(port, client_port, wait=0.3)
+        serving = serving_udp(dp, port)
+        assert serving.drops["too_large"] == 1
+        await dp.apply(udp_table(port, {"dns": [a]}, 3, maxDatagramSize=512))
+        assert await whoami(port, client_port) == "a"
+        assert serving.created == 1  # one session throughout
+
+
 async def test_a_silent_backend_holds_only_bounded_sessions_that_expire() -> None:
     """A backend that never answers, 300 client ports: sessions stay within maxSessions
     and all of them expire; nothing is kept per datagram."""
