@@ -207,6 +207,7 @@ def test_network_policy_guards_the_admin_and_metrics_ports() -> None:
         {"protocol": "TCP", "port": 1, "endPort": 9902},
         {"protocol": "TCP", "port": 9904, "endPort": 19900},
         {"protocol": "TCP", "port": 19902, "endPort": 65535},
+        {"protocol": "UDP", "port": 1, "endPort": 65535},  # UDP listeners (issue 15)
     ]
     assert "from" not in listeners_rule
 

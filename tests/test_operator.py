@@ -16,6 +16,7 @@ from controlplane.kube import resource_path
 from .helpers import async_wait_for, free_port
 from .l7kit import HTTPBackend
 from .operator_kit import NAMESPACE, Cluster, running_cluster
+from .udpkit import Dnsmasq, free_udp_port, whoami
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,13 +34,13 @@ async def web() -> AsyncIterator[HTTPBackend]:
     await backend.stop()
 
 
-def service_objects(name: str, port: int) -> list[dict[str, object]]:
+def service_objects(name: str, port: int, protocol: str = "TCP") -> list[dict[str, object]]:
     return [
         {
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": {"name": name, "namespace": "default"},
-            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port}]},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port, "protocol": protocol}]},
         },
         {
             "apiVersion": "discovery.k8s.io/v1",
@@ -50,7 +51,7 @@ def service_objects(name: str, port: int) -> list[dict[str, object]]:
                 "labels": {"kubernetes.io/service-name": name},
             },
             "addressType": "IPv4",
-            "ports": [{"name": "http", "port": port}],
+            "ports": [{"name": "http", "port": port, "protocol": protocol}],
             "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
         },
     ]
@@ -136,12 +137,12 @@ async def test_route_lifecycle_programs_every_pod(cluster: Cluster, web: HTTPBac
         )
 
 
-def l4listener(name: str, port: int, backend: str = "web") -> dict[str, object]:
+def l4listener(name: str, port: int, backend: str = "web", protocol: str = "TCP") -> dict[str, object]:
     return {
         "apiVersion": "bilayer.dev/v1alpha1",
         "kind": "L4Listener",
         "metadata": {"name": name, "namespace": "default"},
-        "spec": {"port": port, "backendRefs": [{"name": backend, "port": 80}]},
+        "spec": {"port": port, "protocol": protocol, "backendRefs": [{"name": backend, "port": 80}]},
     }
 
 
@@ -206,6 +207,50 @@ async def test_a_slow_service_webhook_holds_no_compile_back(cluster: Cluster, we
 
 async def _sorted_ports_are(cluster: Cluster, ports: list[int]) -> bool:
     return sorted(await dataplane_service_ports(cluster)) == sorted(ports)
+
+
+async def service_port_entries(cluster: Cluster) -> list[tuple[str, int, str]]:
+    service = await cluster.get("Service", NAMESPACE, "bilayer-dataplane") or {}
+    return sorted((p["name"], p["port"], p.get("protocol", "TCP")) for p in service["spec"]["ports"])
+
+
+async def test_udp_and_tcp_listeners_on_one_port_reach_the_service(
+    cluster: Cluster, web: HTTPBackend
+) -> None:
+    """DNS-style: a UDP and a TCP L4Listener on one port number. The dataplane Service gets
+    two entries for it (protocol UDP and TCP), and a pod answers both."""
+    server = Dnsmasq("dns").start()
+    try:
+        await cluster.add_pod()
+        for obj in service_objects("web", web.port):
+            await cluster.create(obj)
+        for obj in service_objects("dns", server.port, "UDP"):
+            await cluster.create(obj)
+        await cluster.start_operator()
+        port = free_udp_port()
+        await cluster.create(l4listener("dns-udp", port, "dns", "UDP"))
+        await cluster.create(l4listener("dns-tcp", port))
+        await cluster.wait_condition("L4Listener", "dns-udp", "Programmed")
+        await cluster.wait_condition("L4Listener", "dns-tcp", "Programmed")
+        both = [(f"tcp-{port}", port, "TCP"), (f"udp-{port}", port, "UDP")]
+
+        async def has_both() -> bool:
+            return await service_port_entries(cluster) == both
+
+        await async_wait_for(has_both, what="TCP and UDP entries for one port")
+        pod = cluster.pods[0]
+        assert await whoami(port, address=pod.address) == "dns"
+        status, _ = await asyncio.to_thread(fetch, pod.address, port, "/over-tcp")
+        assert status == 200
+        await cluster.delete("L4Listener", "default", "dns-tcp")
+
+        async def only_udp() -> bool:
+            return await service_port_entries(cluster) == both[1:]
+
+        await async_wait_for(only_udp, what="the TCP entry to leave the Service")
+        assert await whoami(port, address=pod.address) == "dns"
+    finally:
+        server.stop()
 
 
 async def test_endpoint_changes_move_traffic(cluster: Cluster, web: HTTPBackend) -> None:

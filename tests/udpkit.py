@@ -91,11 +91,11 @@ def whoami_sync(port: int) -> str:
     return name_of(dns.query.udp(query(), "127.0.0.1", port=port, timeout=0.5))
 
 
-async def whoami(port: int, source_port: int = 0, wait: float = 2.0) -> str:
-    """Ask through port which backend answers (dnspython checks that the reply comes
-    from the address and port it asked)."""
+async def whoami(port: int, source_port: int = 0, wait: float = 2.0, address: str = "127.0.0.1") -> str:
+    """Ask through address:port which backend answers (dnspython checks that the reply
+    comes from the address and port it asked)."""
     response = await dns.asyncquery.udp(
-        query(), "127.0.0.1", port=port, timeout=wait, source="127.0.0.1", source_port=source_port
+        query(), address, port=port, timeout=wait, source="127.0.0.1", source_port=source_port
     )
     return name_of(response)
 

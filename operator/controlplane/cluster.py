@@ -38,7 +38,7 @@ from .observe import Metrics, health_app
 from .publisher import Pod, PodState, Publisher
 from .resources.common import Condition
 from .resources.kube import TLS_SECRET_TYPE
-from .statuswriter import StatusWriter, reconcile_service_ports
+from .statuswriter import StatusWriter, reconcile_service_ports, service_ports_key
 from .statuswriter import observed_conditions as _conditions
 from .store import KINDS, Kind, Store
 from .supervisor import Supervisor
@@ -419,10 +419,7 @@ class Operator:
             if self.latest is None or not self.acting:
                 continue  # the leader keeps the Service; a standby writes nothing
             table = self.latest.table
-            ports = tuple(
-                (port, listener.l4 is None, bool(listener.l7 and listener.l7.tls))
-                for port, listener in table.listeners.items()
-            )
+            ports = service_ports_key(table)  # UDP and passthrough ports included
             now = loop.time()
             if ports == self._service_ports and now - self._service_checked < SERVICE_PORTS_RECHECK:
                 continue

@@ -111,15 +111,29 @@ class StatusWriter:
 
 
 def desired_ports(table: Table) -> list[dict[str, Any]]:
-    """The dataplane Service's ports: one per listener, named by protocol and port."""
+    """The dataplane Service's ports: one per listener and protocol, named by what the port
+    serves. A port number with TCP and UDP listeners (DNS on 53) gets two entries; a Service
+    allows that, the pair (port, protocol) is what must be unique."""
     ports = []
     for port, listener in sorted(table.listeners.items()):
         if listener.l4 is not None:
             name = f"tcp-{port}"
+        elif listener.passthrough is not None:
+            name = f"tls-{port}"  # TLS the backends terminate (routed by SNI)
+        elif listener.l7 is not None:
+            name = f"https-{port}" if listener.l7.tls else f"http-{port}"
         else:
-            name = f"https-{port}" if listener.l7 is not None and listener.l7.tls else f"http-{port}"
-        ports.append({"name": name, "port": port, "targetPort": port, "protocol": "TCP"})
+            name = ""  # a UDP-only port
+        if name:
+            ports.append({"name": name, "port": port, "targetPort": port, "protocol": "TCP"})
+        if listener.udp is not None:
+            ports.append({"name": f"udp-{port}", "port": port, "targetPort": port, "protocol": "UDP"})
     return ports
+
+
+def service_ports_key(table: Table) -> tuple[tuple[str, int, str], ...]:
+    """What the Service's ports depend on: the caller skips a reconcile while it is unchanged."""
+    return tuple((p["name"], p["port"], p["protocol"]) for p in desired_ports(table))
 
 
 async def reconcile_service_ports(client: KubeClient, namespace: str, name: str, table: Table) -> bool:
@@ -136,11 +150,15 @@ async def reconcile_service_ports(client: KubeClient, namespace: str, name: str,
     view = [{k: p.get(k) for k in ("name", "port", "targetPort", "protocol")} for p in current]
     if view == desired:
         return False
-    # Keep the node ports Kubernetes assigned to ports that stay (NodePort, LoadBalancer).
-    node_ports = {p.get("port"): p.get("nodePort") for p in current if p.get("nodePort")}
+    # Keep the node ports Kubernetes assigned to ports that stay (NodePort, LoadBalancer);
+    # TCP and UDP on one port number have a node port each.
+    node_ports = {
+        (p.get("port"), p.get("protocol") or "TCP"): p["nodePort"] for p in current if p.get("nodePort")
+    }
     for port in desired:
-        if port["port"] in node_ports:
-            port["nodePort"] = node_ports[port["port"]]
+        node_port = node_ports.get((port["port"], port["protocol"]))
+        if node_port is not None:
+            port["nodePort"] = node_port
     await client.patch(path, {"spec": {"ports": desired}})
     log.info(
         "dataplane Service ports updated",
