@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from controlplane import crdgen
+from controlplane.resources.l4listener import L4Listener
 
 ROOT = Path(__file__).parent.parent
 
@@ -50,3 +51,37 @@ def test_schemas_are_structural_and_described(name: str) -> None:
     assert names["shortNames"] == [{"l4listeners.yaml": "l4l", "l7routes.yaml": "l7r"}[name]]
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
     assert columns[0] == "Port" and columns[-3:] == ["Accepted", "Programmed", "Age"]
+
+
+def with_defaults(obj: Any, schema: dict[str, Any]) -> Any:
+    """obj with the schema's defaults filled in where absent, as the API server stores it."""
+    if not isinstance(obj, dict) or "properties" not in schema:
+        if isinstance(obj, list) and "items" in schema:
+            return [with_defaults(item, schema["items"]) for item in obj]
+        return obj
+    out = dict(obj)
+    for key, sub in schema["properties"].items():
+        if key not in out and "default" in sub:
+            out[key] = sub["default"]
+        if key in out:
+            out[key] = with_defaults(out[key], sub)
+    return out
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"port": 53, "protocol": "UDP", "backendRefs": [{"name": "dns", "port": 53}]},
+        {"port": 53, "backendRefs": [{"name": "dns", "port": 53}]},
+        {"port": 443, "hostnames": ["a.example.com"], "backendRefs": [{"name": "web", "port": 443}]},
+    ],
+    ids=["udp", "tcp", "passthrough"],
+)
+def test_the_crd_defaults_keep_a_listener_valid(spec: dict[str, Any]) -> None:
+    """The API server writes the CRD's defaults into the stored object: they must be valid
+    for every protocol (a default maxConnections made every UDP listener Invalid)."""
+    schema = crdgen.all_crds()["l4listeners.yaml"]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    stored = with_defaults({"spec": spec}, schema)
+    L4Listener.model_validate(
+        {"apiVersion": "bilayer.dev/v1alpha1", "kind": "L4Listener", "metadata": {"name": "x"}, **stored}
+    )

@@ -121,6 +121,43 @@ async def test_lifecycle_on_the_real_api_server(apiserver: ApiServer, tmp_path: 
         assert operator.metric("bilayer_operator_status_writes_total") >= 3
 
 
+async def test_udp_and_tcp_on_one_port_in_the_service(apiserver: ApiServer, tmp_path: Path) -> None:
+    """The real API server takes two Service ports with one number (TCP and UDP) through the
+    operator's merge patch, and the chart's NetworkPolicy with a UDP rule."""
+    async with env_cluster(apiserver, tmp_path) as cluster:
+        dns = {"name": "dns", "port": 53, "targetPort": 5353}
+        await cluster.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "dns"},
+                "spec": {
+                    "ports": [{**dns, "protocol": "UDP"}, {**dns, "name": "dns-tcp", "protocol": "TCP"}]
+                },
+            }
+        )
+        cluster.start_operator()
+        port = free_port()
+        udp = l4listener("dns-udp", port, "dns")
+        udp["spec"] = {"port": port, "protocol": "UDP", "backendRefs": [{"name": "dns", "port": 53}]}
+        await cluster.create(udp)
+        tcp = l4listener("dns-tcp", port, "dns")
+        tcp["spec"] = {"port": port, "backendRefs": [{"name": "dns", "port": 53}]}
+        await cluster.create(tcp)
+        for name in ("dns-udp", "dns-tcp"):
+            await cluster.wait_condition("L4Listener", name, "Accepted")
+        both = [(f"tcp-{port}", port, "TCP"), (f"udp-{port}", port, "UDP")]
+
+        async def entries() -> list[tuple[str, int, str]]:
+            service = await cluster.get("Service", "bilayer-dataplane", cluster.namespace) or {}
+            return sorted((p["name"], p["port"], p["protocol"]) for p in service["spec"]["ports"])
+
+        async def has_both() -> bool:
+            return await entries() == both
+
+        await async_wait_for(has_both, 30, what="TCP and UDP entries for one port")
+
+
 def now_stamp(at: float | None = None) -> str:
     """A time in the operator's log format."""
     at = time.time() if at is None else at

@@ -20,17 +20,19 @@ def build_l4(listener: L4Listener, source: str, resolution: Resolution) -> table
     """The table's L4 listener (a plain TCP port, or one route of a passthrough port)."""
     spec = listener.spec
     idle = spec.timeouts.idle
-    return table.L4Listener(
-        source=source,
-        backends=resolution.backends,
-        policy=spec.loadBalancing.policy,
-        healthCheck=health_check(spec),
-        connectTimeout=parse_duration(spec.timeouts.connect),
-        idleTimeout=parse_duration(idle) if idle is not None else TCP_IDLE_DEFAULT,
-        proxyProtocol=spec.proxyProtocol,
-        maxConnections=spec.maxConnections,
-        limits=build_limits(spec.limits),
-    )
+    values: dict[str, object] = {
+        "source": source,
+        "backends": resolution.backends,
+        "policy": spec.loadBalancing.policy,
+        "healthCheck": health_check(spec),
+        "connectTimeout": parse_duration(spec.timeouts.connect),
+        "idleTimeout": parse_duration(idle) if idle is not None else TCP_IDLE_DEFAULT,
+        "proxyProtocol": spec.proxyProtocol,
+        "limits": build_limits(spec.limits),
+    }
+    if spec.maxConnections is not None:  # else the table's default
+        values["maxConnections"] = spec.maxConnections
+    return table.L4Listener.model_validate(values)
 
 
 def build_udp(listener: L4Listener, source: str, resolution: Resolution, checked: bool) -> table.UDPListener:

@@ -126,9 +126,11 @@ class L4ListenerSpec(Model):
         default="None",
         description="Send a PROXY protocol header (V1 text, V2 binary) with the client address.",
     )
-    maxConnections: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
-        default=10000,
-        description="TCP connections beyond this many are accepted and closed at once.",
+    # No default in the schema: the API server would write it into UDP listeners too, where
+    # maxConnections is refused (the compiler applies the table's 10000 for TCP).
+    maxConnections: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
+        default=None,
+        description="TCP connections beyond this many are accepted and closed at once. Default 10000.",
     )
     maxSessions: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
         default=None,
