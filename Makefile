@@ -7,7 +7,7 @@ RUN_STAMP := $(VENV)/.installed-run
 HELM := $(BIN)/helm
 KUBECTL := $(BIN)/kubectl
 
-.PHONY: install run test lint crds golden bench-l4 bench-l7 bench-control clean
+.PHONY: install run test lint crds golden bench-l4 bench-l7 bench-udp bench-control clean
 
 install: $(STAMP)
 
@@ -62,3 +62,12 @@ bench-l7: install
 
 bench-control: install
 	$(BIN)/python bench/control.py
+
+# The UDP benchmark needs dnsperf, dnsmasq and nginx's stream module from Debian.
+bench-udp: install
+	@missing=""; \
+	command -v dnsperf >/dev/null || missing="$$missing dnsperf"; \
+	command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || missing="$$missing dnsmasq-base"; \
+	[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || missing="$$missing nginx-light libnginx-mod-stream"; \
+	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; exit 1; fi
+	$(BIN)/python bench/udp.py
