@@ -143,3 +143,28 @@ async def test_udp_passthrough_and_limits_from_files(tmp_path: Path) -> None:
         dnsmasq.stop()
         await a.stop()
         await b.stop()
+
+
+def test_a_udp_port_taken_fails_only_the_udp_listener(tmp_path: Path) -> None:
+    """Another process holds the UDP port: the UDP listener is ListenerFailed, the TCP
+    listener on the same port number and a passthrough port are programmed."""
+    import socket
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", 0))
+    dns_port = taken.getsockname()[1]
+    tls_port = free_port()
+    services = SERVICES.format(dns=1053) + TLS_SERVICE.format(name="a", port=1443)
+    services += TLS_SERVICE.format(name="b", port=1444)
+    (tmp_path / "services.yaml").write_text(services)
+    (tmp_path / "listeners.yaml").write_text(LISTENERS.format(dns_port=dns_port, tls_port=tls_port))
+    run = BilayerRun(str(tmp_path))
+    try:
+        failed = run.conditions("L4Listener", "dns-udp")["Programmed"]
+        assert failed["status"] == "False" and failed["reason"] == "ListenerFailed", failed
+        assert f"cannot listen on udp 127.0.0.1:{dns_port}" in failed["message"]
+        for name in ("dns-tcp", "site-a", "site-b"):
+            assert run.conditions("L4Listener", name)["Programmed"]["status"] == "True", name
+    finally:
+        run.stop()
+        taken.close()

@@ -88,8 +88,14 @@ class FileMode:
             listener = compiled.table.listeners.get(port)
             if listener is None:
                 continue
-            if listener.l4 is not None:
+            # A port number may have a TCP and a UDP face: the error names the face that failed.
+            if error.startswith(("cannot listen on udp ", "no udp ")):
+                if listener.udp is not None:
+                    errors[listener.udp.source] = error
+            elif listener.l4 is not None:
                 errors[listener.l4.source] = error
+            elif listener.passthrough is not None:
+                errors.update((source, error) for source in listener.passthrough.routes)
             elif listener.l7 is not None:
                 errors.update((rule.route, error) for rule in listener.l7.rules.values())
         return errors
