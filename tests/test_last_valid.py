@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from controlplane import status
 from controlplane.compiler import CompileCache, Compiled, ObjectKey, Snapshot, compile_snapshot
 
 SERVICE = {
@@ -85,6 +86,9 @@ def test_an_invalid_update_keeps_the_last_valid_generation_served(
     assert "spec." in accepted.message
     others = [c for c in broken.statuses[ObjectKey(kind, "shop", name)] if c.type != "Accepted"]
     assert others and all(c.observedGeneration == 1 for c in others)
+    # Programmed, which the operator adds, speaks of the generation served too.
+    programmed = status.programmed(broken, ObjectKey(kind, "shop", name), 1, 1)
+    assert (programmed.status, programmed.observedGeneration) == ("True", 1)
     # Broken again differently: still generation 1.
     again = operator.compile(make(3, **typo, extra=1))
     assert again.table.listeners == good.table.listeners

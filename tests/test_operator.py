@@ -253,6 +253,31 @@ async def test_udp_and_tcp_listeners_on_one_port_reach_the_service(
         server.stop()
 
 
+async def test_a_udp_bind_failure_marks_the_udp_listener_only(cluster: Cluster, web: HTTPBackend) -> None:
+    """A port number with a TCP and a UDP listener: the pod cannot open the UDP face (the
+    address and port are taken). The UDP listener is ListenerFailed; the TCP one on the same
+    number is served and Programmed (before, the error marked every listener on the number)."""
+    import socket
+
+    pod = await cluster.add_pod()
+    for obj in service_objects("web", web.port):
+        await cluster.create(obj)
+    port = free_udp_port()
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind((pod.address, port))
+    try:
+        await cluster.start_operator()
+        await cluster.create(l4listener("dns-udp", port, "web", "UDP"))
+        await cluster.create(l4listener("dns-tcp", port))
+        failed = await cluster.wait_condition("L4Listener", "dns-udp", "Programmed", status="False")
+        assert failed["reason"] == "ListenerFailed" and "cannot listen on udp" in failed["message"]
+        await cluster.wait_condition("L4Listener", "dns-tcp", "Programmed")
+        status, _ = await asyncio.to_thread(fetch, pod.address, port, "/over-tcp")
+        assert status == 200
+    finally:
+        taken.close()
+
+
 async def test_endpoint_changes_move_traffic(cluster: Cluster, web: HTTPBackend) -> None:
     other = await HTTPBackend("other").start()
     try:

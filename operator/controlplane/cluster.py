@@ -559,7 +559,7 @@ class Operator:
         compiled = self.latest
         assert compiled is not None
         conds = compiled.statuses[key]
-        generation = conds[0].observedGeneration
+        generation = status.served_generation(conds)
         states = self._serving()
         since = self.since.get(key)
         acked = 0
@@ -569,10 +569,12 @@ class Operator:
                     acked += 1
         port_error = None
         if key in compiled.served and any(s.failed_ports for s in states):
-            port = ((self.store.objects.get(key) or {}).get("spec") or {}).get("port")
+            spec = (self.store.objects.get(key) or {}).get("spec") or {}
+            port, udp = spec.get("port"), key.kind == "L4Listener" and spec.get("protocol") == "UDP"
             for state in states:
-                if port in state.failed_ports:
-                    port_error = f"pod {state.pod.name}: {state.failed_ports[port]}"
+                error = state.failed_ports.get(port) if isinstance(port, int) else None
+                if error is not None and status.is_udp_error(error) == udp:
+                    port_error = f"pod {state.pod.name}: {error}"
                     break
         programmed = status.programmed(compiled, key, acked, len(states), port_error=port_error)
         if key in compiled.served and programmed.status != "True":

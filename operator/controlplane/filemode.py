@@ -89,7 +89,7 @@ class FileMode:
             if listener is None:
                 continue
             # A port number may have a TCP and a UDP face: the error names the face that failed.
-            if error.startswith(("cannot listen on udp ", "no udp ")):
+            if status.is_udp_error(error):
                 if listener.udp is not None:
                     errors[listener.udp.source] = error
             elif listener.l4 is not None:

@@ -9,6 +9,25 @@ from .compiler import conditions as c
 from .resources.common import Condition
 
 
+def served_generation(conditions: list[Condition]) -> int | None:
+    """The generation the table serves: the Accepted condition's, except for an object
+    served from its last valid version (its newer one did not validate), whose other
+    conditions speak of the version served."""
+    accepted = conditions[0]
+    if accepted.status == "False":
+        for condition in conditions[1:]:
+            if condition.type != c.ACCEPTED:
+                return condition.observedGeneration
+    return accepted.observedGeneration
+
+
+def is_udp_error(error: str) -> bool:
+    """A port number may have a TCP and a UDP face; a dataplane's bind error names the face
+    that failed ("cannot listen on udp ADDRESS:PORT: ..."), so that it marks the listeners
+    of that face only."""
+    return error.startswith(("cannot listen on udp ", "no udp "))
+
+
 def programmed(
     compiled: Compiled,
     key: ObjectKey,
@@ -23,7 +42,7 @@ def programmed(
     every object's message rewrote all 10,000 statuses on every pod event (about 40,000
     PATCHes for a two-pod rollout); counts are in the operator's metrics."""
     accepted = compiled.statuses[key][0]
-    generation = accepted.observedGeneration
+    generation = served_generation(compiled.statuses[key])
     if key not in compiled.served:
         reason = accepted.reason if accepted.status == "False" else "NotServed"
         return c.condition(c.PROGRAMMED, False, reason, "not in the routing table: see Accepted", generation)
