@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
 import pytest
+
+if TYPE_CHECKING:
+    from .l7kit import HTTPBackend
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -202,3 +209,27 @@ frontend parser
     yield port, ca
     process.terminate()
     process.wait(10)
+
+
+# Two HTTP backends that echo what they received (tests/l7kit.py), for the L7 tests.
+@contextlib.asynccontextmanager
+async def _echo_backend(name: str) -> AsyncIterator[HTTPBackend]:
+    from .l7kit import HTTPBackend
+
+    backend = await HTTPBackend(name).start()
+    try:
+        yield backend
+    finally:
+        await backend.stop()
+
+
+@pytest.fixture
+async def web_a() -> AsyncIterator[HTTPBackend]:
+    async with _echo_backend("a") as backend:
+        yield backend
+
+
+@pytest.fixture
+async def web_b() -> AsyncIterator[HTTPBackend]:
+    async with _echo_backend("b") as backend:
+        yield backend

@@ -322,3 +322,18 @@ async def running_cluster() -> AsyncIterator[Cluster]:
             for pod in cluster.pods:
                 await asyncio.to_thread(pod.stop)
             await api.close()
+
+
+def write_kubeconfig(path: Path, server: str, token: str = "x") -> Path:
+    """A kubeconfig naming server with a bearer token, for `bilayer operator` processes
+    pointed at the emulator."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "e",
+        "clusters": [{"name": "e", "cluster": {"server": server}}],
+        "users": [{"name": "e", "user": {"token": token}}],
+        "contexts": [{"name": "e", "context": {"cluster": "e", "user": "e"}}],
+    }
+    path.write_text(json.dumps(config))
+    return path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -312,26 +311,14 @@ def test_the_dataplane_entry_point_starts_as_the_chart_runs_it(tmp_path: Path) -
 async def test_the_operator_entry_point_starts_as_the_chart_runs_it(tmp_path: Path) -> None:
     import asyncio
 
-    from .operator_kit import running_cluster
+    from .operator_kit import running_cluster, write_kubeconfig
 
     _, container = next((d, c) for d, c in containers(render()) if c["name"] == "operator")
     health = free_port()
     args = [a if not a.startswith("--health-port") else f"--health-port={health}" for a in _args(container)]
     args.append("--health-address=127.0.0.1")
     async with running_cluster() as cluster:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            json.dumps(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "current-context": "e",
-                    "clusters": [{"name": "e", "cluster": {"server": cluster.url}}],
-                    "users": [{"name": "e", "user": {"token": "x"}}],
-                    "contexts": [{"name": "e", "context": {"cluster": "e", "user": "e"}}],
-                }
-            )
-        )
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", cluster.url)
         bilayer = Path(sys.executable).with_name("bilayer")
         env = {
             **os.environ,

@@ -75,23 +75,11 @@ def dataplane_metrics(tmp_path: Path) -> str:
 
 async def operator_metrics(tmp_path: Path) -> str:
     """A scrape of `bilayer operator` against the API emulator."""
-    from .operator_kit import running_cluster
+    from .operator_kit import running_cluster, write_kubeconfig
 
     health = free_port()
     async with running_cluster() as cluster:
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            json.dumps(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "current-context": "e",
-                    "clusters": [{"name": "e", "cluster": {"server": cluster.url}}],
-                    "users": [{"name": "e", "user": {"token": "x"}}],
-                    "contexts": [{"name": "e", "context": {"cluster": "e", "user": "e"}}],
-                }
-            )
-        )
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", cluster.url)
         env = {**os.environ, "KUBECONFIG": str(kubeconfig), "BILAYER_ADMIN_TOKEN": "t", "POD_NAME": "op"}
         process = await asyncio.create_subprocess_exec(
             str(BIN / "bilayer"),

@@ -16,20 +16,6 @@ from .l7kit import HTTPBackend, backend_ref, echoed, l7_table, raw, route, servi
 
 
 @pytest.fixture
-async def web_a() -> AsyncIterator[HTTPBackend]:
-    backend = await HTTPBackend("a").start()
-    yield backend
-    await backend.stop()
-
-
-@pytest.fixture
-async def web_b() -> AsyncIterator[HTTPBackend]:
-    backend = await HTTPBackend("b").start()
-    yield backend
-    await backend.stop()
-
-
-@pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session

@@ -65,20 +65,6 @@ class Mirror:
 
 
 @pytest.fixture
-async def web_a() -> AsyncIterator[HTTPBackend]:
-    backend = await HTTPBackend("a").start()
-    yield backend
-    await backend.stop()
-
-
-@pytest.fixture
-async def web_b() -> AsyncIterator[HTTPBackend]:
-    backend = await HTTPBackend("b").start()
-    yield backend
-    await backend.stop()
-
-
-@pytest.fixture
 async def mirror() -> AsyncIterator[Mirror]:
     found = await Mirror().start()
     yield found

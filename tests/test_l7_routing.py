@@ -17,20 +17,6 @@ from .l7kit import HTTPBackend, backend_ref, echoed, l7_table, route, serving
 
 
 @pytest.fixture
-async def web_a() -> AsyncIterator[HTTPBackend]:
-    backend = await HTTPBackend("a").start()
-    yield backend
-    await backend.stop()
-
-
-@pytest.fixture
-async def web_b() -> AsyncIterator[HTTPBackend]:
-    backend = await HTTPBackend("b").start()
-    yield backend
-    await backend.stop()
-
-
-@pytest.fixture
 async def client() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
