@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,9 @@ BIN = Path(sys.executable).parent
 ADMIN_TOKEN = "envtest-admin-token"  # the dataplanes' admin API token
 RELEASE = "bilayer"
 ADMIN_PORT = 9901  # the chart's dataplane.adminPort
+# Pods live in 127.N.0.0/16, N chosen per test process (100-199: apart from the kmock kit's),
+# so that two test runs on one machine never share a pod address.
+_POD_NET = random.randint(100, 199)
 
 # API coordinates of every kind the tests write.
 KINDS: dict[str, tuple[str, str, bool]] = {  # kind -> (group/version, plural, namespaced)
@@ -513,7 +517,7 @@ class EnvCluster:
 
     async def add_pod(self, *, state_dir: bool = False) -> DataplanePod:
         n = next(_ids)
-        pod = DataplanePod(self, f"dataplane-{len(self.pods)}", f"127.77.{n // 200}.{n % 200 + 2}")
+        pod = DataplanePod(self, f"dataplane-{len(self.pods)}", f"127.{_POD_NET}.{n // 200}.{n % 200 + 2}")
         if state_dir:
             pod.state_dir = self.dir / f"{pod.name}-state"
         await asyncio.to_thread(pod.start)

@@ -1,8 +1,8 @@
 """A cluster on this machine: kmock's emulator, kopf in its own thread, real dataplane processes.
 
 Each dataplane "pod" is a `bilayer dataplane` process bound to its own loopback address
-(127.0.0.2, 127.0.0.3, ...), as pods have their own IPs; its Pod object in the emulator
-carries that address and the admin port.
+(127.N.M.2, 127.N.M.3, ...; N.M chosen per test process), as pods have their own IPs; its
+Pod object in the emulator carries that address and the admin port.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -33,6 +34,13 @@ NAMESPACE = "bilayer-system"
 TOKEN = "operator-test-token"
 LABELS = {"app.kubernetes.io/name": "bilayer", "app.kubernetes.io/component": "dataplane"}
 ADMIN_PORT = 9911
+# The pods' addresses: a /24 of 127.0.0.0/8 chosen per test process, so that two test runs
+# on one machine (worktrees, a CI job beside a developer's run) never share a pod address.
+_POD_NET = f"127.{random.randint(2, 99)}.{random.randint(0, 255)}"
+
+
+def pod_address(host: int) -> str:
+    return f"{_POD_NET}.{host}"
 
 
 class DataplaneProcess:
@@ -119,7 +127,7 @@ class DataplanePod(DataplaneProcess):
     """A dataplane process and the Pod object the emulator holds for it."""
 
     def __init__(self, index: int, state_dir: Path | None = None, *, ready: bool = True) -> None:
-        super().__init__(f"dataplane-{index}", f"127.0.0.{index + 2}")
+        super().__init__(f"dataplane-{index}", pod_address(index + 2))
         self.ready = ready
         self.uid = f"uid-{index}"
         self.state_dir = state_dir

@@ -515,10 +515,11 @@ async def test_a_pod_that_never_answers_holds_no_status_back(cluster: Cluster, w
     nothing was ever Programmed."""
     import socket
 
-    from .operator_kit import ADMIN_PORT, LABELS
+    from .operator_kit import ADMIN_PORT, LABELS, pod_address
 
+    silent_address = pod_address(250)
     silent = socket.socket()
-    silent.bind(("127.0.0.50", ADMIN_PORT))
+    silent.bind((silent_address, ADMIN_PORT))
     silent.listen(16)  # accepted by the kernel, never read
     try:
         await cluster.add_pod()
@@ -534,7 +535,7 @@ async def test_a_pod_that_never_answers_holds_no_status_back(cluster: Cluster, w
                 },
                 "status": {
                     "phase": "Running",
-                    "podIP": "127.0.0.50",
+                    "podIP": silent_address,
                     "conditions": [{"type": "Ready", "status": "True"}],
                 },
             }
