@@ -242,6 +242,7 @@ def test_probes_and_scrapes_use_the_read_only_port() -> None:
         (["--set", "image.registry=docker.io"], "registry"),  # a typo: global.imageRegistry
         (["--set", "image.digest=latest"], "/image/digest"),
         (["--set", "imagePullSecrets[0].nam=regcred"], "nam"),
+        (["--set", "className=Internal_Ingress"], "/className"),
     ],
 )
 def test_schema_rejects_bad_values(values: list[str], message: str) -> None:
@@ -517,3 +518,24 @@ def test_the_operator_has_a_disruption_budget_while_it_has_a_standby() -> None:
     assert "bilayer-operator" not in {
         o["metadata"]["name"] for o in off if o["kind"] == "PodDisruptionBudget"
     }
+
+
+def test_two_installs_of_two_classes_share_a_namespace_without_a_clash() -> None:
+    """Internal and external ingress: each release's operator serves its class, and no
+    object of one release has the name of an object of the other (helm would refuse)."""
+    external = render()
+    internal_result = helm(
+        "template", "internal", str(CHART), "--namespace", "ingress", "--set", "className=internal"
+    )
+    assert internal_result.returncode == 0, internal_result.stderr
+    internal = [d for d in yaml.safe_load_all(internal_result.stdout) if d]
+    operators = {
+        "external": next(c for _, c in containers(external) if c["name"] == "operator"),
+        "internal": next(c for _, c in containers(internal) if c["name"] == "operator"),
+    }
+    assert "--class=bilayer" in _args(operators["external"])
+    assert "--class=internal" in _args(operators["internal"])
+    names = {(d["kind"], d["metadata"]["name"]) for d in external}
+    assert not names & {(d["kind"], d["metadata"]["name"]) for d in internal}
+    # Each operator's pods, Service and Lease are its own release's.
+    assert any("app.kubernetes.io/instance=internal" in a for a in _args(operators["internal"]))

@@ -15,6 +15,7 @@ from dataplane import eventloop, logs
 from . import crdgen
 from .compiler import Compiled, compile_snapshot
 from .files import FileSource
+from .resources.classes import DEFAULT_CLASS, valid_class
 
 DESCRIPTION = """\
 Bilayer programs L4 (TCP) and L7 (HTTP) proxies from two resources, L4Listener and
@@ -51,14 +52,14 @@ def _token(args: argparse.Namespace) -> str | None:
     return os.environ.get("BILAYER_ADMIN_TOKEN") or None
 
 
-def _compile_dir(directory: str) -> tuple[FileSource, Compiled]:
-    source = FileSource(Path(directory))
+def _compile_dir(directory: str, class_name: str) -> tuple[FileSource, Compiled]:
+    source = FileSource(Path(directory), class_name)
     source.reload()
     return source, compile_snapshot(source.snapshot())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    source, compiled = _compile_dir(args.file)
+    source, compiled = _compile_dir(args.file, args.class_name)
     errors = list(source.problems)
     warnings: list[str] = []
     for key, conds in compiled.statuses.items():
@@ -70,6 +71,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"error: {line}")
     for line in warnings:
         print(f"warning: {line}")
+    if source.other_classes:
+        print(
+            f"note: {len(source.other_classes)} objects of other classes not checked "
+            f"(className other than {args.class_name}; --class NAME checks those)"
+        )
     for folder in source.subfolders():
         print(f"note: {folder}/ not read: -f reads the files directly in the folder; pass it on its own")
     count = len(compiled.statuses)
@@ -90,7 +96,7 @@ def _redacted(document: dict[str, Any]) -> dict[str, Any]:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    source, compiled = _compile_dir(args.file)
+    source, compiled = _compile_dir(args.file, args.class_name)
     for problem in source.problems:
         print(f"warning: {problem}", file=sys.stderr)
     if args.statuses:
@@ -115,7 +121,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"--header {item!r}: write it as name=value")
         headers[name.strip().lower()] = value
-    _, compiled = _compile_dir(args.file)
+    _, compiled = _compile_dir(args.file, args.class_name)
     answer = explain(
         compiled.table, args.host, args.path, method=args.method, headers=headers, port=args.port
     )
@@ -171,6 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             admin_host=args.admin_address,
             admin_port=args.admin_port,
             token=_token(args),
+            class_name=args.class_name,
         )
     )
     return 0
@@ -201,6 +208,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
     labels = dict(item.split("=", 1) for item in args.dataplane_selector.split(",") if "=" in item)
     settings = OperatorSettings(
         namespace=args.namespace,
+        class_name=args.class_name,
         watch_namespaces=[n for n in args.watch_namespaces.split(",") if n],
         dataplane_labels=labels,
         dataplane_service=args.dataplane_service,
@@ -244,6 +252,24 @@ def _otlp_endpoint(text: str) -> str:
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+def _class_name(text: str) -> str:
+    if not valid_class(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a class name: use a DNS label such as internal")
+    return text
+
+
+def _add_class_option(p: argparse.ArgumentParser, served: str) -> None:
+    p.add_argument(
+        "--class",
+        dest="class_name",
+        type=_class_name,
+        default=DEFAULT_CLASS,
+        metavar="NAME",
+        help=f"{served} only the L4Listeners and L7Routes whose spec.className is NAME, and those "
+        f"without className when NAME is {DEFAULT_CLASS} (default {DEFAULT_CLASS})",
+    )
 
 
 def _add_serving_options(p: argparse.ArgumentParser, address: str, admin_address: str) -> None:
@@ -364,6 +390,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-f", "--file", required=True, metavar="PATH", help=FILE_HELP)
     _add_serving_options(p, address="0.0.0.0", admin_address="127.0.0.1")
+    _add_class_option(p, "serve")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -373,6 +400,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-f", "--file", required=True, metavar="PATH", help=FILE_HELP)
     p.add_argument("--strict", action="store_true", help="also fail on warnings (unresolved references)")
+    _add_class_option(p, "check")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(
@@ -383,6 +411,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", required=True, metavar="PATH", help=FILE_HELP)
     p.add_argument("--statuses", action="store_true", help="print every object's conditions instead")
     p.add_argument("--show-secrets", action="store_true", help="include TLS private keys")
+    _add_class_option(p, "compile")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser(
@@ -404,6 +433,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, help="listener port (needed when several ports serve HTTP)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    _add_class_option(p, "explain with")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("crds", help="print or write the CustomResourceDefinitions")
@@ -484,6 +514,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--api-burst", type=int, default=200, help="API calls allowed in a burst (default 200)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_class_option(p, "serve")
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser(

@@ -36,6 +36,7 @@ from .leader import Leader, Term
 from .loop import CompileLoop
 from .observe import Metrics, health_app
 from .publisher import Pod, PodState, Publisher
+from .resources.classes import DEFAULT_CLASS
 from .resources.common import Condition
 from .resources.kube import TLS_SECRET_TYPE
 from .statuswriter import StatusWriter, reconcile_service_ports, service_ports_key
@@ -58,6 +59,9 @@ class OperatorSettings:
     """How the operator runs; from the command line or Helm values."""
 
     namespace: str = "bilayer-system"  # where the dataplane pods, Service and Lease live
+    # The routes this install serves: their spec.className, or none when this is the
+    # default class (resources.classes). Others' routes are neither compiled nor written.
+    class_name: str = DEFAULT_CLASS
     identity: str = field(default_factory=lambda: os.environ.get("POD_NAME") or os.uname().nodename)
     watch_namespaces: list[str] = field(default_factory=list)  # empty: cluster-wide
     dataplane_labels: dict[str, str] = field(
@@ -106,7 +110,7 @@ class Operator:
         self.client = client
         self.metrics = Metrics()
         self.supervisor = Supervisor(self.metrics)
-        self.store = Store()
+        self.store = Store(settings.class_name)
         self.loop = CompileLoop(
             self.store.snapshot,
             self._compiled,
@@ -181,7 +185,11 @@ class Operator:
         self.loop.warm()
         log.info(
             "initial listing complete",
-            extra=fields(objects=len(self.store.objects), dataplane_pods=len(self.pods)),
+            extra=fields(
+                objects=len(self.store.objects),
+                dataplane_pods=len(self.pods),
+                class_name=self.settings.class_name,
+            ),
         )
         self.synced.set()
         self.supervisor.spawn("compile loop", self.loop.run)
@@ -305,7 +313,7 @@ class Operator:
         elif kind in ROUTE_KINDS and event != "DELETED" and self.latest is not None:
             # Not news for the table; but if its status is not what we say, say it again.
             key = ObjectKey.of(body)
-            if key in self.latest.statuses:
+            if key in self.latest.statuses and self.store.holds(key):
                 observed = [c for c in _conditions(self.store.status_of(key))]
                 if not status.same(observed, self._desired(key)):
                     self._wanted.pop(key, None)  # compare it with the cluster again

@@ -101,6 +101,13 @@ def crd(
             "jsonPath": ".spec.port",
             "description": "Listening port.",
         },
+        {
+            # Empty for objects without className: the default class serves those.
+            "name": "Class",
+            "type": "string",
+            "jsonPath": ".spec.className",
+            "description": "The install that serves this object (empty: the default class, bilayer).",
+        },
         *middle_columns,
         _condition_column("Accepted"),
         _condition_column("Programmed"),

@@ -17,6 +17,7 @@ from . import status
 from .compiler import Compiled, ObjectKey
 from .files import FileSource
 from .loop import CompileLoop
+from .resources.classes import DEFAULT_CLASS
 from .resources.common import Condition
 
 log = logging.getLogger("bilayer.run")
@@ -31,12 +32,13 @@ def now_rfc3339() -> str:
 class FileMode:
     """Files in, compiled table out to the dataplane, conditions kept for /v1/status."""
 
-    def __init__(self, directory: Path, dataplane: Dataplane) -> None:
-        self.source = FileSource(directory)
+    def __init__(self, directory: Path, dataplane: Dataplane, class_name: str | None = DEFAULT_CLASS) -> None:
+        self.source = FileSource(directory, class_name)
         self.dataplane = dataplane
         self.loop = CompileLoop(self.source.snapshot, self.publish, holdoff=0.05, max_holdoff=0.5)
         self.conditions: dict[ObjectKey, list[Condition]] = {}
         self._reported: set[str] = set()
+        self._skipped = 0
 
     async def publish(self, compiled: Compiled) -> None:
         try:
@@ -101,6 +103,14 @@ class FileMode:
         return errors
 
     def _report_problems(self) -> None:
+        skipped = len(self.source.other_classes)
+        if skipped != self._skipped:
+            self._skipped = skipped
+            if skipped:  # said once per change, so a route that "vanished" is explained
+                log.info(
+                    "objects of other classes not served",
+                    extra=fields(objects=skipped, class_name=self.source.class_name),
+                )
         current = set(self.source.problems)
         for problem in sorted(current - self._reported):
             log.warning(problem, extra=fields(directory=str(self.source.directory)))
@@ -145,13 +155,14 @@ async def run_files(
     admin_host: str,
     admin_port: int,
     token: str | None,
+    class_name: str | None = DEFAULT_CLASS,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve the objects in directory until stop is set (or SIGINT/SIGTERM)."""
     require_token(admin_host, token)
     dataplane = Dataplane(settings)
     await dataplane.load_persisted()
-    mode = FileMode(directory, dataplane)
+    mode = FileMode(directory, dataplane, class_name)
     if dataplane.table is not None:
         mode.loop.advance_generation(dataplane.table.generation)
     app = build_app(dataplane, token, status_provider=mode.status_document)
@@ -160,6 +171,7 @@ async def run_files(
         "bilayer run started",
         extra=fields(
             directory=str(directory),
+            class_name=class_name or "every class",
             admin=f"http://{admin_host}:{admin_port}",
             address=settings.address,
         ),

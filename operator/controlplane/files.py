@@ -16,6 +16,7 @@ import yaml
 from dataplane.eventloop import gc_paused
 
 from .compiler.snapshot import INPUT_KINDS, ObjectKey, Snapshot
+from .resources.classes import DEFAULT_CLASS, in_class
 
 SUFFIXES = (".yaml", ".yml", ".json")
 # libyaml's loader is about 7x faster than the pure-Python one (10,000 routes: 1.8 s vs 12.4 s).
@@ -34,9 +35,13 @@ class _FileState:
 @dataclass
 class FileSource:
     """Objects from every *.yaml, *.yml and *.json file directly in directory (subfolders
-    are not read), or from the one file directory names."""
+    are not read), or from the one file directory names; routes of class_name only, as an
+    operator of that class would see them (None: every class)."""
 
     directory: Path
+    class_name: str | None = DEFAULT_CLASS
+    # Routes skipped because they name another class, by the last reload.
+    other_classes: list[ObjectKey] = field(default_factory=list)
     _files: dict[Path, _FileState] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     _snapshot: Snapshot = field(default_factory=Snapshot)
@@ -111,9 +116,13 @@ class FileSource:
         """Every object, first file (by name) first; a repeated object is reported and skipped."""
         seen: dict[ObjectKey, str] = {}
         objects: list[dict[str, Any]] = []
+        self.other_classes = []
         for path, state in sorted(self._files.items()):
             for obj in state.objects:
                 key = ObjectKey.of(obj)
+                if self.class_name is not None and not in_class(obj, self.class_name):
+                    self.other_classes.append(key)
+                    continue
                 if key in seen:
                     self.problems.append(
                         f"{path.name}: {key} is also defined in {seen[key]}; ignoring this copy"

@@ -1,8 +1,9 @@
 """Writing L4Listener and L7Route status, and the dataplane Service's ports.
 
-The operator is the only writer of these statuses. A status is patched only when its
-conditions differ from what the cluster has (ignoring transition times), so a write
-never causes another write, and a restarted operator writes nothing that is already true.
+The operator is the only writer of these statuses (of the objects of its class). A status
+is patched only when its conditions differ from what the cluster has (ignoring transition
+times), so a write never causes another write, and a restarted operator writes nothing
+that is already true.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class StatusWriter:
         async def writer() -> None:
             nonlocal written
             for key, conditions in todo:
+                if not self.store.holds(key):
+                    # Deleted, or moved to another class since the compile: not ours to
+                    # write (the other install owns its status now, even a stale one).
+                    continue
                 observed = observed_conditions(self.store.status_of(key))
                 if status.same(observed, conditions):
                     continue

@@ -4,6 +4,10 @@
 writes (which come back as MODIFIED events), unrelated Services and unreferenced
 Secrets never cause a compile. Only kubernetes.io/tls Secrets are kept, trimmed to what
 a certificate needs; their content is never logged.
+
+The store holds the routes of its install's class only (resources.classes): the compiler
+never sees another install's objects, so ports are decided within a class, and the
+status writer, which writes only what the store holds, never touches them.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .compiler.snapshot import ROUTE_KINDS, ObjectKey, Snapshot
+from .resources.classes import DEFAULT_CLASS, in_class
 from .resources.kube import SERVICE_NAME_LABEL, TLS_SECRET_TYPE
 
 
@@ -99,7 +104,8 @@ class Store:
     pass over every route: at 10,000 routes the initial watch replay is 10,000 events.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, class_name: str = DEFAULT_CLASS) -> None:
+        self.class_name = class_name
         self.objects: dict[ObjectKey, dict[str, Any]] = {}
         self._services: Counter[tuple[str, str]] = Counter()  # (namespace, name) -> routes naming it
         self._secrets: Counter[tuple[str, str]] = Counter()
@@ -111,6 +117,10 @@ class Store:
             return False
         obj = trim(kind, body)
         key = ObjectKey.of(obj)
+        if event != "DELETED" and not in_class(obj, self.class_name):
+            # Another install's object. One that was ours until this edit leaves our table
+            # as if deleted; its status stays as it is, for the other install to write.
+            event = "DELETED"
         if event == "DELETED":
             old = self.objects.pop(key, None)
             if key.kind in ROUTE_KINDS:
@@ -183,6 +193,10 @@ class Store:
         if key.kind == "Secret":
             return self._secrets[(key.namespace, key.name)] > 0
         return False
+
+    def holds(self, key: ObjectKey) -> bool:
+        """Whether the object is of this install's class and not deleted (routes), or known."""
+        return key in self.objects
 
     def snapshot(self) -> Snapshot:
         return Snapshot(tuple(self.objects.values()))

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from .classes import ClassName
 from .common import BackendRef, Duration, Model, Port, Status, parse_duration
 from .l7route import Hostname
 
@@ -99,6 +100,13 @@ class L4ListenerSpec(Model):
     """Forward TCP connections or UDP datagrams arriving on port to the backends, bytes untouched."""
 
     port: Port = Field(description="Port the dataplane listens on (1-65535).")
+    className: ClassName | None = Field(
+        default=None,
+        description=(
+            "The install that serves this object (its operator's --class, the chart's className). "
+            "Absent: the default class, bilayer. Installs of other classes ignore the object."
+        ),
+    )
     protocol: Literal["TCP", "UDP"] = Field(
         default="TCP",
         description="TCP or UDP. A TCP and a UDP listener may share a port number (DNS on 53).",

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from dataplane import regex
 
+from .classes import ClassName
 from .common import (
     PATTERN_HELP,
     BackendRef,
@@ -603,6 +604,13 @@ class L7RouteSpec(Model):
     """Route HTTP requests arriving on port."""
 
     port: Port = Field(description="Port the dataplane listens on; routes sharing a port share a listener.")
+    className: ClassName | None = Field(
+        default=None,
+        description=(
+            "The install that serves this object (its operator's --class, the chart's className). "
+            "Absent: the default class, bilayer. Installs of other classes ignore the object."
+        ),
+    )
     hostnames: list[Hostname] = Field(
         default_factory=list, max_length=16, description="Hosts served; empty: any."
     )
