@@ -136,13 +136,16 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         payload = await super()._serve_list(request)
         payload["metadata"]["resourceVersion"] = str(self._version)
+        if _selector(request):
+            payload["items"] = [item for item in payload["items"] if _selected(request, item)]
         return payload
 
     async def _serve_watch(self, request: rendering.Request) -> AsyncIterator[rendering.Payload]:
         since = request.params.get("resourceVersion")
         if not since or since == "0":
             async for item in super()._serve_watch(request):
-                yield item
+                if not isinstance(item, dict) or _selected(request, item.get("object") or {}):
+                    yield item
             return
         yield b""
         assert request.resource is not None
@@ -164,10 +167,28 @@ class Emulator(kmock.KubernetesEmulator):  # type: ignore[misc]
             mark = await bus.mark()
         try:
             for _, event in sorted(replay, key=lambda item: item[0]):
-                yield event
+                if _selected(request, event["object"]):
+                    yield event
             async for event in bus.stream(since=mark):
                 namespace = event.get("object", {}).get("metadata", {}).get("namespace")
-                if request.namespace is None or namespace == request.namespace:
+                if (request.namespace is None or namespace == request.namespace) and _selected(
+                    request, event.get("object", {})
+                ):
                     yield event
         finally:
             await bus.unmark(mark)
+
+
+def _selector(request: rendering.Request) -> dict[str, str]:
+    """An equality-based labelSelector (k=v,k=v), the only kind the operator sends: kmock
+    ignores selectors, so two installs' operators each saw the other's dataplane pods."""
+    text = str(request.params.get("labelSelector") or "")
+    return dict(item.split("=", 1) for item in text.split(",") if "=" in item)
+
+
+def _selected(request: rendering.Request, obj: Any) -> bool:
+    wanted = _selector(request)
+    if not wanted:
+        return True
+    labels = ((obj.get("metadata") if isinstance(obj, dict) else None) or {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in wanted.items())

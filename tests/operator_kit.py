@@ -126,17 +126,26 @@ class DataplaneProcess:
 class DataplanePod(DataplaneProcess):
     """A dataplane process and the Pod object the emulator holds for it."""
 
-    def __init__(self, index: int, state_dir: Path | None = None, *, ready: bool = True) -> None:
-        super().__init__(f"dataplane-{index}", pod_address(index + 2))
+    def __init__(
+        self,
+        index: int,
+        state_dir: Path | None = None,
+        *,
+        ready: bool = True,
+        labels: dict[str, str] | None = None,
+        prefix: str = "dataplane",
+    ) -> None:
+        super().__init__(f"{prefix}-{index}", pod_address(index + 2))
         self.ready = ready
-        self.uid = f"uid-{index}"
+        self.uid = f"{prefix}-uid-{index}" if prefix != "dataplane" else f"uid-{index}"
         self.state_dir = state_dir
+        self.labels = labels or LABELS
 
     def body(self) -> dict[str, Any]:
         return {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {"name": self.name, "namespace": NAMESPACE, "uid": self.uid, "labels": LABELS},
+            "metadata": {"name": self.name, "namespace": NAMESPACE, "uid": self.uid, "labels": self.labels},
             "spec": {
                 "containers": [
                     {"name": "dataplane", "ports": [{"name": "admin", "containerPort": ADMIN_PORT}]}
@@ -153,10 +162,22 @@ class DataplanePod(DataplaneProcess):
 class Cluster:
     """The API (emulator), a client for the test, the operator, the dataplane pods."""
 
-    def __init__(self, emulator: Emulator, url: str, api: KubeClient) -> None:
+    def __init__(
+        self,
+        emulator: Emulator,
+        url: str,
+        api: KubeClient,
+        *,
+        install: str = "",
+        first_address: int = 0,
+    ) -> None:
         self.emulator = emulator
         self.url = url
         self.api = api
+        # A second install (sibling) on the same API: pods of its own labels and addresses.
+        self.install = install
+        self.first_address = first_address
+        self.siblings: list[Cluster] = []
         self.pods: list[DataplanePod] = []
         self.state: dict[str, Any] = {}
         self._stop = threading.Event()
@@ -226,11 +247,41 @@ class Cluster:
     # --- dataplane pods ---
 
     async def add_pod(self, state_dir: Path | None = None, *, ready: bool = True) -> DataplanePod:
-        pod = DataplanePod(len(self.pods), state_dir, ready=ready)
+        pod = DataplanePod(
+            self.first_address + len(self.pods),
+            state_dir,
+            ready=ready,
+            labels=self.pod_labels,
+            prefix=self.install or "dataplane",
+        )
         await asyncio.to_thread(pod.start)
         self.pods.append(pod)
         await self.create(pod.body())
         return pod
+
+    @property
+    def pod_labels(self) -> dict[str, str]:
+        """Labels of this install's pods: the chart's, the release name telling installs apart
+        (the default operator's selector, LABELS alone, matches them all)."""
+        return {**LABELS, "app.kubernetes.io/instance": self.install or "bilayer"}
+
+    async def sibling(self, install: str, first_address: int = 10) -> Cluster:
+        """A second install on this API: its own dataplane pods (labelled with the install,
+        from 127.0.0.{first_address + 2}) and Service; start its operator with
+        sibling.start_operator(**sibling.operator_settings(...))."""
+        other = Cluster(self.emulator, self.url, self.api, install=install, first_address=first_address)
+        self.siblings.append(other)
+        await other.create(_dataplane_service(f"{install}-dataplane"))
+        return other
+
+    def operator_settings(self, class_name: str) -> dict[str, Any]:
+        """start_operator's settings for this install's operator, of class class_name."""
+        return {
+            "class_name": class_name,
+            "identity": f"{self.install or 'test'}-operator",
+            "dataplane_labels": self.pod_labels,
+            "dataplane_service": f"{self.install}-dataplane" if self.install else "bilayer-dataplane",
+        }
 
     # --- the operator ---
 
@@ -312,23 +363,14 @@ async def running_cluster() -> AsyncIterator[Cluster]:
         url = str(server.url).rstrip("/")
         api = KubeClient(Credentials(server=url))
         cluster = Cluster(emulator, url, api)
-        await cluster.create(
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": "bilayer-dataplane", "namespace": NAMESPACE},
-                "spec": {
-                    "type": "LoadBalancer",
-                    "ports": [{"name": "placeholder", "port": 80, "targetPort": 80}],
-                },
-            }
-        )
+        await cluster.create(_dataplane_service("bilayer-dataplane"))
         try:
             yield cluster
         finally:
-            await cluster.stop_operator()
-            for pod in cluster.pods:
-                await asyncio.to_thread(pod.stop)
+            for each in [*cluster.siblings, cluster]:
+                await each.stop_operator()
+                for pod in each.pods:
+                    await asyncio.to_thread(pod.stop)
             await api.close()
 
 
@@ -345,3 +387,12 @@ def write_kubeconfig(path: Path, server: str, token: str = "x") -> Path:
     }
     path.write_text(json.dumps(config))
     return path
+
+
+def _dataplane_service(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "placeholder", "port": 80, "targetPort": 80}]},
+    }

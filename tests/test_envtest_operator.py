@@ -179,16 +179,28 @@ async def test_the_crds_refuse_bad_objects_at_admission(apiserver: ApiServer, tm
         bad_duration = l4listener("bad-duration", 8081)
         bad_duration["spec"]["timeouts"] = {"connect": "5 seconds"}  # type: ignore[index]
         no_spec = {"apiVersion": "bilayer.dev/v1alpha1", "kind": "L7Route", "metadata": {"name": "no-spec"}}
+        bad_class = l7route("bad-class", 8080)
+        bad_class["spec"]["className"] = "Internal_Ingress"  # type: ignore[index]
+        long_class = l4listener("long-class", 8081)
+        long_class["spec"]["className"] = "a" * 64  # type: ignore[index]
         cases = [
             (bad_port, "spec.port"),
             (bad_path, "spec.rules[0].matches[0].path.type"),
             (bad_duration, "spec.timeouts.connect"),
             (no_spec, "spec"),
+            (bad_class, "spec.className"),
+            (long_class, "spec.className"),
         ]
         for body, field in cases:
             with pytest.raises(KubeError) as refused:
                 await cluster.create(body)
             assert refused.value.status == 422 and field in str(refused.value), str(refused.value)
+        # A DNS label is a class, stored as written.
+        internal = l7route("internal-class", 8080)
+        internal["spec"]["className"] = "internal-2"  # type: ignore[index]
+        created = await cluster.create(internal)
+        assert created["spec"]["className"] == "internal-2"
+        await cluster.delete("L7Route", "internal-class")
 
 
 async def test_port_conflicts_and_listener_failures(

@@ -634,3 +634,79 @@ async def test_a_deposed_leader_stops_writing_status_at_once(cluster: Cluster, w
     assert written < 100
     for i in (0, 99):
         await cluster.wait_condition("L7Route", f"r{i}", "Programmed")
+
+
+async def test_two_installs_of_two_classes_share_a_port_and_never_write_each_others_status(
+    cluster: Cluster, web: HTTPBackend
+) -> None:
+    """Internal and external ingress on one API: each operator serves its class on the
+    same port without a conflict, and no operator writes (or clears) a status of an
+    object outside its class, even one that was its own until an edit."""
+    internal = await cluster.sibling("internal")
+    await cluster.add_pod()
+    await internal.add_pod()
+    for obj in service_objects("web", web.port):
+        await cluster.create(obj)
+    await cluster.start_operator(**cluster.operator_settings("bilayer"))
+    await internal.start_operator(**internal.operator_settings("internal"))
+    http, tcp = free_port(), free_port()
+    nobody = {
+        **l7route("nobody", http, "/nobody"),
+        "spec": {**l7route("nobody", http)["spec"], "className": "nobody"},
+    }
+    await cluster.create(nobody)
+    await cluster.create(l7route("external", http, "/external"))
+    internal_route = l7route("internal", http, "/internal")
+    internal_route["spec"] = {**internal_route["spec"], "className": "internal"}  # type: ignore[dict-item]
+    await cluster.create(internal_route)
+    await cluster.create(l4listener("external-tcp", tcp))
+    internal_tcp = l4listener("internal-tcp", tcp)
+    internal_tcp["spec"] = {**internal_tcp["spec"], "className": "internal"}  # type: ignore[dict-item]
+    await cluster.create(internal_tcp)
+    for name, kind in [("external", "L7Route"), ("internal", "L7Route")]:
+        await cluster.wait_condition(kind, name, "Accepted")
+        await cluster.wait_condition(kind, name, "Programmed")
+    for name in ("external-tcp", "internal-tcp"):
+        await cluster.wait_condition("L4Listener", name, "Programmed")
+    external_pod, internal_pod = cluster.pods[0], internal.pods[0]
+    for pod, path in [(external_pod, "/external"), (internal_pod, "/internal")]:
+        await async_wait_for(
+            lambda pod=pod, path=path: asyncio.to_thread(lambda: fetch(pod.address, http, path)[0] == 200),
+            what=f"{pod.name} to serve {path}",
+        )
+    assert (await asyncio.to_thread(fetch, external_pod.address, http, "/internal"))[0] == 404
+    assert (await asyncio.to_thread(fetch, internal_pod.address, http, "/external"))[0] == 404
+    status, body = await asyncio.to_thread(fetch, internal_pod.address, tcp, "/through-internal-tcp")
+    assert status == 200 and json.loads(body)["path"] == "/through-internal-tcp"
+    # Each install's Service carries the ports of its own class.
+    for service in ("bilayer-dataplane", "internal-dataplane"):
+
+        async def ports(service: str = service) -> bool:
+            found = await cluster.get("Service", NAMESPACE, service) or {}
+            return sorted(p["port"] for p in found["spec"]["ports"]) == sorted([http, tcp])
+
+        await async_wait_for(ports, what=f"{service} to carry both ports")
+    assert (await cluster.get("L7Route", "default", "nobody") or {}).get("status") is None
+    assert cluster.call(lambda: sorted(k.name for k in cluster.operator.latest.statuses)) == [
+        "external",
+        "external-tcp",
+    ]
+
+    # The internal route moves to a class nobody serves: the internal pod stops serving
+    # it, and its status stays what the internal operator last wrote (generation 1).
+    before = (await cluster.get("L7Route", "default", "internal") or {})["status"]
+    await cluster.patch("L7Route", "default", "internal", {"spec": {"className": "nobody"}})
+    await async_wait_for(
+        # Its port closes: no route of the internal class is left on it.
+        lambda: asyncio.to_thread(lambda: fetch(internal_pod.address, http, "/internal")[0] != 200),
+        what="the internal pod to stop serving the moved route",
+    )
+    # A later object of the internal class, programmed: every status pass that could
+    # have written the moved route has run by then.
+    later = l7route("internal-later", http, "/later")
+    later["spec"] = {**later["spec"], "className": "internal"}  # type: ignore[dict-item]
+    await cluster.create(later)
+    await cluster.wait_condition("L7Route", "internal-later", "Programmed")
+    moved = await cluster.get("L7Route", "default", "internal") or {}
+    assert moved["metadata"]["generation"] == 2 and moved["status"] == before
+    assert (await cluster.get("L7Route", "default", "nobody") or {}).get("status") is None
