@@ -71,7 +71,7 @@ async def test_lifecycle_on_the_real_api_server(apiserver: ApiServer, tmp_path: 
         # Printer columns, as a user sees them.
         table = await asyncio.to_thread(kubectl, apiserver, tmp_path, "get", "l7routes", "-n", cluster.apps)
         header, row = table.splitlines()[:2]
-        assert header.split() == ["NAME", "PORT", "HOSTNAMES", "ACCEPTED", "PROGRAMMED", "AGE"]
+        assert header.split() == ["NAME", "PORT", "CLASS", "HOSTNAMES", "ACCEPTED", "PROGRAMMED", "AGE"]
         assert row.split()[:2] == ["api", str(http)] and row.split()[-3:-1] == ["True", "True"]
 
         # Update: generation 2 is programmed, traffic follows.
