@@ -267,7 +267,7 @@ class Cluster:
 
     async def sibling(self, install: str, first_address: int = 10) -> Cluster:
         """A second install on this API: its own dataplane pods (labelled with the install,
-        from 127.0.0.{first_address + 2}) and Service; start its operator with
+        from pod_address(first_address + 2)) and Service; start its operator with
         sibling.start_operator(**sibling.operator_settings(...))."""
         other = Cluster(self.emulator, self.url, self.api, install=install, first_address=first_address)
         self.siblings.append(other)
