@@ -149,10 +149,11 @@ def _tcp_head(listener: Listener | None) -> str | None:
 
 def _tcp_steps(key: str, was: Listener | None, now: Listener | None) -> Iterator[_Step]:
     was_head, now_head = _tcp_head(was), _tcp_head(now)
-    if was is not None and was_head is not None and was_head != now_head:
+    if was is not None and was_head != now_head:
         # Removed, or replaced by another kind: every old part goes; only the removal of
-        # a head with nothing in its place is sent.
-        for i, (path, value) in enumerate(was.tcp_parts(key)):
+        # a head with nothing in its place is sent. A port that had only a UDP face has no
+        # TCP parts to remove: its new TCP face is all new.
+        for i, (path, value) in enumerate(was.tcp_parts(key) if was_head is not None else ()):
             yield path, value, None, now_head is not None or i > 0
         was = None
     if now is None or now_head is None:

@@ -90,14 +90,21 @@ def _is(kind: str, name: str, port: int) -> Any:
 def test_regressions_found_by_the_random_sequences() -> None:
     """Sequences that once made the incremental compile differ from a fresh one: a route
     moving to another port; an older route's port gaining an L4Listener it refuses; a
-    Service that only a RequestMirror names appearing after the route."""
+    Service that only a RequestMirror names appearing after the route; a TCP face added
+    to a port that had only a UDP one."""
     moves = [[(_find(_is("L7Route", "plain", 8443)), False)], [(_find(_is("L7Route", "plain", 8080)), False)]]
     beta = _find(lambda o: o["kind"] == "L7Route" and o["metadata"]["name"] == "beta")
     joins = [[(beta, False)], [(_find(_is("L4Listener", "tcp", 8080)), False)]]
     shadow = _find(lambda o: o["kind"] == "L7Route" and o["metadata"]["name"] == "shadow")
     canary = _find(lambda o: o["kind"] == "Service" and o["metadata"]["name"] == "canary")
     mirrored = [[(shadow, False)], [(canary, False)]]
-    for batches in (moves, joins, mirrored):
+    # A port with only a UDP listener gains an L7Route: the delta tried to diff the new
+    # TCP face against an old one that did not exist.
+    udp = _find(lambda o: o["kind"] == "L4Listener" and (o.get("spec") or {}).get("protocol") == "UDP")
+    port = POOL[udp]["spec"]["port"]
+    route = _find(lambda o: o["kind"] == "L7Route" and (o.get("spec") or {}).get("port") == port)
+    tcp_joins_udp = [[(udp, False)], [(route, False)]]
+    for batches in (moves, joins, mirrored, tcp_joins_udp):
         test_incremental_compiles_equal_fresh_ones.hypothesis.inner_test(batches=batches)  # type: ignore[attr-defined]
 
 
