@@ -120,6 +120,7 @@ async def test_a_copy_carries_the_request_and_its_body_with_a_shadow_host(
             assert resp.status == 200
         async with client.get(url, headers={"Host": "shop.test"}) as resp:
             assert resp.status == 200
+            primary_id = echoed(await resp.read())["header_map"]["x-request-id"]
         await eventually(lambda: len(mirror.copies) == 3, "three copies")
         assert copies_of(dp, "default/m:80") == {"answered": 3, "dropped": 0, "failed": 0}
     by_method = {c["method"]: c for c in mirror.copies}
@@ -129,6 +130,7 @@ async def test_a_copy_carries_the_request_and_its_body_with_a_shadow_host(
     assert by_method["PUT"]["host"] == "shop.test-shadow"
     assert by_method["POST"]["path"] == "/upload?x=1" and by_method["POST"]["headers"]["x-trace"] == "t1"
     assert by_method["PUT"]["headers"]["transfer-encoding"] == "chunked"
+    assert by_method["GET"]["headers"]["x-request-id"] == primary_id  # the copy's log joins too
 
 
 async def test_a_hanging_mirror_never_holds_the_client(

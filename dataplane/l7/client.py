@@ -443,7 +443,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         if self._body_too_slow(current, now):
             listener.timeouts["body_rate"] += 1
-            current.local(408, "the request body arrived too slowly", close=True)
+            current.local(408, "the request body arrived too slowly", "client_timeout", close=True)
             return
         self.deadline = now + listener.tick
 

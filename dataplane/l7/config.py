@@ -144,8 +144,8 @@ class Target:
         self.cluster = clusters[backend.cluster] if backend.cluster is not None else None
         self.position = position  # among the rule's backends (session tokens name it)
         filters = backend.filters
-        self.request_modifier = Modifier.of(filters.requestHeaders) if filters else None
-        self.response_modifier = Modifier.of(filters.responseHeaders) if filters else None
+        self.request_modifier = Modifier.of(filters.requestHeaders, request=True) if filters else None
+        self.response_modifier = Modifier.of(filters.responseHeaders, request=False) if filters else None
         self.rewrite = filters.rewrite if filters else None
         self.own_mirrors = _mirrors(filters.mirrors, clusters) if filters else ()
         # The rule's mirrors and this backend's: every copy a request sent here makes.
@@ -233,8 +233,8 @@ class Rule:
             if rule.session is not None
             else None
         )
-        self.request_modifier = Modifier.of(rule.requestHeaders)
-        self.response_modifier = Modifier.of(rule.responseHeaders)
+        self.request_modifier = Modifier.of(rule.requestHeaders, request=True)
+        self.response_modifier = Modifier.of(rule.responseHeaders, request=False)
         # Whether a response head is changed on its way: one test per response when not.
         self.shapes_response = (
             self.response_modifier is not None

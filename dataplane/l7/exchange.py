@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 from urllib.parse import parse_qsl
 
 from ..health import EndpointState
@@ -31,7 +32,16 @@ from ..table import PathRewrite
 from . import framing, responses
 from .config import Cluster, Rule, Target, retry_after
 from .cors import CorsPolicy
-from .framing import CHUNKED, LAST_CHUNK, NO_BODY, UNTIL_CLOSE, BadMessage, RequestHead, ResponseHead
+from .framing import (
+    CHUNKED,
+    LAST_CHUNK,
+    NO_BODY,
+    REQUEST_ID,
+    UNTIL_CLOSE,
+    BadMessage,
+    RequestHead,
+    ResponseHead,
+)
 from .mirror import MAX_COPIES, MirrorCopy, shadow_host
 from .retry import Failure, give_up_status, may_resend
 from .session import Pin
@@ -50,6 +60,49 @@ MAX_INTERIM = 32
 
 # How the response body goes to the client.
 _IDENTITY, _CHUNK = 0, 1
+
+# Why the proxy answered a request itself, or ended its exchange, as the access log says.
+Reason = Literal[
+    "misdirected",  # 421: the TLS certificate of the connection does not cover the host
+    "no_route",  # 404
+    "bad_request",  # 400 (or another 4xx/5xx) for a request the proxy refuses
+    "too_large",  # 413: the body is over --max-body-size
+    "cors_preflight",  # 204: a CORS preflight answered
+    "cors_rejected",  # 403: a CORS preflight from an origin not allowed
+    "rate_limited",  # 429
+    "redirect",  # 3xx: a RequestRedirect filter
+    "no_backend",  # 500: the rule has no backend with weight
+    "unresolved_backend",  # 500: the backend names no Service port the table knows
+    "no_endpoint",  # 503: no ready endpoint
+    "connect_failed",  # 503: no connection to an endpoint, not resent
+    "upstream_reset",  # 503 (or a cut response): the backend closed before or while answering
+    "bad_response",  # 502 (or a cut response): the backend's response was refused
+    "timeout",  # 504 (or a cut response): the request or the backend took too long
+    "client_timeout",  # 408: the client's body or trailers came too slowly
+    "client_closed",  # 499 (or a cut response): the client went away first
+]
+_GIVE_UP: dict[Failure, Reason] = {
+    Failure.CONNECT: "connect_failed",
+    Failure.RESET: "upstream_reset",
+    Failure.TIMEOUT: "timeout",
+    Failure.STATUS: "bad_response",  # (a retried status is forwarded, never given up on)
+}
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+
+# Request ids (128 random bits as 32 hex digits) are made 256 at a time: per request, a
+# list pop, where os.urandom(16).hex() is a system call and formatting a random 128-bit
+# int costs more than either (callgrind).
+_REQUEST_IDS: list[bytes] = []
+
+
+def _more_request_ids() -> bytes:
+    """A new request id, and the stock refilled."""
+    block = os.urandom(16 * 256).hex().encode()
+    _REQUEST_IDS.extend([block[i : i + 32] for i in range(32, len(block), 32)])
+    return block[:32]
+
+
+os.register_at_fork(after_in_child=_REQUEST_IDS.clear)  # a child never repeats its parent's ids
 
 
 class Downstream(Protocol):
@@ -103,8 +156,10 @@ class Exchange:
         "listener",
         "pending",
         "pin",
+        "reason",
         "received",
         "request_done",
+        "request_id",
         "request_timer",
         "request_whole",
         "resent",
@@ -158,6 +213,8 @@ class Exchange:
         self.attempt_timer: asyncio.TimerHandle | None = None
         self._query_values: dict[str, str] | None = None
         self.trace: Trace | None = None  # when tracing is on (listener.tracer)
+        self.request_id = head.request_id  # the client's, or b"" until one is made (request_id())
+        self.reason: Reason | None = None  # set when the proxy answers or ends it itself
 
     # --- the request body, from the client connection ---
 
@@ -167,7 +224,7 @@ class Exchange:
         self.received += len(data)
         limit = self.listener.settings.max_body_size
         if limit and self.received > limit:
-            self._fail(413, "request body too large", close=True)
+            self._fail(413, "request body too large", "too_large", close=True)
             return
         copies = self.copies
         if copies is not None:
@@ -243,17 +300,17 @@ class Exchange:
         host = head.host_name
         sni = self.conn.sni
         if sni is not None and config.tls is not None and config.tls.misdirected(sni, host):
-            self.local(421, "this connection's certificate does not cover the requested host")
+            self.local(421, "this connection's certificate does not cover the requested host", "misdirected")
             return
         entry = config.router.match(host, head.path, head.method, self)
         if entry is None:
-            self.local(404, "no route for this host and path")
+            self.local(404, "no route for this host and path", "no_route")
             return
         rule = self.rule = config.rules[entry.rule]
         if entry.path_type == "PathPrefix":
             self.entry_prefix = entry.path_value
         if head.encoded_slash and not rule.allow_encoded_slashes:
-            self.local(400, "encoded slash (%2F) or backslash (%5C) in the path", close=True)
+            self.local(400, "encoded slash (%2F) or backslash (%5C) in the path", "bad_request", close=True)
             return
         if rule.cors is not None and head.method == "OPTIONS" and self._preflight(rule.cors):
             return
@@ -266,18 +323,18 @@ class Exchange:
         if target is None:
             target = rule.backends.pick()
             if target is None:
-                self.local(500, "the matched rule has no backend")
+                self.local(500, "the matched rule has no backend", "no_backend")
                 return
         cluster = target.cluster
         if cluster is None:
-            self.local(500, "the chosen backend does not resolve to a Service")
+            self.local(500, "the chosen backend does not resolve to a Service", "unresolved_backend")
             return
         if not cluster.endpoints:
-            self.local(503, "no ready endpoint")
+            self.local(503, "no ready endpoint", "no_endpoint")
             return
         limit = listener.settings.max_body_size
         if limit and head.body > limit:  # announced too big: refused before any backend sees it
-            self.local(413, "request body too large", close=True)
+            self.local(413, "request body too large", "too_large", close=True)
             return
         self.target = target
         if target.mirrors and not head.upgrade:
@@ -298,7 +355,7 @@ class Exchange:
         if origin is None or method is None:
             return False
         if not cors.allows(origin):
-            self.local(403, "CORS: this origin is not allowed")
+            self.local(403, "CORS: this origin is not allowed", "cors_rejected")
             return True
         requested = self.header("access-control-request-headers")
         headers = cors.preflight(
@@ -306,7 +363,7 @@ class Exchange:
             method.encode("latin-1"),
             requested.encode("latin-1") if requested is not None else None,
         )
-        self.local(204, "", headers=headers)
+        self.local(204, "", "cors_preflight", headers=headers)
         return True
 
     def _session_target(self, rule: Rule) -> Target | None:
@@ -365,7 +422,7 @@ class Exchange:
         if wait <= 0:
             return False
         rule.stats.rate_limited += 1
-        self.local(429, "rate limit exceeded", headers=[(b"retry-after", retry_after(wait))])
+        self.local(429, "rate limit exceeded", "rate_limited", headers=[(b"retry-after", retry_after(wait))])
         return True
 
     def _redirect(self, rule: Rule) -> None:
@@ -388,6 +445,7 @@ class Exchange:
         self.local(
             redirect.statusCode,
             f"moved to {location}",
+            "redirect",
             headers=[(b"location", location.encode("latin-1"))],
         )
 
@@ -417,7 +475,7 @@ class Exchange:
             if endpoint is None:
                 endpoint = balancer.pick(key, time.monotonic())  # all tried: any again
         if endpoint is None:
-            self.local(503, "no ready endpoint")
+            self.local(503, "no ready endpoint", "no_endpoint")
             return
         self.tried.add(endpoint)
         listener = self.listener
@@ -501,6 +559,11 @@ class Exchange:
         if head.upgrade:
             headers.append((b"connection", b"upgrade"))
             headers.append((b"upgrade", head.upgrade))
+        # After the filters (which cannot name it): the id the backend logs is the one we log.
+        request_id = self.request_id
+        if not request_id:
+            request_id = self.request_id = _REQUEST_IDS.pop() if _REQUEST_IDS else _more_request_ids()
+        headers.append((REQUEST_ID, request_id))
         host = head.host
         path = head.path
         # One of the two at most: the compiler refuses a URLRewrite on both.
@@ -547,7 +610,7 @@ class Exchange:
         if self._may_resend(failure, reused=reused):
             self._resend(why, stale=failure is Failure.RESET and reused)
         else:
-            self._fail(give_up_status(failure), why)
+            self._fail(give_up_status(failure), why, _GIVE_UP[failure])
 
     def _resend(self, why: str, *, stale: bool) -> None:
         rule, cluster = self.rule, self.cluster
@@ -767,7 +830,7 @@ class Exchange:
         self.listener.bad_messages["backend"] += 1
         if self.endpoint is not None:
             self.listener.health.report_failure(self.endpoint)
-        self._fail(502, "the backend sent an invalid response")
+        self._fail(502, "the backend sent an invalid response", "bad_response")
 
     def upstream_lost(self, exc: Exception | None) -> None:
         """The backend's connection closed while this exchange used it."""
@@ -783,7 +846,8 @@ class Exchange:
                     self._out(LAST_CHUNK)
                 self.finish()
                 return
-            self._fail(502, "the backend closed the connection mid-response")  # cut, never truncated
+            # Cut, never truncated.
+            self._fail(502, "the backend closed the connection mid-response", "upstream_reset")
             return
         reused = upstream.reused
         if self.endpoint is not None and not reused:
@@ -801,14 +865,14 @@ class Exchange:
     def _request_timed_out(self) -> None:
         self.request_timer = None
         if not self.done:
-            self._fail(504, "the request timed out")
+            self._fail(504, "the request timed out", "timeout")
 
     def idle_timed_out(self, waiting_for_client: bool) -> None:
         """Nothing moved for the idle timeout (the connection's check)."""
         if waiting_for_client:
-            self._fail(408, "the request body stopped arriving", close=True)
+            self._fail(408, "the request body stopped arriving", "client_timeout", close=True)
         else:
-            self._fail(504, "the backend did not answer in time")
+            self._fail(504, "the backend did not answer in time", "timeout")
 
     # --- ending ---
 
@@ -816,38 +880,44 @@ class Exchange:
         self,
         status: int,
         message: str,
+        reason: Reason,
         *,
         close: bool = False,
         headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        """Answer the client ourselves."""
+        """Answer the client ourselves (reason: why, for the access log)."""
         if self.done:
             return
         # Unread body bytes would be taken for the next request: close instead.
         close = close or not self.head.keep_alive or not self.request_whole or self.conn.closing
         self.close_after = self.close_after or close
         self.status = status
+        self.reason = reason
         self.resp_started = True
-        data = responses.local(
+        head, body = responses.local_parts(
             status, message, close=self.close_after, headers=headers, head_only=self.head.method == "HEAD"
         )
-        self.bytes_out += len(data)
-        self._out(data)
+        self.bytes_out += len(body)  # body bytes, as for a proxied response
+        self._out(head + body)
         self.finish()
 
     def fail_request(self, status: int, message: str) -> None:
         """The client broke HTTP in this request's body or trailers."""
-        self._fail(status, message, close=True)
+        reason: Reason = (
+            "too_large" if status == 413 else "client_timeout" if status == 408 else "bad_request"
+        )
+        self._fail(status, message, reason, close=True)
 
-    def _fail(self, status: int, message: str, *, close: bool = False) -> None:
+    def _fail(self, status: int, message: str, reason: Reason, *, close: bool = False) -> None:
         """End on an error: answer status, or, once the client has seen part of a response,
         cut the connection, so a truncated response never looks complete."""
         self._drop_upstream()
         if self.resp_started:
+            self.reason = reason  # the status logged stays the backend's
             self.conn.abort()
             self.finish()
             return
-        self.local(status, message, close=close)
+        self.local(status, message, reason, close=close)
 
     def client_lost(self) -> None:
         """The client went away mid-exchange."""
@@ -856,6 +926,7 @@ class Exchange:
         self._drop_upstream()
         if not self.status:
             self.status = 499  # as nginx logs it: client closed request
+        self.reason = "client_closed"
         self.finish()
 
     def finish(self) -> None:
@@ -896,13 +967,22 @@ class Exchange:
         host = head.host.decode("latin-1")
         url = f"{listener.scheme}://{host}{head.path}" + (f"?{head.query}" if head.query else "")
         rule = self.rule
+        # A request answered before any backend was asked has no id yet: made here, so
+        # every line has one.
+        request_id = self.request_id
+        if not request_id:
+            request_id = self.request_id = _REQUEST_IDS.pop() if _REQUEST_IDS else _more_request_ids()
         log.info(
             "request",
             extra=fields(
+                request_id=request_id.decode("ascii"),
                 client=self.conn.client_ip,
                 method=head.method,
                 url=url,
+                protocol=_PROTOCOLS.get(head.version, head.version),
+                user_agent=self.header("user-agent"),
                 status=status,
+                reason=self.reason,
                 bytes=self.bytes_out,
                 seconds=round(seconds, 6),
                 upstream=self.endpoint.key if self.endpoint else None,

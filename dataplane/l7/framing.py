@@ -42,6 +42,12 @@ PROTECTED = HOP_BY_HOP | FRAMING | FORWARDING
 # `b"_" in name`, since `bytes in bytes` first tries the needle as an integer, raising and
 # clearing an exception each time (thousands of instructions per header).
 
+# The request id the proxy forwards and logs (exchange.py writes the field): a client's value
+# is kept when it is one visible-ASCII token of bounded length, so a log line stays bounded
+# and one id names one request; anything else is replaced by a new id.
+REQUEST_ID = b"x-request-id"
+_SANE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+
 UPGRADES = frozenset({b"websocket"})  # what a request may upgrade to; h2c is refused (RFC 9113)
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods whose request content many servers never read (RFC 9110 gives it no meaning): a
@@ -61,7 +67,7 @@ _HOST_NAMES: dict[bytes, str] = {}
 _HOST_NAMES_KEPT = 4096
 
 # Field kinds looked at while validating a head: one dict lookup per field decides.
-_PLAIN, _HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP, _DISGUISED = range(9)
+_PLAIN, _HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP, _DISGUISED, _REQUEST_ID = range(10)
 _KINDS = {
     b"host": _HOST_FIELD,
     b"content-length": _LENGTH,
@@ -69,6 +75,7 @@ _KINDS = {
     b"connection": _CONNECTION,
     b"upgrade": _UPGRADE,
     b"x-forwarded-for": _XFF,
+    b"x-request-id": _REQUEST_ID,
     b"keep-alive": _DROP,
     b"proxy-connection": _DROP,
     b"te": _DROP,
@@ -141,6 +148,7 @@ class RequestHead:
     upgrade: bytes  # b"websocket", or b"" for none
     reparse: bool  # llhttp switched to upgrade mode but the proxy refused it: parse on
     has_body: bool  # a length above 0, or chunked
+    request_id: bytes  # the client's X-Request-Id when sane (one field, see REQUEST_ID), else b""
 
     @property
     def idempotent(self) -> bool:
@@ -227,6 +235,7 @@ def request_head(
     connection: list[bytes] = []
     upgrade = b""
     forwarded_for = b""
+    request_id: bytes | None = None
     headers: Headers = []
     kinds = _REQUEST_FIELDS
     for field, value in fields:
@@ -247,6 +256,9 @@ def request_head(
             upgrade = value.split(b",", 1)[0].strip().lower()
         elif kind == _XFF:
             forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
+        elif kind == _REQUEST_ID:
+            # Not forwarded: the proxy writes the field itself. Two of them: neither is trusted.
+            request_id = value if request_id is None else b""
         elif kind == _DISGUISED:
             raise BadMessage(
                 400, f"header {field.decode('latin-1')} is refused: spell it with '-' instead of '_'"
@@ -298,6 +310,8 @@ def request_head(
         if len(_HOST_NAMES) >= _HOST_NAMES_KEPT:
             _HOST_NAMES.clear()
         _HOST_NAMES[host] = host_name
+    if request_id is None or (request_id and _SANE_REQUEST_ID.fullmatch(request_id) is None):
+        request_id = b""
     # Positional: keyword arguments cost a microsecond per request here.
     return RequestHead(
         name,  # method
@@ -314,6 +328,7 @@ def request_head(
         upgrade,
         reparse,
         has_body,
+        request_id,
     )
 
 

@@ -4,6 +4,9 @@ Headers stay as received, a list of (name, value) byte pairs; names compare lowe
 A modifier never touches the fields the proxy writes itself (framing, hop-by-hop,
 Host): a route cannot change how the next hop reads the byte stream. The compiler refuses
 such modifiers with a message; this is the dataplane's own guard.
+
+A request modifier also leaves X-Request-Id alone: the proxy writes it after the filters,
+and the id the backend receives is the one in the access log, so their logs join.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import table
-from .framing import FRAMING, HOP_BY_HOP, Headers
+from .framing import FRAMING, HOP_BY_HOP, REQUEST_ID, Headers
 
 _UNTOUCHABLE = HOP_BY_HOP | FRAMING
+_UNTOUCHABLE_REQUEST = _UNTOUCHABLE | {REQUEST_ID}
 
 
 @dataclass(frozen=True)
@@ -25,12 +29,14 @@ class Modifier:
     remove: frozenset[bytes]
 
     @classmethod
-    def of(cls, ops: table.HeaderOps | None) -> Modifier | None:
+    def of(cls, ops: table.HeaderOps | None, *, request: bool) -> Modifier | None:
+        """The modifier of a request's headers (request=True) or a response's."""
         if ops is None:
             return None
+        untouchable = _UNTOUCHABLE_REQUEST if request else _UNTOUCHABLE
 
         def allowed(name: str) -> bool:
-            return name.lower().encode() not in _UNTOUCHABLE
+            return name.lower().encode() not in untouchable
 
         return cls(
             set=tuple((h.name.encode(), h.value.encode()) for h in ops.set if allowed(h.name)),

@@ -28,8 +28,22 @@ def local(
     headers: list[tuple[bytes, bytes]] | None = None,
     head_only: bool = False,
 ) -> bytes:
-    """A complete HTTP/1.1 response; message becomes the body (one line). A 204 has no
-    body and no Content-Length (RFC 9110 forbids both)."""
+    """A complete HTTP/1.1 response; message becomes the body (one line)."""
+    head, body = local_parts(status, message, close=close, headers=headers, head_only=head_only)
+    return head + body
+
+
+def local_parts(
+    status: int,
+    message: str,
+    *,
+    close: bool = False,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    head_only: bool = False,
+) -> tuple[bytes, bytes]:
+    """The head and the body of local(): the access log counts the body bytes, as it does
+    for a proxied response. A 204 has no body and no Content-Length (RFC 9110 forbids
+    both); a response to HEAD announces the body it leaves out."""
     body = (message + "\n").encode() if status != 204 else b""
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason(status))]
     if status != 204:
@@ -39,6 +53,4 @@ def local(
     if close:
         lines.append(b"connection: close\r\n")
     lines.append(b"\r\n")
-    if not head_only:
-        lines.append(body)
-    return b"".join(lines)
+    return b"".join(lines), b"" if head_only else body
