@@ -89,6 +89,9 @@ class Settings:
     access_log: bool = True
     access_log_sample: float = 1.0
     connection_log: bool = True
+    # Per route rule metric families (bilayer_l7_route_*): a series set per rule, so a
+    # table of thousands of rules may be more than a Prometheus should take per pod.
+    route_metrics: bool = True
     max_body_size: int = 0  # 0: no limit
     header_timeout: float = 10.0  # a request head, trailers, a TLS handshake (slowloris)
     keepalive_timeout: float = 60.0  # idle time between requests on a client connection

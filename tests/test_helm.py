@@ -33,6 +33,8 @@ NON_DEFAULT = [
     "--set",
     "dataplane.accessLog=false",
     "--set",
+    "dataplane.routeMetrics=false",
+    "--set",
     "dataplane.adminPort=19901",
     "--set",
     "networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team=monitoring",
@@ -241,6 +243,7 @@ def test_probes_and_scrapes_use_the_read_only_port() -> None:
         (["--set", "dataplane.tracing.otlpEndpoint=collector:4318"], "/dataplane/tracing/otlpEndpoint"),
         (["--set", "image.registry=docker.io"], "registry"),  # a typo: global.imageRegistry
         (["--set", "image.digest=latest"], "/image/digest"),
+        (["--set-string", "dataplane.routeMetrics=no"], "/dataplane/routeMetrics"),
         (["--set", "imagePullSecrets[0].nam=regcred"], "nam"),
         (["--set", "className=Internal_Ingress"], "/className"),
     ],
@@ -266,6 +269,15 @@ def test_tracing_values_reach_the_dataplane() -> None:
     )
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["OTEL_SERVICE_NAME"]["value"] == "edge"
+
+
+def test_the_route_metrics_switch_reaches_the_dataplane() -> None:
+    from controlplane.cli import parser
+
+    for values, expected in (([], True), (NON_DEFAULT, False)):
+        _, container = next((d, c) for d, c in containers(render(*values)) if c["name"] == "dataplane")
+        assert ("--no-route-metrics" in _args(container)) is not expected
+        assert parser().parse_args(_args(container)).route_metrics is expected
 
 
 def test_chart_crds_are_the_generated_ones() -> None:

@@ -405,6 +405,28 @@ async def test_access_log_and_metrics(
     assert f'bilayer_l7_route_duration_seconds_count{{port="{port}",route="default/r",rule="0"}} 1.0' in text
 
 
+async def test_route_metrics_off_keeps_the_port_and_cluster_families_only(
+    web_a: HTTPBackend, client: aiohttp.ClientSession
+) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from dataplane.metrics import DataplaneCollector
+
+    port = free_port()
+    rules = [{"backendRefs": [backend_ref("a")]}]
+    async with serving(l7_table([route("r", port, rules)], {"a": [web_a.port]}), route_metrics=False) as dp:
+        assert (await get(client, port, "/x"))[0] == 200
+        registry = CollectorRegistry()
+        registry.register(DataplaneCollector(dp))
+        text = generate_latest(registry).decode()
+        stats = dp.listeners[port].memory.rules[("default/r", 0)]  # type: ignore[attr-defined]
+    assert "bilayer_l7_route_" not in text  # not even the HELP and TYPE lines
+    assert f'bilayer_l7_responses_total{{code="2xx",port="{port}"}} 1.0' in text
+    assert f'bilayer_l7_cluster_requests_total{{cluster="default/a:80",port="{port}"}} 1.0' in text
+    assert stats.responses[2] == 1  # the rule still counts: only its series are left out
+
+
 async def test_a_removed_rule_takes_its_metric_series_with_it(
     web_a: HTTPBackend, client: aiohttp.ClientSession
 ) -> None:

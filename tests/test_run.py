@@ -99,6 +99,38 @@ def test_a_typo_keeps_the_last_valid_version_served(folder: Path, run: BilayerRu
     wait_for(lambda: not run.get("/v1/table")[1]["listeners"].get("18090"), what="the route to go")
 
 
+@pytest.mark.parametrize(("flags", "per_rule"), [((), True), (("--no-route-metrics",), False)])
+def test_route_metrics_switch(folder: Path, flags: tuple[str, ...], per_rule: bool) -> None:
+    import urllib.error
+    import urllib.request
+
+    from .helpers import free_port
+
+    port = free_port()
+    write(folder / "extra.yaml", EXTRA.replace("18090", str(port)))
+    process = BilayerRun(str(folder), *flags)
+
+    def answer() -> int | None:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Host": "extra.example.com"})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return err.code  # (no backend runs on the quick start's 8081: a 503 counts too)
+        except OSError:
+            return None  # the listener is not bound yet
+
+    try:
+        wait_for(answer, what=f"an answer on port {port}")
+        status, text = process.get("/metrics")
+        assert status == 200
+        assert f'port="{port}"' in text and "bilayer_l7_responses_total{" in text
+        assert ("bilayer_l7_route_responses_total{" in text) is per_rule
+        assert ("bilayer_l7_route_duration_seconds_bucket{" in text) is per_rule
+    finally:
+        assert process.stop() == 0, process.output()
+
+
 def test_admin_api_off_loopback_needs_a_token(folder: Path) -> None:
     import subprocess
     import sys

@@ -152,6 +152,9 @@ class ServingL7(Serving[ClientConnection]):
 
     @staticmethod
     def collect(listeners: list[ServingL7]) -> Iterator[Metric]:
+        """The L7 metric families; the per rule ones only while settings.route_metrics
+        (the rules' counters count either way: turning it on needs a restart, and a
+        restart starts counters from zero anyway)."""
         port_labels = ["port"]
         connections = GaugeMetricFamily(
             "bilayer_l7_connections_active", "Open client connections.", labels=port_labels
@@ -229,17 +232,18 @@ class ServingL7(Serving[ClientConnection]):
                 bad.add_metric([port, peer], listener.bad_messages[peer])
             for code in range(1, 6):
                 responses.add_metric([port, f"{code}xx"], listener.responses[code])
-            for (route, index), stats in sorted(listener.memory.rules.items()):
-                labels = [port, route, str(index)]
-                for code in range(1, 6):
-                    by_route.add_metric([*labels, f"{code}xx"], stats.responses[code])
-                cumulative, buckets = 0, []
-                for bound, count in zip((*BUCKETS, float("inf")), stats.buckets, strict=True):
-                    cumulative += count
-                    buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
-                latency.add_metric(labels, buckets, stats.seconds)
-                retries.add_metric(labels, stats.retries)
-                limited.add_metric(labels, stats.rate_limited)
+            if listener.settings.route_metrics:
+                for (route, index), stats in sorted(listener.memory.rules.items()):
+                    labels = [port, route, str(index)]
+                    for code in range(1, 6):
+                        by_route.add_metric([*labels, f"{code}xx"], stats.responses[code])
+                    cumulative, buckets = 0, []
+                    for bound, count in zip((*BUCKETS, float("inf")), stats.buckets, strict=True):
+                        cumulative += count
+                        buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+                    latency.add_metric(labels, buckets, stats.seconds)
+                    retries.add_metric(labels, stats.retries)
+                    limited.add_metric(labels, stats.rate_limited)
             for name, cstats in sorted(listener.memory.clusters.items()):
                 cluster_requests.add_metric([port, name], cstats.requests)
                 cluster_failures.add_metric([port, name], cstats.connect_failures)
@@ -248,7 +252,9 @@ class ServingL7(Serving[ClientConnection]):
                     mirror_copies.add_metric([port, name, "answered"], cstats.mirrored)
                     mirror_copies.add_metric([port, name, "dropped"], cstats.mirror_dropped)
                     mirror_copies.add_metric([port, name, "failed"], cstats.mirror_failed)
-        yield from (connections, responses, by_route, latency, retries, limited)
+        yield from (connections, responses)
+        if any(listener.settings.route_metrics for listener in listeners):
+            yield from (by_route, latency, retries, limited)
         yield from (cluster_requests, cluster_failures, cluster_retries, timeouts, tunnels, rejected)
         yield from (deadlines, bad, overflows, mirror_copies)
 

@@ -151,6 +151,7 @@ def _settings(args: argparse.Namespace) -> Any:
         access_log=not args.no_access_log,
         access_log_sample=args.access_log_sample,
         connection_log=not args.no_access_log,
+        route_metrics=args.route_metrics,
         max_body_size=args.max_body_size,
         header_timeout=args.header_timeout,
         keepalive_timeout=args.keepalive_timeout,
@@ -298,6 +299,14 @@ def _add_serving_options(p: argparse.ArgumentParser, address: str, admin_address
         type=float,
         default=1.0,
         help="fraction of requests and connections logged (0-1)",
+    )
+    p.add_argument(
+        "--route-metrics",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export the per route rule metrics (bilayer_l7_route_*: responses, latency histogram, "
+        "retries, 429s), one series set per rule; --no-route-metrics keeps the per port and per "
+        "cluster ones only, for tables with many rules (default on)",
     )
     p.add_argument(
         "--max-body-size",
