@@ -19,7 +19,14 @@ ROOT = Path(__file__).parent.parent
 CHART = ROOT / "helm" / "bilayer"
 HELM = Path(sys.executable).with_name("helm")
 KUBERNETES = "1.33"
-BUILT_IN = {"apps/v1", "v1", "policy/v1", "networking.k8s.io/v1", "rbac.authorization.k8s.io/v1"}
+BUILT_IN = {
+    "apps/v1",
+    "v1",
+    "policy/v1",
+    "networking.k8s.io/v1",
+    "rbac.authorization.k8s.io/v1",
+    "autoscaling/v2",
+}
 
 NON_DEFAULT = [
     "--set",
