@@ -79,7 +79,7 @@ def containers(objects: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict
     return [
         (obj, container)
         for obj in objects
-        if obj["kind"] == "Deployment"
+        if obj["kind"] in ("Deployment", "DaemonSet")
         for container in obj["spec"]["template"]["spec"]["containers"]
     ]
 
