@@ -67,6 +67,8 @@ def test_the_autoscaler_is_off_by_default_and_owns_the_replicas_when_on() -> Non
         (["--set", "dataplane.kind=StatefulSet"], "/dataplane/kind"),
         (["--set", "dataplane.autoscaling.target=70"], "target"),
         (["--set", "dataplane.hostNetwork=yes"], "/dataplane/hostNetwork"),
+        (["--set", "operator.extraVolumeMounts[0].name=ca"], "mountPath"),
+        (["--set", "fullnameOverride=Edge_Ingress"], "/fullnameOverride"),
     ],
 )  # fmt: skip
 def test_bad_production_values_fail_the_render(values: list[str], message: str) -> None:
@@ -113,3 +115,124 @@ def test_a_daemonset_on_the_host_network_for_edge_l4() -> None:
         {"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}
     ]
     assert "hostNetwork" not in pod and "dnsPolicy" not in pod
+
+
+VOLUMES = []
+for _component in ("operator", "dataplane"):
+    VOLUMES += [
+        *("--set", f"{_component}.extraVolumes[0].name=ca"),
+        *("--set", f"{_component}.extraVolumes[0].configMap.name=corp-ca"),
+        *("--set", f"{_component}.extraVolumeMounts[0].name=ca"),
+        *("--set", f"{_component}.extraVolumeMounts[0].mountPath=/etc/corp-ca"),
+        *("--set", f"{_component}.extraVolumeMounts[0].readOnly=true"),
+        *("--set", f"{_component}.securityContext.runAsUser=20000"),
+        *("--set", f"{_component}.podSecurityContext.fsGroup=20000"),
+    ]
+
+
+def test_extra_volumes_and_security_overrides_reach_both_components() -> None:
+    objects = _valid(render(*VOLUMES))
+    for workload, container in containers(objects):
+        pod = workload["spec"]["template"]["spec"]
+        assert {"name": "ca", "configMap": {"name": "corp-ca"}} in pod["volumes"]
+        assert {"name": "ca", "mountPath": "/etc/corp-ca", "readOnly": True} in container["volumeMounts"]
+        assert {"tmp"} <= {v["name"] for v in pod["volumes"]}  # the chart's own stay
+        security = container["securityContext"]
+        assert security["runAsUser"] == 20000
+        # An override changes one key; the secure defaults around it stay.
+        assert security["runAsNonRoot"] is True and security["readOnlyRootFilesystem"] is True
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["allowPrivilegeEscalation"] is False
+        assert pod["securityContext"]["fsGroup"] == 20000
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_unset_security_values_keep_the_secure_defaults() -> None:
+    for workload, container in containers(render()):
+        assert container["securityContext"] == {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        pod_security = workload["spec"]["template"]["spec"]["securityContext"]
+        assert pod_security["runAsNonRoot"] is True
+        assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+
+
+def test_privileged_ports_on_the_host_network_by_the_documented_override() -> None:
+    """hostNetwork loses the sysctl; the README's override (root with NET_BIND_SERVICE and
+    nothing else) renders and keeps the rest of the lock-down."""
+    objects = _valid(
+        render(
+            *("--set", "dataplane.kind=DaemonSet", "--set", "dataplane.hostNetwork=true"),
+            *("--set", "dataplane.securityContext.runAsNonRoot=false"),
+            *("--set", "dataplane.securityContext.runAsUser=0"),
+            *("--set", "dataplane.securityContext.capabilities.add={NET_BIND_SERVICE}"),
+        )
+    )
+    _, container = _dataplane(objects)
+    security = container["securityContext"]
+    assert security["capabilities"] == {"add": ["NET_BIND_SERVICE"], "drop": ["ALL"]}
+    assert (security["runAsNonRoot"], security["runAsUser"]) == (False, 0)
+    assert security["readOnlyRootFilesystem"] is True
+
+
+@pytest.mark.parametrize(
+    ("values", "prefix", "name_label"),
+    [
+        ([], "bilayer", "bilayer"),
+        (["--set", "nameOverride=edge"], "bilayer-edge", "edge"),
+        (["--set", "fullnameOverride=public-ingress"], "public-ingress", "bilayer"),
+    ],
+)
+def test_name_overrides(values: list[str], prefix: str, name_label: str) -> None:
+    objects = _valid(render(*values))
+    names = {o["metadata"]["name"] for o in objects if o["metadata"].get("namespace") == "ingress"}
+    assert {f"{prefix}-operator", f"{prefix}-dataplane", f"{prefix}-admin-token"} <= names
+    dataplane, _ = _dataplane(objects)
+    assert dataplane["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == name_label
+    _, operator = _operator(objects)
+    args = operator["args"]
+    assert f"--dataplane-service={prefix}-dataplane" in args
+    assert f"--dataplane-selector=app.kubernetes.io/name={name_label}," in " ".join(args)
+    service = _one(objects, "Service", f"{prefix}-dataplane")
+    assert service["spec"]["selector"]["app.kubernetes.io/name"] == name_label
+    role = _one(objects, "Role", f"{prefix}-operator")
+    assert [f"{prefix}-dataplane"] in [r.get("resourceNames") for r in role["rules"]]
+
+
+def test_operator_replicas_prefer_different_nodes_unless_affinity_is_set() -> None:
+    deployment, _ = _operator(render())
+    (term,) = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert (
+        term["podAffinityTerm"]["labelSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    )
+    own, _ = _operator(
+        render(
+            *("--set", "operator.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                       ".nodeSelectorTerms[0].matchExpressions[0].key=infra"),
+            *("--set", "operator.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                       ".nodeSelectorTerms[0].matchExpressions[0].operator=Exists"),
+        )
+    )  # fmt: skip
+    assert list(own["spec"]["template"]["spec"]["affinity"]) == ["nodeAffinity"]
+
+
+def test_both_components_have_resources_and_startup_probes() -> None:
+    for _, container in containers(render("--set", "dataplane.startupSeconds=90")):
+        resources = container["resources"]
+        assert resources["requests"]["cpu"] and resources["requests"]["memory"]
+        assert resources["limits"]["memory"]
+        startup = container["startupProbe"]
+        assert startup["httpGet"]["port"] in ("health", "metrics")
+        if container["name"] == "dataplane":
+            assert startup["httpGet"] == {"path": "/healthz", "port": "metrics"}
+            assert startup["periodSeconds"] * startup["failureThreshold"] == 90

@@ -1,14 +1,24 @@
-{{/* Names and labels shared by every object. */}}
+{{/* Names and labels shared by every object. 40 characters leave room for the longest
+suffix (-operator-metrics) within the 63 a Service name may have. */}}
+{{- define "bilayer.name" -}}
+{{- .Values.nameOverride | default .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "bilayer.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "bilayer.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 40 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
 {{- define "bilayer.labels" -}}
-app.kubernetes.io/name: bilayer
+app.kubernetes.io/name: {{ include "bilayer.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
@@ -16,7 +26,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "bilayer.selector" -}}
-app.kubernetes.io/name: bilayer
+app.kubernetes.io/name: {{ include "bilayer.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
@@ -37,18 +47,21 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "bilayer.tokenSecret" -}}{{ .Values.adminToken.existingSecret | default (printf "%s-admin-token" (include "bilayer.fullname" .)) }}{{- end -}}
 {{- define "bilayer.dataplaneService" -}}{{ include "bilayer.fullname" . }}-dataplane{{- end -}}
 
-{{/* Every container: non-root, read-only root filesystem, no capabilities. */}}
+{{/* Every container: non-root, read-only root filesystem, no capabilities. A component's
+securityContext value is merged over these (a key it sets wins, the others stay), so
+adding one setting never drops the rest. Called with the override as its context. */}}
 {{- define "bilayer.containerSecurity" -}}
+{{- $defaults := dict
+  "runAsNonRoot" true
+  "runAsUser" 10001
+  "runAsGroup" 10001
+  "allowPrivilegeEscalation" false
+  "readOnlyRootFilesystem" true
+  "capabilities" (dict "drop" (list "ALL"))
+  "seccompProfile" (dict "type" "RuntimeDefault")
+-}}
 securityContext:
-  runAsNonRoot: true
-  runAsUser: 10001
-  runAsGroup: 10001
-  allowPrivilegeEscalation: false
-  readOnlyRootFilesystem: true
-  capabilities:
-    drop: ["ALL"]
-  seccompProfile:
-    type: RuntimeDefault
+  {{- mustMergeOverwrite $defaults (deepCopy (. | default dict)) | toYaml | nindent 2 }}
 {{- end -}}
 
 {{/* What the operator reads, cluster-wide or per watched namespace: it lists and
