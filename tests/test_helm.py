@@ -208,9 +208,12 @@ def test_network_policy_guards_the_admin_and_metrics_ports() -> None:
     assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in admin_rule["from"]] == [
         "operator"
     ]
-    # Scrapers reach the read-only port only, never the one that takes tables.
+    # Scrapers (and the chart's `helm test` pod) reach the read-only port only, never the
+    # one that takes tables.
     assert metrics_rule["ports"] == [{"protocol": "TCP", "port": 9903}]
-    assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}]
+    test_pod, scrapers = metrics_rule["from"]
+    assert test_pod["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "test"
+    assert scrapers == {"namespaceSelector": {"matchLabels": {"team": "monitoring"}}}
     assert listeners_rule["ports"] == [
         {"protocol": "TCP", "port": 1, "endPort": 9902},
         {"protocol": "TCP", "port": 9904, "endPort": 19900},
@@ -393,7 +396,7 @@ def test_two_renders_are_identical(values: list[str]) -> None:
 def test_no_template_depends_on_the_cluster_or_on_chance() -> None:
     """`helm template` (and so Argo CD and Flux) renders lookup as nothing: a template that
     uses it renders differently from `helm install`."""
-    for template in (CHART / "templates").iterdir():
+    for template in (t for t in (CHART / "templates").rglob("*") if t.is_file()):
         text = template.read_text()
         for call in ("lookup ", "randAlphaNum", "randAscii", "uuidv4", "now ", "genCA", "genPrivateKey"):
             assert call not in text, (template.name, call)
@@ -520,7 +523,9 @@ def test_placement_labels_and_extras_reach_both_components() -> None:
     defaults = render()
     for deployment, _ in containers(defaults):
         assert "priorityClassName" not in deployment["spec"]["template"]["spec"]
-    (default_service,) = [o for o in defaults if o["kind"] == "Service"]
+    (default_service,) = [
+        o for o in defaults if o["kind"] == "Service" and o["metadata"]["name"] == "bilayer-dataplane"
+    ]
     assert "loadBalancerClass" not in default_service["spec"]
 
 

@@ -1,13 +1,18 @@
-"""The chart's production settings (issue 12), rendered by the real helm and validated
-against the Kubernetes schemas."""
+"""The chart's production settings (issue 12): autoscaling, DaemonSet and host network, extra
+volumes, security context overrides, name overrides, operator anti-affinity, probes, and
+the `helm test` pod. Rendered by the real helm, validated against the Kubernetes schemas."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 
+from .helpers import free_port
 from .test_helm import BUILT_IN, CHART, KUBERNETES, containers, helm, render
 
 
@@ -193,7 +198,7 @@ def test_privileged_ports_on_the_host_network_by_the_documented_override() -> No
 def test_name_overrides(values: list[str], prefix: str, name_label: str) -> None:
     objects = _valid(render(*values))
     names = {o["metadata"]["name"] for o in objects if o["metadata"].get("namespace") == "ingress"}
-    assert {f"{prefix}-operator", f"{prefix}-dataplane", f"{prefix}-admin-token"} <= names
+    assert {f"{prefix}-operator", f"{prefix}-dataplane", f"{prefix}-admin-token", f"{prefix}-test"} <= names
     dataplane, _ = _dataplane(objects)
     assert dataplane["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == name_label
     _, operator = _operator(objects)
@@ -236,3 +241,61 @@ def test_both_components_have_resources_and_startup_probes() -> None:
         if container["name"] == "dataplane":
             assert startup["httpGet"] == {"path": "/healthz", "port": "metrics"}
             assert startup["periodSeconds"] * startup["failureThreshold"] == 90
+
+
+def test_helm_test_checks_the_operator_and_a_dataplane_with_the_charts_image() -> None:
+    objects = _valid(render(*VOLUMES))
+    (pod,) = [o for o in objects if o["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never" and spec["automountServiceAccountToken"] is False
+    (container,) = spec["containers"]
+    _, dataplane = _dataplane(objects)
+    assert container["image"] == dataplane["image"]  # no extra image to pull
+    assert container["command"][:2] == ["python", "-c"]
+    compile(container["command"][2], "helm-test", "exec")  # the script at least parses
+    operator_url, dataplane_url = container["command"][3:]
+    assert operator_url == "http://bilayer-operator-metrics.ingress.svc:9902/readyz"
+    assert dataplane_url == "http://bilayer-metrics.ingress.svc:9903/readyz"
+    # The Services it asks exist without monitoring turned on, and lead to the right ports.
+    operator_service = _one(objects, "Service", "bilayer-operator-metrics")
+    assert operator_service["spec"]["ports"][0]["targetPort"] == "health"
+    assert operator_service["spec"]["selector"]["app.kubernetes.io/component"] == "operator"
+    metrics_service = _one(objects, "Service", "bilayer-metrics")
+    assert metrics_service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert metrics_service["spec"]["selector"]["app.kubernetes.io/component"] == "dataplane"
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] and security["capabilities"] == {"drop": ["ALL"]}
+    assert security["runAsUser"] == 10001  # the components' overrides are theirs alone
+    # The NetworkPolicy lets it reach the read-only port (and only that one).
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy")
+    admitted = [
+        rule["ports"]
+        for rule in policy["spec"]["ingress"]
+        for peer in rule.get("from", [])
+        if peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "test"
+    ]
+    assert admitted == [[{"protocol": "TCP", "port": 9903}]]
+
+
+def test_the_helm_test_script_passes_on_200_answers(tmp_path: Path) -> None:
+    """The pod's script, run here against two servers that answer /readyz with 200."""
+    (pod,) = [o for o in render() if o["kind"] == "Pod"]
+    script = pod["spec"]["containers"][0]["command"][2]
+    (tmp_path / "readyz").write_text("ok")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/readyz"
+        result = subprocess.run(
+            [sys.executable, "-c", script, url, url], capture_output=True, text=True, timeout=70, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count(" 200") == 2
+    finally:
+        server.terminate()
+        server.wait(10)
