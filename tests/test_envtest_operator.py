@@ -45,6 +45,9 @@ def l4listener(name: str, port: int, service: str = "web") -> dict[str, object]:
     }
 
 
+CHART_PORT = 80  # the chart's service.initialPort
+
+
 async def service_ports(cluster: EnvCluster) -> list[int]:
     service = await cluster.get("Service", "bilayer-dataplane", cluster.namespace) or {}
     return sorted(p["port"] for p in service["spec"]["ports"])
@@ -108,11 +111,12 @@ async def test_lifecycle_on_the_real_api_server(apiserver: ApiServer, tmp_path: 
         await cluster.patch("EndpointSlice", "web-1", {"endpoints": [{"addresses": [other.address]}]})
         await cluster.serves(pods[0], tcp, "other")
 
-        # Delete both: listeners gone on every pod, the Service keeps one port (it needs one).
+        # Delete both: listeners gone on every pod, the Service keeps the chart's port.
         await cluster.delete("L7Route", "api")
         await cluster.delete("L4Listener", "tcp")
         for pod in pods:
             await async_wait_for(lambda pod=pod: not pod.served()["listeners"], what="listeners removed")
+        await async_wait_for(lambda: _ports_are(cluster, []), what="the chart's port alone")
 
         # The operator's own endpoints.
         assert operator.get("/healthz")[0] == 200 and operator.get("/readyz")[0] == 200
@@ -123,7 +127,7 @@ async def test_lifecycle_on_the_real_api_server(apiserver: ApiServer, tmp_path: 
 
 async def test_udp_and_tcp_on_one_port_in_the_service(apiserver: ApiServer, tmp_path: Path) -> None:
     """The real API server takes two Service ports with one number (TCP and UDP) through the
-    operator's merge patch, and the chart's NetworkPolicy with a UDP rule."""
+    operator's server-side apply, and the chart's NetworkPolicy with a UDP rule."""
     async with env_cluster(apiserver, tmp_path) as cluster:
         dns = {"name": "dns", "port": 53, "targetPort": 5353}
         await cluster.create(
@@ -146,7 +150,7 @@ async def test_udp_and_tcp_on_one_port_in_the_service(apiserver: ApiServer, tmp_
         await cluster.create(tcp)
         for name in ("dns-udp", "dns-tcp"):
             await cluster.wait_condition("L4Listener", name, "Accepted")
-        both = [(f"tcp-{port}", port, "TCP"), (f"udp-{port}", port, "UDP")]
+        both = [("http-80", CHART_PORT, "TCP"), (f"tcp-{port}", port, "TCP"), (f"udp-{port}", port, "UDP")]
 
         async def entries() -> list[tuple[str, int, str]]:
             service = await cluster.get("Service", "bilayer-dataplane", cluster.namespace) or {}
@@ -165,7 +169,9 @@ def now_stamp(at: float | None = None) -> str:
 
 
 async def _ports_are(cluster: EnvCluster, ports: list[int]) -> bool:
-    return await service_ports(cluster) == sorted(ports)
+    """The Service holds these listener ports next to the chart's own (its initialPort,
+    which the render owns: the operator applies only the listener ports)."""
+    return await service_ports(cluster) == sorted([CHART_PORT, *ports])
 
 
 async def test_the_crds_refuse_bad_objects_at_admission(apiserver: ApiServer, tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from dataplane.logs import fields
 log = logging.getLogger("bilayer.kube")
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # server-side apply; JSON is YAML
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # The API server stores objects of up to 1.5 MiB; a watch event or list page is JSON
 # around them. Anything larger is not an answer we can use.
@@ -390,6 +391,19 @@ class KubeClient:
     async def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = await self._request(
             "PATCH", path, data=json.dumps(body), headers={"Content-Type": MERGE_PATCH}
+        )
+        return result
+
+    async def apply(self, path: str, body: dict[str, Any], field_manager: str) -> dict[str, Any]:
+        """Server-side apply: body is every field this manager owns in the object; fields it
+        owned before and leaves out are released (removed unless another manager owns them).
+        Forced: a conflict with another manager's value is resolved in our favour."""
+        result: dict[str, Any] = await self._request(
+            "PATCH",
+            path,
+            params={"fieldManager": field_manager, "force": "true"},
+            data=json.dumps(body),
+            headers={"Content-Type": APPLY_PATCH},
         )
         return result
 

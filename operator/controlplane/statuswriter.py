@@ -9,6 +9,7 @@ that is already true.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -141,32 +142,63 @@ def service_ports_key(table: Table) -> tuple[tuple[str, int, str], ...]:
     return tuple((p["name"], p["port"], p["protocol"]) for p in desired_ports(table))
 
 
+# The operator's field manager for the Service's ports (server-side apply). The chart (or a
+# GitOps tool) owns the Service and its fixed port; the operator owns only the listener
+# ports it applies, so neither's apply removes what the other set.
+FIELD_MANAGER = "bilayer-operator"
+
+
+def owned_ports(service: dict[str, Any], manager: str = FIELD_MANAGER) -> set[tuple[int, str]]:
+    """(port, protocol) of the Service's port entries that manager's server-side apply owns,
+    read from managedFields (keys like k:{"port":80,"protocol":"TCP"})."""
+    owned: set[tuple[int, str]] = set()
+    for entry in (service.get("metadata") or {}).get("managedFields") or []:
+        if entry.get("manager") != manager or entry.get("operation") != "Apply":
+            continue
+        ports = ((entry.get("fieldsV1") or {}).get("f:spec") or {}).get("f:ports") or {}
+        for key in ports:
+            if key.startswith("k:"):
+                item = json.loads(key[2:])
+                owned.add((int(item["port"]), str(item.get("protocol", "TCP"))))
+    return owned
+
+
 async def reconcile_service_ports(client: KubeClient, namespace: str, name: str, table: Table) -> bool:
-    """Make the Service's ports equal the table's listeners; True when it was patched."""
+    """Apply the table's listener ports to the Service under the operator's field manager;
+    True when it applied. Ports others own (the chart's fixed port, a GitOps tool's) stay,
+    and the node ports Kubernetes assigned stay (an apply that leaves nodePort out keeps it)."""
     path = resource_path("", "v1", "services", namespace, name)
     service = await client.get(path)
     if service is None:
+        # Never created here: the chart owns the Service (and RBAC has no create).
         log.warning("dataplane Service not found", extra=fields(service=f"{namespace}/{name}"))
         return False
     desired = desired_ports(table)
     current = (service.get("spec") or {}).get("ports") or []
-    if not desired:
-        return False  # a Service needs a port: keep what it has until a listener is accepted
-    view = [{k: p.get(k) for k in ("name", "port", "targetPort", "protocol")} for p in current]
-    if view == desired:
-        return False
-    # Keep the node ports Kubernetes assigned to ports that stay (NodePort, LoadBalancer);
-    # TCP and UDP on one port number have a node port each.
-    node_ports = {
-        (p.get("port"), p.get("protocol") or "TCP"): p["nodePort"] for p in current if p.get("nodePort")
-    }
+    live = {(p.get("port"), p.get("protocol") or "TCP"): p for p in current}
+    mine = owned_ports(service)
     for port in desired:
-        node_port = node_ports.get((port["port"], port["protocol"]))
-        if node_port is not None:
-            port["nodePort"] = node_port
-    await client.patch(path, {"spec": {"ports": desired}})
+        key = (port["port"], port["protocol"])
+        other = live.get(key)
+        if other is not None and key not in mine and other.get("name"):
+            # Someone else's entry for this port (the chart's initial port): keep its name,
+            # so that both applies agree and neither undoes the other on every sync.
+            port["name"] = other["name"]
+    wanted = {(p["port"], p["protocol"]) for p in desired}
+    view = {key: {k: live[key].get(k) for k in ("name", "port", "targetPort", "protocol")} for key in live}
+    if mine == wanted and all(view.get((p["port"], p["protocol"])) == p for p in desired):
+        return False
+    body: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+    }
+    if desired:
+        body["spec"] = {"ports": desired}
+    # No listeners: an apply without ports releases ours; the chart's fixed port remains.
+    await client.apply(path, body, FIELD_MANAGER)
     log.info(
-        "dataplane Service ports updated",
+        "dataplane Service ports applied",
         extra=fields(service=f"{namespace}/{name}", ports=[p["port"] for p in desired]),
     )
     return True
