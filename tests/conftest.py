@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
+    import subprocess
+    from pathlib import Path
+
     from .l7kit import HTTPBackend
 
 
@@ -108,13 +111,22 @@ def redis_port(tmp_path_factory: pytest.TempPathFactory) -> object:
 @pytest.fixture(scope="session")
 def haproxy_proxy_parser(tmp_path_factory: pytest.TempPathFactory) -> object:
     """HAProxy (Debian) accepting PROXY v1/v2 and answering with the source it parsed."""
-    import subprocess
 
     from .helpers import free_port
 
-    binary = _require("haproxy", "haproxy")
     port = free_port()
-    config = tmp_path_factory.mktemp("haproxy") / "parser.cfg"
+    process = _haproxy_parser(tmp_path_factory.mktemp("haproxy"), port, "")
+    yield port
+    process.terminate()
+    process.wait(10)
+
+
+def _haproxy_parser(folder: Path, port: int, bind_options: str) -> subprocess.Popen[bytes]:
+    """HAProxy accepting PROXY v1/v2 on port and answering with the source it parsed."""
+    import subprocess
+
+    binary = _require("haproxy", "haproxy")
+    config = folder / "parser.cfg"
     answer = 'lf-string "%[src]:%[src_port] -> %[dst]:%[dst_port]\\n"'
     config.write_text(
         f"""global
@@ -125,7 +137,7 @@ defaults
     timeout server 5s
     timeout connect 1s
 frontend parser
-    bind 127.0.0.1:{port} accept-proxy
+    bind 127.0.0.1:{port} accept-proxy {bind_options}
     http-request return status 200 content-type text/plain {answer}
 """
     )
@@ -133,9 +145,7 @@ frontend parser
         [binary, "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     _wait_port(port, process)
-    yield port
-    process.terminate()
-    process.wait(10)
+    return process
 
 
 @pytest.fixture
@@ -174,38 +184,18 @@ def apiserver() -> object:
 def haproxy_tls_parser(tmp_path_factory: pytest.TempPathFactory) -> object:
     """HAProxy (Debian) accepting PROXY v1/v2, then terminating TLS for hap.example.com with
     a trustme certificate, and answering with the source it read from the PROXY header."""
-    import subprocess
 
     import trustme
 
     from .helpers import free_port
 
-    binary = _require("haproxy", "haproxy")
     port = free_port()
     ca = trustme.CA()
     leaf = ca.issue_cert("hap.example.com")
     folder = tmp_path_factory.mktemp("haproxy-tls")
     pem = folder / "hap.pem"
     pem.write_bytes(leaf.private_key_pem.bytes() + b"".join(c.bytes() for c in leaf.cert_chain_pems))
-    config = folder / "parser.cfg"
-    answer = 'lf-string "%[src]:%[src_port] -> %[dst]:%[dst_port]\\n"'
-    config.write_text(
-        f"""global
-    log stderr format raw local0 err
-defaults
-    mode http
-    timeout client 5s
-    timeout server 5s
-    timeout connect 1s
-frontend parser
-    bind 127.0.0.1:{port} accept-proxy ssl crt {pem}
-    http-request return status 200 content-type text/plain {answer}
-"""
-    )
-    process = subprocess.Popen(
-        [binary, "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    _wait_port(port, process)
+    process = _haproxy_parser(folder, port, f"ssl crt {pem}")
     yield port, ca
     process.terminate()
     process.wait(10)
