@@ -199,3 +199,30 @@ async def test_bytes_of_a_chunked_response_are_its_body_without_the_framing(
             status, headers, _ = await request(port, "GET /chunked HTTP/1.1\nHost: shop.test\n")
     assert status == 200 and headers["transfer-encoding"] == "chunked"
     assert lines[0]["bytes"] == len("".join(f"part {i}\n" for i in range(5)))
+
+
+async def test_heads_that_never_became_requests_are_logged_too(
+    web_a: HTTPBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A malformed head (400), an oversized one (431) and one that came too slowly (408) are
+    answered by the connection before any request exists: each still gets a line, with a
+    reason, the status and the body bytes sent (before, they left no trace in the log)."""
+    port = free_port()
+    rules = [{"backendRefs": [backend_ref("a")]}]
+    table = l7_table([route("r", port, rules)], {"a": [web_a.port]})
+    async with serving(table, access_log=True, header_timeout=0.5, max_header_bytes=4096):
+        with access_lines(caplog) as lines:
+            bad, _, bad_body = await request(port, "GET / HTTP/1.1\nHost: shop.test\nBad Header: x\n")
+            big, _, _ = await request(port, "GET / HTTP/1.1\nHost: shop.test\nX-Big: " + "a" * 8000 + "\n")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: shop.test\r\n")  # and nothing more
+            slow = await asyncio.wait_for(reader.read(65536), 10)
+            writer.close()
+    assert (bad, big, slow.split(b" ")[1]) == (400, 431, b"408")
+    by_status = {line["status"]: line for line in lines}
+    assert by_status[400]["reason"] == "bad_request" and by_status[400]["bytes"] == len(bad_body)
+    assert by_status[431]["reason"] == "too_large"
+    assert by_status[408]["reason"] == "client_timeout"
+    for line in by_status.values():
+        assert HEX32.fullmatch(line["request_id"]) and line["method"] is None and line["route"] is None
+        assert line["client"] == "127.0.0.1"

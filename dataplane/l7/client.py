@@ -24,7 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from . import responses
-from .exchange import Exchange
+from .exchange import Exchange, log_connection_answer
 from .flow import Flow
 from .framing import BadMessage, RequestHead
 from .reader import RequestReader, StopReading
@@ -388,8 +388,12 @@ class ClientConnection(asyncio.Protocol):
             self.broken = (status, message)
 
     def _answer_and_close(self, status: int, message: str) -> None:
+        """Answer a head that never became a request (malformed, too large, too slow), log
+        it like any request, and close."""
         self.listener.count_response(status)
-        self.send(responses.local(status, message, close=True))
+        head, body = responses.local_parts(status, message, close=True)
+        self.send(head + body)
+        log_connection_answer(self.listener, self.client_ip, status, len(body))
         self.close()
 
     # --- deadlines ---

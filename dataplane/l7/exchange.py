@@ -105,6 +105,41 @@ def _more_request_ids() -> bytes:
 os.register_at_fork(after_in_child=_REQUEST_IDS.clear)  # a child never repeats its parent's ids
 
 
+def log_connection_answer(listener: ServingL7, client: str, status: int, body_bytes: int) -> None:
+    """The access-log line of a response the connection made before any request was
+    parsed: a malformed or oversized head (400, 431, 505...) or a head that came too slowly
+    (408). No method or URL is known; the reason says which it was."""
+    settings = listener.settings
+    if not settings.access_log or (
+        settings.access_log_sample < 1.0 and random.random() >= settings.access_log_sample
+    ):
+        return
+    reason: Reason = (
+        "client_timeout" if status == 408 else "too_large" if status in (413, 431) else "bad_request"
+    )
+    request_id = _REQUEST_IDS.pop() if _REQUEST_IDS else _more_request_ids()
+    log.info(
+        "request",
+        extra=fields(
+            request_id=request_id.decode("ascii"),
+            client=client,
+            method=None,
+            url=None,
+            protocol=None,
+            user_agent=None,
+            status=status,
+            reason=reason,
+            bytes=body_bytes,
+            seconds=None,
+            upstream=None,
+            route=None,
+            rule=None,
+            retries=0,
+            trace_id=None,
+        ),
+    )
+
+
 class Downstream(Protocol):
     """What an exchange uses of the client connection it belongs to."""
 
