@@ -478,6 +478,11 @@ async def test_a_rolling_update_of_the_dataplane_writes_no_status(cluster: Clust
     for i in range(ROUTES_IN_ROLLOUT):
         await cluster.wait_condition("L7Route", f"r{i}", "Programmed")
     operator = cluster.operator
+    # The emulator stores a status before its answer reaches the operator, which counts the
+    # write then: wait until every write the emulator took is counted, none in flight.
+    await async_wait_for(
+        lambda: operator.status.writes == cluster.emulator.status_writes, what="status writes in flight"
+    )
     before = operator.status.writes
 
     async def serving_latest(pods: list[str]) -> bool:
