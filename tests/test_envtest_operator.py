@@ -518,3 +518,30 @@ def test_kubectl_missing_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.
     server = types.SimpleNamespace(kubeconfig=lambda path: path)
     with pytest.raises(AssertionError, match="make test"):
         kubectl(server, tmp_path, "get", "pods")  # type: ignore[arg-type]
+
+
+async def test_an_invalid_update_keeps_the_last_valid_generation_served(
+    apiserver: ApiServer, tmp_path: Path, netns: None
+) -> None:
+    """An update that passes the CRD's schema but not the model (here a pattern RE2 cannot
+    compile) keeps generation 1 serving; the status says both, and a fix takes over."""
+    async with env_cluster(apiserver, tmp_path) as cluster:
+        web = cluster.backend("web")
+        await cluster.service("web", [web])
+        pod = await cluster.add_pod()
+        cluster.start_operator()
+        port = free_port()
+        await cluster.create(l7route("shop", port))
+        await cluster.wait_condition("L7Route", "shop", "Programmed", generation=1)
+        rules = l7route("shop", port)["spec"]["rules"]  # type: ignore[index]
+        bad = [{**rules[0], "matches": [{"path": {"type": "RegularExpression", "value": "/(a)\\1"}}]}]
+        await cluster.patch("L7Route", "shop", {"spec": {"rules": bad}})
+        refused = await cluster.wait_condition("L7Route", "shop", "Accepted", status="False", generation=2)
+        assert refused["reason"] == "Invalid"
+        assert refused["message"].endswith("Until this is fixed, generation 1 is still served")
+        programmed = (await cluster.conditions("L7Route", "shop"))["Programmed"]
+        assert (programmed["status"], programmed["observedGeneration"]) == ("True", 1)
+        await cluster.serves(pod, port, "web")
+        await cluster.patch("L7Route", "shop", {"spec": {"rules": rules}})
+        await cluster.wait_condition("L7Route", "shop", "Accepted", generation=3)
+        await cluster.wait_condition("L7Route", "shop", "Programmed", generation=3)
