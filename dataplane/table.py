@@ -26,7 +26,15 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from . import regex
 
@@ -174,8 +182,28 @@ class _Part(_Model):
         return found
 
 
+class UpstreamTLS(_Model):
+    """TLS to a cluster's endpoints (Gateway API BackendTLSPolicy semantics): the name the
+    proxy sends as SNI and verifies the certificate against, and whom it trusts."""
+
+    serverName: HostName
+    caCertificates: str | None = None  # a PEM bundle; None: the system's trust store
+    insecureSkipVerify: bool = False  # explicit opt-out: any certificate is accepted
+
+
 class Cluster(_Part):
     endpoints: list[Endpoint] = Field(default_factory=list)
+    # What the proxy speaks to the endpoints (from the Service port's appProtocol):
+    # "http/1.1"; "h2": HTTP/2 (cleartext with prior knowledge, or over TLS by ALPN h2);
+    # "auto": over TLS, ALPN offers h2 and http/1.1 and the endpoint chooses.
+    protocol: Literal["http/1.1", "h2", "auto"] = "http/1.1"
+    tls: UpstreamTLS | None = None
+
+    @model_validator(mode="after")
+    def _auto_needs_tls(self) -> Self:
+        if self.protocol == "auto" and self.tls is None:
+            raise ValueError('protocol "auto" needs tls: without TLS there is no ALPN to choose by')
+        return self
 
 
 class HeaderValue(_Model):
@@ -386,6 +414,9 @@ class Retry(_Model):
     attempts: Annotated[int, Field(ge=0, le=10)]
     codes: list[int]
     backoff: Seconds
+    # gRPC status codes (grpc-status, 0-16) that make a gRPC call be resent, e.g. 14
+    # UNAVAILABLE, while nothing of its response has reached the client.
+    grpcCodes: list[Annotated[int, Field(ge=0, le=16)]] = Field(default_factory=list)
 
 
 class RequestKey(_Model):
@@ -440,6 +471,9 @@ class L7Listener(_Model):
     rules: dict[str, Rule] = Field(default_factory=dict)
     hosts: HostIndex = HostIndex()
     tls: TLS | None = None
+    # HTTP/2 beside HTTP/1.1: ALPN h2 on TLS ports, prior knowledge (the h2c preface) on
+    # plaintext ones. False: HTTP/1.1 only.
+    http2: bool = True
 
     _rule_refs: Counter[str] | None = PrivateAttr(default=None)
 
