@@ -108,4 +108,36 @@ def test_references_of_deleted_routes_leave_no_entries_behind() -> None:
     store.apply("L7Route", "ADDED", route)
     moved = {**route, "spec": {**route["spec"], "tls": {"secretName": "other"}}}
     store.apply("L7Route", "MODIFIED", moved)
-    assert dict(store._secrets) == {("shop", "other"): 1}
+    assert dict(store._secrets) == {("Secret", "shop", "other"): 1}
+
+
+CA_ROUTE = """
+apiVersion: bilayer.dev/v1alpha1
+kind: L7Route
+metadata: {name: api, namespace: shop, generation: 1}
+spec:
+  port: 8080
+  rules:
+  - backendRefs:
+    - name: web
+      port: 443
+      tls:
+        hostname: web.shop.internal
+        caCertificateRefs: [{name: web-ca}, {kind: Secret, name: web-ca-tls}]
+"""
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def test_ca_bundles_that_routes_name_matter_and_config_maps_keep_only_certificates() -> None:
+    store = Store()
+    store.apply("L7Route", "ADDED", load_yaml(CA_ROUTE)[0])
+    named = body("ConfigMap", "web-ca", data={"ca.crt": PEM, "app.properties": "password=hunter2"})
+    assert store.apply("ConfigMap", "ADDED", named)
+    (kept,) = [o for o in store.snapshot().objects if o["kind"] == "ConfigMap"]
+    assert kept["data"] == {"ca.crt": PEM}  # what holds no certificate is not kept
+    assert not store.apply("ConfigMap", "ADDED", body("ConfigMap", "unrelated", data={"ca.crt": PEM}))
+    tls_secret = body("Secret", "web-ca-tls", type="kubernetes.io/tls", data={"ca.crt": "eA=="})
+    assert store.apply("Secret", "ADDED", tls_secret)
+    assert store.apply("ConfigMap", "DELETED", named)
+    store.apply("L7Route", "DELETED", load_yaml(CA_ROUTE)[0])
+    assert not store._secrets

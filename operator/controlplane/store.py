@@ -3,7 +3,9 @@
 `apply` answers the loop's question "can this event change the table?", so that status
 writes (which come back as MODIFIED events), unrelated Services and unreferenced
 Secrets never cause a compile. Only kubernetes.io/tls Secrets are kept, trimmed to what
-a certificate needs; their content is never logged.
+a certificate needs; their content is never logged. ConfigMaps (CA bundles for TLS to
+backends) are kept with only their entries that hold a PEM certificate: a cluster has
+many ConfigMaps, few hold certificates, and the operator keeps what it may need.
 
 The store holds the routes of its install's class only (resources.classes): the compiler
 never sees another install's objects, so ports are decided within a class, and the
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .compiler.snapshot import ROUTE_KINDS, ObjectKey, Snapshot
+from .compiler.tls import PEM_CERTIFICATE
 from .resources.classes import DEFAULT_CLASS, in_class
 from .resources.kube import SERVICE_NAME_LABEL, TLS_SECRET_TYPE
 
@@ -38,6 +41,7 @@ KINDS = (
     Kind("Service", "", "v1", "services"),
     Kind("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices"),
     Kind("Secret", "", "v1", "secrets"),
+    Kind("ConfigMap", "", "v1", "configmaps"),
 )
 BY_KIND = {k.kind: k for k in KINDS}
 
@@ -55,6 +59,9 @@ def trim(kind: str, body: Mapping[str, Any]) -> dict[str, Any]:
     for field in ("spec", "status", "addressType", "endpoints", "ports", "type", "data"):
         if field in body:
             out[field] = body[field]
+    if kind == "ConfigMap":
+        data = body.get("data") or {}
+        out["data"] = {k: v for k, v in data.items() if isinstance(v, str) and PEM_CERTIFICATE in v}
     return out
 
 
@@ -79,10 +86,13 @@ def _older(obj: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
     return a.isdigit() and b.isdigit() and int(a) < int(b)
 
 
-def _references(key: ObjectKey, obj: Mapping[str, Any]) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
-    """The Services and Secrets a route object names, as (namespace, name)."""
+def _references(
+    key: ObjectKey, obj: Mapping[str, Any]
+) -> tuple[set[tuple[str, str]], set[tuple[str, str, str]]]:
+    """The Services a route object names, as (namespace, name), and the Secrets and
+    ConfigMaps, as (kind, namespace, name)."""
     services: set[tuple[str, str]] = set()
-    secrets: set[tuple[str, str]] = set()
+    secrets: set[tuple[str, str, str]] = set()
     spec = obj.get("spec") or {}
     refs = list(spec.get("backendRefs") or [])
     for rule in spec.get("rules") or []:
@@ -91,10 +101,21 @@ def _references(key: ObjectKey, obj: Mapping[str, Any]) -> tuple[set[tuple[str, 
     for ref in refs:
         if isinstance(ref, dict) and ref.get("name"):
             services.add((ref.get("namespace") or key.namespace, ref["name"]))
+        backend_tls = ref.get("tls") if isinstance(ref, dict) else None
+        for ca in (backend_tls.get("caCertificateRefs") or []) if isinstance(backend_tls, dict) else []:
+            if isinstance(ca, dict) and ca.get("name"):
+                secrets.add((str(ca.get("kind") or "ConfigMap"), key.namespace, ca["name"]))
     tls = spec.get("tls")
     if isinstance(tls, dict) and tls.get("secretName"):
-        secrets.add((key.namespace, tls["secretName"]))
+        secrets.add(("Secret", key.namespace, tls["secretName"]))
     return services, secrets
+
+
+def _uncount(counts: Counter[Any], names: Iterable[Any]) -> None:
+    for name in names:
+        counts[name] -= 1
+        if counts[name] <= 0:
+            del counts[name]  # Counter.subtract keeps zeros: one per name ever seen
 
 
 class Store:
@@ -108,8 +129,8 @@ class Store:
         self.class_name = class_name
         self.objects: dict[ObjectKey, dict[str, Any]] = {}
         self._services: Counter[tuple[str, str]] = Counter()  # (namespace, name) -> routes naming it
-        self._secrets: Counter[tuple[str, str]] = Counter()
-        self._named: dict[ObjectKey, tuple[set[tuple[str, str]], set[tuple[str, str]]]] = {}
+        self._secrets: Counter[tuple[str, str, str]] = Counter()  # Secrets and ConfigMaps, by kind
+        self._named: dict[ObjectKey, tuple[set[tuple[str, str]], set[tuple[str, str, str]]]] = {}
 
     def apply(self, kind: str, event: str | None, body: Mapping[str, Any]) -> bool:
         """Record a watch event; True when the table may change because of it."""
@@ -150,11 +171,8 @@ class Store:
 
     def _count(self, key: ObjectKey, obj: Mapping[str, Any] | None) -> None:
         old_services, old_secrets = self._named.pop(key, (set(), set()))
-        for counts, names in ((self._services, old_services), (self._secrets, old_secrets)):
-            for name in names:
-                counts[name] -= 1
-                if counts[name] <= 0:
-                    del counts[name]  # Counter.subtract keeps zeros: one per name ever seen
+        _uncount(self._services, old_services)
+        _uncount(self._secrets, old_secrets)
         if obj is not None:
             services, secrets = self._named[key] = _references(key, obj)
             self._services.update(services)
@@ -190,8 +208,8 @@ class Store:
         if key.kind == "EndpointSlice":
             service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
             return self._services[(key.namespace, str(service))] > 0
-        if key.kind == "Secret":
-            return self._secrets[(key.namespace, key.name)] > 0
+        if key.kind in ("Secret", "ConfigMap"):
+            return self._secrets[(key.kind, key.namespace, key.name)] > 0
         return False
 
     def holds(self, key: ObjectKey) -> bool:

@@ -74,7 +74,7 @@ watches (its informers), never GETs one of these, and writes only status. */}}
   resources: ["l4listeners/status", "l7routes/status"]
   verbs: ["patch"]
 - apiGroups: [""]
-  resources: ["services", "secrets"]
+  resources: ["services", "secrets", "configmaps"]
   verbs: ["list", "watch"]
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]

@@ -148,7 +148,7 @@ def _compile_changes(snapshot: Snapshot, cache: CompileCache, state: _State) -> 
     if any(key in state.results and key not in keys_removed for key in keys_added):
         return None  # the key's old object is still there: one key twice
 
-    # Services, EndpointSlices and Secrets: update the resolver and the secret index in
+    # Services, EndpointSlices, Secrets and ConfigMaps: update the resolver and the secret index in
     # place, and recompile the routes that name what changed (and only those).
     resolver, secrets = cache.references[1]
     forced: set[ObjectKey] = set()
@@ -158,8 +158,8 @@ def _compile_changes(snapshot: Snapshot, cache: CompileCache, state: _State) -> 
         cache.references = (None, (resolver, secrets))  # a compile of everything rebuilds them
         for name in resolver.update(references_gone, references_added):
             forced |= state.users.get(("Service", *name), set())
-        for name in secrets.update(references_gone, references_added):
-            forced |= state.users.get(("Secret", *name), set())
+        for named in secrets.update(references_gone, references_added):
+            forced |= state.users.get(named, set())
 
     by_identity = dict(known)
     for entry in removed:
@@ -337,14 +337,15 @@ def _both_faces(
 
 
 def _references(snapshot: Snapshot, cache: CompileCache) -> tuple[BackendResolver, SecretIndex]:
-    """The backend resolver and secret index, rebuilt only when a Service, EndpointSlice
-    or Secret changed (they are rarely the objects that change)."""
+    """The backend resolver and secret index, rebuilt only when a Service, EndpointSlice,
+    Secret or ConfigMap changed (they are rarely the objects that change)."""
     objects = tuple(o for o in snapshot.objects if o.get("kind") in REFERENCE_KINDS)
     kept = cache.references
     same = kept is not None and kept[0] is not None and len(kept[0]) == len(objects)
     if same and kept is not None and kept[0] is not None and all(map(operator.is_, kept[0], objects)):
         return kept[1]  # type: ignore[no-any-return]
     references = Snapshot(objects)
-    built = (BackendResolver(references), SecretIndex(references))
+    secrets = SecretIndex(references)
+    built = (BackendResolver(references, secrets), secrets)
     cache.references = (objects, built)
     return built

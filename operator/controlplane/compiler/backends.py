@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,8 +16,11 @@ from dataplane import table
 
 from ..resources.common import BackendRef
 from ..resources.kube import SERVICE_NAME_LABEL, EndpointSlice, Service, ServicePort
+from ..resources.l7route import BackendTLS
+from . import upstream
 from .intern import interned
 from .snapshot import Object, ObjectKey, Snapshot
+from .tls import SecretIndex
 
 
 @dataclass
@@ -25,6 +30,9 @@ class Resolution:
     backends: list[table.Backend] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     not_permitted: bool = False
+    ca_problem: bool = False  # a backendRef's tls names a CA bundle that is missing or bad
+    unsupported_protocol: bool = False  # a Service port's appProtocol needs what the ref lacks
+    notes: list[str] = field(default_factory=list)  # served, but worth saying (unknown appProtocol)
 
 
 class ServiceRef(Protocol):
@@ -46,15 +54,30 @@ def cluster_name(namespace: str, service: str, port: int, protocol: str = "TCP")
     return f"{namespace}/{service}:{port}" + ("/udp" if protocol == "UDP" else "")
 
 
+def tls_cluster_name(base: str, tls: BackendTLS) -> str:
+    """The cluster of a Service port reached over TLS with these settings:
+    ``namespace/service:port/tls/<hostname>/<digest>``. Routes naming one Service port with
+    different TLS settings get a cluster each (the same endpoints, verified differently);
+    the digest of the settings keeps the name stable and distinct."""
+    settings = json.dumps(tls.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
+    return f"{base}/tls/{tls.hostname or 'insecure'}/{digest}"
+
+
 class BackendResolver:
     """Looks Services and EndpointSlices up by index; collects the clusters it resolves."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot, secrets: SecretIndex | None = None) -> None:
+        self.secrets = secrets if secrets is not None else SecretIndex(Snapshot())
         self._services: dict[tuple[str, str], Service | str] = {}
         # (namespace, service) -> slice name -> the slice (None: malformed, no endpoints)
         self._slices: dict[tuple[str, str], dict[str, EndpointSlice | None]] = defaultdict(dict)
         self.clusters: dict[str, table.Cluster] = {}
         self._resolved: dict[tuple[str, str, int, str], tuple[str | None, str | None]] = {}
+        self._app_protocols: dict[str, str | None] = {}  # cluster name -> its port's appProtocol
+        # TLS cluster name -> (the base cluster, its protocol and TLS, the cluster): the same
+        # object while those are the same, so an unchanged table keeps its parts.
+        self._tls_clusters: dict[str, tuple[table.Cluster, tuple[str, table.UpstreamTLS], table.Cluster]] = {}
         self.update([], [o for o in snapshot.objects if o.get("kind") in ("Service", "EndpointSlice")])
 
     def update(self, removed: Sequence[Object], added: Sequence[Object]) -> set[tuple[str, str]]:
@@ -83,6 +106,12 @@ class BackendResolver:
             for resolved in [k for k in self._resolved if (k[0], k[1]) in affected]:
                 del self._resolved[resolved]
                 self.clusters.pop(cluster_name(*resolved), None)
+                self._app_protocols.pop(cluster_name(*resolved), None)
+            # The routes using them are recompiled (their Service changed) and register
+            # their TLS clusters again, from the new endpoints.
+            for stale in [n for n in self._tls_clusters if n.split("/tls/", 1)[0] not in self.clusters]:
+                del self._tls_clusters[stale]
+                self.clusters.pop(stale, None)
         return affected
 
     def resolve(
@@ -111,6 +140,64 @@ class BackendResolver:
         if problem:
             result.problems.append(f"{where}: {problem}")
         return name
+
+    def resolve_http(self, namespace: str, refs: Sequence[BackendRef], field_path: str) -> Resolution:
+        """The backends of an L7 rule's refs: clusters speak what each Service port's
+        appProtocol says, over TLS where the ref sets tls."""
+        result = Resolution()
+        for i, ref in enumerate(refs):
+            name = self.http_cluster(namespace, ref, f"{field_path}[{i}]", result)
+            result.backends.append(interned(table.Backend, cluster=name, weight=ref.weight))
+        return result
+
+    def http_cluster(self, namespace: str, ref: ServiceRef, where: str, result: Resolution) -> str | None:
+        """The cluster HTTP requests for ref go to (a TLS one when ref sets tls), or None;
+        what is wrong goes into result."""
+        name = self.resolve_one(namespace, ref, where, result)
+        if name is None:
+            return None
+        tls: BackendTLS | None = getattr(ref, "tls", None)
+        said = upstream.speech(self._app_protocols.get(name), tls is not None)
+        service = f"Service {namespace}/{ref.name} port {ref.port}"
+        if said.note is not None:
+            result.notes.append(f"{where}: {service} {said.note}")
+        if said.problem is not None:
+            result.problems.append(f"{where}: {service} {said.problem}")
+            result.unsupported_protocol = True
+            return None
+        if tls is None:
+            return name
+        ca_pem = None
+        if tls.caCertificateRefs:
+            ca_pem, problem = self.secrets.ca_bundle(namespace, tls.caCertificateRefs, f"{where}.tls")
+            if problem is not None:
+                result.problems.append(f"{problem} (not served unverified)")
+                result.ca_problem = True
+                return None
+        settings = (
+            said.protocol,
+            table.UpstreamTLS.build(
+                # Without verification the name only goes into SNI: the Service's own.
+                serverName=tls.hostname or f"{ref.name}.{namespace}.svc",
+                caCertificates=ca_pem,
+                insecureSkipVerify=tls.insecureSkipVerify,
+            ),
+        )
+        tls_name = tls_cluster_name(name, tls)
+        base = self.clusters[name]
+        kept = self._tls_clusters.get(tls_name)
+        if kept is None or kept[0] is not base or kept[1] != settings:
+            cluster = table.Cluster.build(endpoints=base.endpoints, protocol=settings[0], tls=settings[1])
+            kept = self._tls_clusters[tls_name] = (base, settings, cluster)
+        self.clusters[tls_name] = kept[2]
+        return tls_name
+
+    def http_lookup(self, namespace: str, ref: ServiceRef) -> tuple[object, ...]:
+        """What decides how ref resolves for HTTP (for memo signatures); registers its
+        cluster for this compile's table, as http_cluster() does."""
+        scratch = Resolution()
+        name = self.http_cluster(namespace, ref, "", scratch)
+        return (name, tuple(scratch.problems), tuple(scratch.notes))
 
     def lookup(self, namespace: str, ref: ServiceRef) -> tuple[str | None, str | None]:
         """How ref resolves: the cluster name or None, and the problem. Registers the
@@ -153,7 +240,14 @@ class BackendResolver:
             )
         name = cluster_name(namespace, ref.name, ref.port, protocol)
         if name not in self.clusters:
-            self.clusters[name] = table.Cluster.build(endpoints=self._endpoints(namespace, ref.name, port))
+            # The protocol HTTP requests use without TLS (L4 listeners pass bytes, whatever it says).
+            speaks = (
+                upstream.speech(port.appProtocol, tls=False).protocol if protocol == "TCP" else "http/1.1"
+            )
+            self.clusters[name] = table.Cluster.build(
+                endpoints=self._endpoints(namespace, ref.name, port), protocol=speaks
+            )
+            self._app_protocols[name] = port.appProtocol
         return name, None
 
     def _endpoints(self, namespace: str, service: str, port: ServicePort) -> list[table.Endpoint]:

@@ -19,6 +19,8 @@ PROTOCOL_CONFLICT = "ProtocolConflict"
 BACKEND_NOT_FOUND = "BackendNotFound"
 REF_NOT_PERMITTED = "RefNotPermitted"
 INVALID_CERTIFICATE_REF = "InvalidCertificateRef"
+INVALID_CA_CERTIFICATE_REF = "InvalidCACertificateRef"
+UNSUPPORTED_PROTOCOL = "UnsupportedProtocol"
 
 
 @functools.lru_cache(maxsize=4096)

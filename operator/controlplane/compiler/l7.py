@@ -42,6 +42,9 @@ class RouteRefs:
     problems: list[str] = field(default_factory=list)
     not_permitted: bool = False
     certificate_problem: str | None = None
+    ca_problem: bool = False
+    unsupported_protocol: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -73,11 +76,14 @@ def _compile_route(parsed: Parsed, resolver: BackendResolver, secrets: SecretInd
     groups = _host_groups(route.spec.hostnames)
     for rule_index, rule in enumerate(route.spec.rules):
         where = f"spec.rules[{rule_index}]"
-        resolution = resolver.resolve(namespace, rule.backendRefs, f"{where}.backendRefs")
+        resolution = resolver.resolve_http(namespace, rule.backendRefs, f"{where}.backendRefs")
         mirrors = _mirrors(rule.filters, namespace, resolver, f"{where}.filters", resolution)
         backends = _with_filters(rule, namespace, resolver, where, resolution)
         found.problems += resolution.problems
+        found.notes += resolution.notes
         found.not_permitted |= resolution.not_permitted
+        found.ca_problem |= resolution.ca_problem
+        found.unsupported_protocol |= resolution.unsupported_protocol
         clusters.update(b.cluster for b in backends if b.cluster is not None)
         clusters.update(m.cluster for m in mirrors)
         for backend in backends:
@@ -113,7 +119,7 @@ def _route_signature(parsed: Parsed, resolver: BackendResolver, secrets: SecretI
     assert isinstance(route, L7Route)
     namespace = parsed.key.namespace
     resolved = tuple(
-        resolver.lookup(namespace, ref) for rule in route.spec.rules for ref in rule.service_refs()
+        resolver.http_lookup(namespace, ref) for rule in route.spec.rules for ref in rule.service_refs()
     )
     tls = route.spec.tls
     cert = secrets.fingerprint(namespace, tls.secretName) if tls is not None else None
@@ -130,7 +136,7 @@ def _mirrors(
         if f.requestMirror is None:
             continue
         mirror = f.requestMirror
-        name = resolver.resolve_one(
+        name = resolver.http_cluster(
             namespace, mirror.backendRef, f"{where}[{index}].requestMirror.backendRef", resolution
         )
         if name is not None and mirror.share > 0:

@@ -266,10 +266,15 @@ def _route_refs_condition(p: Parsed, refs: RouteRefs, port_dropped: bool) -> Con
         )
         problems.insert(0, f"{refs.certificate_problem} ({consequence})")
         reason = c.INVALID_CERTIFICATE_REF
+    elif refs.ca_problem:
+        reason = c.INVALID_CA_CERTIFICATE_REF
+    elif refs.unsupported_protocol:
+        reason = c.UNSUPPORTED_PROTOCOL
     elif refs.not_permitted:
         reason = c.REF_NOT_PERMITTED
     else:
         reason = c.BACKEND_NOT_FOUND
     if not problems:
-        return c.condition(c.RESOLVED_REFS, True, c.RESOLVED_REFS, "all references resolved", p.generation)
-    return c.condition(c.RESOLVED_REFS, False, reason, "; ".join(problems), p.generation)
+        message = "; ".join(["all references resolved", *refs.notes])
+        return c.condition(c.RESOLVED_REFS, True, c.RESOLVED_REFS, message, p.generation)
+    return c.condition(c.RESOLVED_REFS, False, reason, "; ".join(problems + refs.notes), p.generation)

@@ -65,7 +65,7 @@ class Refusal:
 
 
 def references_of(p: Parsed) -> set[tuple[str, str, str]]:
-    """The Services and the Secret an object names, as (kind, namespace, name)."""
+    """The Services, Secrets and ConfigMaps an object names, as (kind, namespace, name)."""
     namespace = p.key.namespace
     refs: list[Any] = list(p.model.spec.backendRefs) if isinstance(p.model, L4Listener) else []
     if isinstance(p.model, L7Route):
@@ -73,6 +73,10 @@ def references_of(p: Parsed) -> set[tuple[str, str, str]]:
     names = {("Service", ref.namespace or namespace, ref.name) for ref in refs}
     if isinstance(p.model, L7Route) and p.model.spec.tls is not None:
         names.add(("Secret", namespace, p.model.spec.tls.secretName))
+    for ref in refs:
+        tls = getattr(ref, "tls", None)
+        if tls is not None:
+            names |= {(ca.kind, namespace, ca.name) for ca in tls.caCertificateRefs}
     return names
 
 

@@ -10,7 +10,7 @@ Object = Mapping[str, Any]
 
 # The kinds the compiler reads, by the name used in snapshots and statuses.
 ROUTE_KINDS = ("L4Listener", "L7Route")
-REFERENCE_KINDS = ("Service", "EndpointSlice", "Secret")  # what routes refer to
+REFERENCE_KINDS = ("Service", "EndpointSlice", "Secret", "ConfigMap")  # what routes refer to
 INPUT_KINDS = (*ROUTE_KINDS, *REFERENCE_KINDS)
 
 

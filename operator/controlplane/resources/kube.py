@@ -17,6 +17,7 @@ class ServicePort(_Lenient):
     port: int
     targetPort: int | str | None = None
     protocol: str = "TCP"
+    appProtocol: str | None = None  # what the port speaks (kubernetes.io/h2c, https, ...)
 
 
 class ServiceSpec(_Lenient):

@@ -396,8 +396,84 @@ class Filter(Model):
         return self
 
 
+# A ConfigMap or Secret data key (Kubernetes' rule for both).
+DATA_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+PATTERN_HELP[DATA_KEY_PATTERN] = "a data key (letters, digits, '-', '_', '.'), e.g. ca.crt"
+
+
+class CACertificateRef(Model):
+    """A CA bundle (PEM certificates) to trust, in a ConfigMap or a Secret of the route's namespace."""
+
+    kind: Literal["ConfigMap", "Secret"] = Field(
+        default="ConfigMap",
+        description="ConfigMap (default), or Secret (a kubernetes.io/tls Secret, as cert-manager writes).",
+    )
+    name: ObjectName = Field(description="Name of the ConfigMap or Secret, in the route's namespace.")
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=DATA_KEY_PATTERN)] = Field(
+        default="ca.crt", description="Data key holding the PEM bundle; default ca.crt."
+    )
+
+
+class BackendTLS(Model):
+    """TLS to the backend (Gateway API BackendTLSPolicy): whom to trust and the name to verify.
+
+    Exactly one of caCertificateRefs, wellKnownCACertificates and insecureSkipVerify says
+    whom to trust; a verified backend needs hostname."""
+
+    hostname: PreciseHostname | None = Field(
+        default=None,
+        description=(
+            "The name the backend's certificate must carry, also sent as SNI; required unless "
+            "insecureSkipVerify."
+        ),
+    )
+    caCertificateRefs: list[CACertificateRef] = Field(
+        default_factory=list, max_length=8, description="CA bundles to trust (ConfigMap or Secret)."
+    )
+    wellKnownCACertificates: Literal["System"] | None = Field(
+        default=None, description="System: trust the dataplane's system root certificates."
+    )
+    insecureSkipVerify: bool = Field(
+        default=False,
+        description="Accept any certificate (encrypts, does not authenticate); must be set explicitly.",
+    )
+
+    @model_validator(mode="after")
+    def _one_trust(self) -> BackendTLS:
+        chosen = [
+            name
+            for name, set_ in (
+                ("caCertificateRefs", bool(self.caCertificateRefs)),
+                ("wellKnownCACertificates", self.wellKnownCACertificates is not None),
+                ("insecureSkipVerify", self.insecureSkipVerify),
+            )
+            if set_
+        ]
+        if not chosen:
+            raise ValueError(
+                "say whom to trust: set caCertificateRefs (a CA bundle in a ConfigMap or Secret), "
+                "wellKnownCACertificates: System, or insecureSkipVerify: true"
+            )
+        if len(chosen) > 1:
+            raise ValueError(f"set one of {' and '.join(chosen)}, not both")
+        if self.hostname is None and not self.insecureSkipVerify:
+            raise ValueError(
+                "hostname is required to verify the backend: the name its certificate must carry "
+                "(also sent as SNI)"
+            )
+        return self
+
+
 class HTTPBackendRef(BackendRef):
     """A Service port that receives traffic, with a relative weight and its own filters."""
+
+    tls: BackendTLS | None = Field(
+        default=None,
+        description=(
+            "Connect to this backend over TLS (BackendTLSPolicy semantics); needed for a Service "
+            "port whose appProtocol is https or kubernetes.io/wss."
+        ),
+    )
 
     filters: list[Filter] = Field(
         default_factory=list,
