@@ -42,7 +42,8 @@ def test_schemas_are_structural_and_described(name: str) -> None:
     for forbidden in ("$ref", "anyOf", "additionalProperties", "title", "$defs"):
         assert forbidden not in text
     for path, node in walk(schema["properties"]["spec"], "spec"):
-        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+        open_ = node.get("x-kubernetes-preserve-unknown-fields") or node.get("x-kubernetes-int-or-string")
+        assert "type" in node or open_, f"{path} has no type"
         scalar_item = path.endswith("[]") and node.get("type") != "object"
         assert node.get("description") or scalar_item, f"{path} has no description for kubectl explain"
     assert version["subresources"] == {"status": {}}

@@ -48,6 +48,9 @@ def patched(base: Table, target: Table) -> Table:
         ("l7-basic", "udp-conflict"),  # an L7 port gains a UDP face
         ("udp-conflict", "l7-basic"),
         ("udp-conflict", "udp-health-needs-tcp"),
+        ("l7-basic", "http2-per-port"),  # a port's HTTP/2 switch goes off
+        ("http2-per-port", "l7-basic"),
+        ("l7-basic", "upstream-tls"),  # clusters with TLS and a protocol
     ],
 )
 def test_a_patched_table_is_the_target(before: str, after: str) -> None:
@@ -55,6 +58,24 @@ def test_a_patched_table_is_the_target(before: str, after: str) -> None:
     result = patched(base, target)
     assert result.to_dict() == target.to_dict()
     assert result.version == target.version == Table.parse(target.to_json()).version
+
+
+def test_turning_http2_off_is_a_change_of_the_l7_head_alone() -> None:
+    """The L7 head carries http2 beside tls: a delta that left it out kept HTTP/2 on in
+    a pod patched from an earlier table (and the version sum disagreed)."""
+    objects = inputs("l7-basic")
+    base = compile_snapshot(Snapshot.of(objects)).table
+    for obj in objects:
+        if obj["kind"] == "L7Route":
+            obj["spec"]["http2"] = False
+    target = compile_snapshot(Snapshot.of(objects), 2).table
+    change = delta.diff(base, target)
+    assert {"/".join(path) for path, _ in change.changes} == {
+        f"listeners/{port}/l7" for port, listener in target.listeners.items() if listener.l7 is not None
+    }
+    result = patched(base, target)
+    assert all(listener.l7 is None or not listener.l7.http2 for listener in result.listeners.values())
+    assert result.version == target.version
 
 
 def test_an_unchanged_table_has_an_empty_delta() -> None:

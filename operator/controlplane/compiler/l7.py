@@ -92,10 +92,11 @@ def _compile_route(parsed: Parsed, resolver: BackendResolver, secrets: SecretInd
         rid = table.rule_id(parsed.key.ref, rule_index)
         rules[rid] = _rule(parsed.key.ref, rule_index, rule, route, backends, mirrors)
         for match_index, match in enumerate(rule.matches):
+            path = match.request_path()
             entry = table.MatchEntry.build(
                 rule=rid,
-                path=interned(table.PathCondition, type=match.path.type, value=match.path.value),
-                method=match.method,
+                path=interned(table.PathCondition, type=path.type, value=path.value),
+                method=match.request_method(),
                 headers=[
                     table.ValueCondition.build(name=h.name.lower(), type=h.type, value=h.value)
                     for h in match.headers
@@ -264,14 +265,16 @@ class L7Port:
             )
             tls = self.tls if tls_port else None
             self.listener = table.Listener.build(
-                l7=table.L7Listener.build(rules=self.rules, hosts=hosts, tls=tls)
+                l7=table.L7Listener.build(rules=self.rules, hosts=hosts, tls=tls, http2=port_http2(routes))
             )
         self.changed = None
         if before is not None and self.listener is not None and changed is not None:
             port = str(self.port)
             self.changed = {("listeners", port, "l7", "rules", rid) for rid in changed_rules}
             self.changed |= {("listeners", port, "l7", kind, k) for kind, k in touched}
-            if before.l7 is None or before.l7.tls is not self.listener.l7.tls:  # type: ignore[union-attr]
+            head = self.listener.l7
+            assert head is not None
+            if before.l7 is None or before.l7.tls is not head.tls or before.l7.http2 != head.http2:
                 self.changed.add(("listeners", port, "l7"))
 
     def _refreeze(self, touched: set[Group]) -> None:
@@ -302,6 +305,24 @@ class L7Port:
     @property
     def refs(self) -> dict[str, RouteRefs]:
         return {key.ref: out.refs for key, out in self.outs.items()}
+
+
+def port_http2(routes: list[Parsed]) -> bool:
+    """Whether the port serves HTTP/2 beside HTTP/1.1: as its oldest route says (default on)."""
+    oldest = routes[0].model if routes else None
+    return not (isinstance(oldest, L7Route) and oldest.spec.http2 is False)
+
+
+def http2_note(p: Parsed, routes: list[Parsed]) -> str:
+    """What the Accepted message adds for a route whose http2 the port does not follow."""
+    route = p.model
+    wanted = isinstance(route, L7Route) and route.spec.http2
+    if wanted is None or not routes or wanted == port_http2(routes):
+        return ""
+    return (
+        f"; its http2: {str(wanted).lower()} is not used: HTTP/2 on port {route.spec.port} is "
+        f"{'on' if not wanted else 'off'}, as the oldest route there, {routes[0].key}, says"
+    )
 
 
 def _host_routes(outs: Iterable[_RouteOut], group: Group) -> table.HostRoutes:
@@ -356,6 +377,7 @@ def _rule(  # noqa: PLR0917 (the parts of one rule, all needed)
             attempts=rule.retry.attempts,
             codes=sorted(set(rule.retry.codes)),
             backoff=parse_duration(rule.retry.backoff),
+            grpcCodes=sorted(set(rule.retry.grpcCodes)),
         ),
         rateLimit=None
         if rule.rateLimit is None

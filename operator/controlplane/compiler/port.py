@@ -20,7 +20,7 @@ from . import conditions as c
 from .backends import BackendResolver, Resolution
 from .cache import CompileCache
 from .l4 import build_l4, build_udp
-from .l7 import L7Port, RouteRefs
+from .l7 import L7Port, RouteRefs, http2_note
 from .ports import Parsed, Refusal, Slot, claim_port, verdict
 from .snapshot import ObjectKey
 from .sni import HOSTNAME_CONFLICT, index_hostnames, served_message
@@ -113,7 +113,8 @@ def compile_port(
             statuses[p.key] = memo_status(cache, _refused_conditions, p, refused[p.key])
             continue
         refs = l7.outs[p.key].refs
-        statuses[p.key] = memo_status(cache, _l7_conditions, p, message, refs, dropped)
+        own = message + http2_note(p, owners)
+        statuses[p.key] = memo_status(cache, _l7_conditions, p, own, refs, dropped)
         if not dropped:
             served.add(p.key)
     clusters = frozenset(n for n, count in l7.clusters.items() if count > 0 and not dropped)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic.json_schema import WithJsonSchema
 
 from dataplane import regex
 
@@ -109,10 +111,90 @@ class QueryParamMatch(HeaderMatch):
     """Match one query parameter (names compare exactly)."""
 
 
+# GRPCRoute's names: a protobuf service (package.Service, optionally fully qualified with a
+# leading dot) and a protobuf method (one identifier).
+GRPC_SERVICE_PATTERN = r"^\.?[A-Za-z_][A-Za-z_0-9]*(\.[A-Za-z_][A-Za-z_0-9]*)*$"
+GRPC_METHOD_PATTERN = r"^[A-Za-z_][A-Za-z_0-9]*$"
+_GRPC_SERVICE = re.compile(GRPC_SERVICE_PATTERN)
+_GRPC_METHOD = re.compile(GRPC_METHOD_PATTERN)
+# What a regular expression for a service or a method stands for when it is omitted: one
+# path segment.
+_ANY_SEGMENT = "[^/]+"
+
+
+class GRPCMatch(Model):
+    """Match a gRPC call by service and method (Gateway API GRPCRoute's method match): the
+    request path is /package.Service/Method and the method POST."""
+
+    type: Literal["Exact", "RegularExpression"] = Field(
+        default="Exact", description="Exact, or RegularExpression (full match, RE2 syntax) for both names."
+    )
+    service: Annotated[str, Field(min_length=1, max_length=1024)] | None = Field(
+        default=None, description="The service, package included (helloworld.Greeter); absent: any service."
+    )
+    method: Annotated[str, Field(min_length=1, max_length=1024)] | None = Field(
+        default=None, description="The method (SayHello); absent: any method of the service."
+    )
+
+    @model_validator(mode="after")
+    def _valid_names(self) -> GRPCMatch:
+        if self.service is None and self.method is None:
+            raise ValueError("set service, method or both; to match every call, use path PathPrefix /")
+        for field, value in (("service", self.service), ("method", self.method)):
+            if value is None:
+                continue
+            if "/" in value:
+                raise ValueError(f"{field} {value!r} must not contain '/': the path is /service/method")
+            if self.type == "RegularExpression":
+                trouble = regex.problem(value)
+                if trouble is not None:
+                    raise ValueError(f"{field} regular expression {value!r} is {trouble}")
+            elif field == "service" and not _GRPC_SERVICE.match(value):
+                raise ValueError(
+                    f"service {value!r} is not a protobuf service name: dot-separated identifiers "
+                    "(letters, digits, '_', not starting with a digit), e.g. helloworld.Greeter"
+                )
+            elif field == "method" and not _GRPC_METHOD.match(value):
+                raise ValueError(
+                    f"method {value!r} is not a protobuf method name: one identifier (letters, digits, "
+                    "'_', not starting with a digit), e.g. SayHello"
+                )
+        return self
+
+    def path(self) -> PathMatch:
+        """The path condition the match compiles to: an Exact path for service and method,
+        a PathPrefix for a service alone, a regular expression otherwise."""
+        service = self.service.removeprefix(".") if self.service is not None else None
+        if self.type == "Exact" and service is not None and self.method is not None:
+            return PathMatch.model_construct(type="Exact", value=f"/{service}/{self.method}")
+        if self.type == "Exact" and service is not None:
+            return PathMatch.model_construct(type="PathPrefix", value=f"/{service}/")
+        if self.type == "Exact":
+            return PathMatch.model_construct(type="RegularExpression", value=f"/{_ANY_SEGMENT}/{self.method}")
+        return PathMatch.model_construct(
+            type="RegularExpression",
+            value=f"/({self.service or _ANY_SEGMENT})/({self.method or _ANY_SEGMENT})",
+        )
+
+    def specificity(self) -> tuple[int, int]:
+        """Characters of the service and of the method matched exactly (GRPCRoute's
+        precedence; a regular expression counts none)."""
+        if self.type != "Exact":
+            return (0, 0)
+        return (len((self.service or "").removeprefix(".")), len(self.method or ""))
+
+
 class RouteMatch(Model):
     """Conditions that must all hold for a request to match."""
 
     path: PathMatch = Field(default_factory=PathMatch, description="Path condition; default PathPrefix /.")
+    grpc: GRPCMatch | None = Field(
+        default=None,
+        description=(
+            "Match a gRPC call by service and method (GRPCRoute style) instead of path and method; "
+            "header matches still apply."
+        ),
+    )
     headers: list[HeaderMatch] = Field(
         default_factory=list, max_length=16, description="Headers that must match."
     )
@@ -129,6 +211,31 @@ class RouteMatch(Model):
         if dupes:
             raise ValueError(f"header {dupes[0]!r} is matched twice; keep one match per header")
         return headers
+
+    @model_validator(mode="after")
+    def _grpc_alone(self) -> RouteMatch:
+        if self.grpc is not None:
+            if "path" in self.model_fields_set:
+                raise ValueError(
+                    "grpc and path cannot be combined: a gRPC match is the path /service/method; "
+                    "use one match for each"
+                )
+            if self.method is not None:
+                raise ValueError("grpc and method cannot be combined: a gRPC call is always a POST")
+            regex_path = self.grpc.path()
+            if regex_path.type == "RegularExpression":
+                trouble = regex.problem(regex_path.value)
+                if trouble is not None:
+                    raise ValueError(f"grpc: the path pattern {regex_path.value!r} is {trouble}")
+        return self
+
+    def request_path(self) -> PathMatch:
+        """The path condition: the path's, or the one a gRPC match compiles to."""
+        return self.grpc.path() if self.grpc is not None else self.path
+
+    def request_method(self) -> str | None:
+        """The method condition: a gRPC match implies POST."""
+        return "POST" if self.grpc is not None else self.method
 
 
 class HeaderValue(Model):
@@ -574,6 +681,52 @@ class RouteTimeouts(Model):
     )
 
 
+# gRPC status codes by name (grpc/status.h); 0 (OK) is success, never retried.
+GRPC_CODES = {
+    "CANCELLED": 1,
+    "UNKNOWN": 2,
+    "INVALID_ARGUMENT": 3,
+    "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5,
+    "ALREADY_EXISTS": 6,
+    "PERMISSION_DENIED": 7,
+    "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9,
+    "ABORTED": 10,
+    "OUT_OF_RANGE": 11,
+    "UNIMPLEMENTED": 12,
+    "INTERNAL": 13,
+    "UNAVAILABLE": 14,
+    "DATA_LOSS": 15,
+    "UNAUTHENTICATED": 16,
+}
+
+
+def _grpc_code(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 16:
+        return value
+    if isinstance(value, str) and value.upper() in GRPC_CODES:
+        return GRPC_CODES[value.upper()]
+    if isinstance(value, str) and value.isdigit() and 1 <= int(value) <= 16:
+        return int(value)
+    raise ValueError(
+        f"{value!r} is not a gRPC status code to retry: a number 1-16 or a name such as UNAVAILABLE "
+        "(0, OK, is success)"
+    )
+
+
+GRPCCode = Annotated[
+    int,
+    BeforeValidator(_grpc_code),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "description": "A gRPC status code: 1-16 or a name (UNAVAILABLE, RESOURCE_EXHAUSTED, ...).",
+        }
+    ),
+]
+
+
 class Retry(Model):
     """Retry safe requests on connect failure and on these status codes."""
 
@@ -586,6 +739,14 @@ class Retry(Model):
         description="Status codes that are retried.",
     )
     backoff: Duration = Field(default="25ms", description="Base of the exponential backoff between attempts.")
+    grpcCodes: list[GRPCCode] = Field(
+        default_factory=list,
+        max_length=16,
+        description=(
+            "gRPC status codes (numbers or names, e.g. UNAVAILABLE) that make a gRPC call be retried "
+            "while nothing of its response has reached the client."
+        ),
+    )
 
 
 class RateLimit(Model):
@@ -660,8 +821,10 @@ class RouteRule(Model):
         replaces_prefix = any(
             m is not None and m.path is not None and m.path.type == "ReplacePrefixMatch" for m in path_mods
         )
-        if replaces_prefix and any(m.path.type != "PathPrefix" for m in self.matches):
-            raise ValueError("ReplacePrefixMatch needs every match of the rule to be a PathPrefix match")
+        if replaces_prefix and any(m.grpc is not None or m.path.type != "PathPrefix" for m in self.matches):
+            raise ValueError(
+                "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match (not grpc)"
+            )
         timeouts = self.timeouts
         request = parse_duration(timeouts.request) if timeouts and timeouts.request else 0.0
         backend = parse_duration(timeouts.backendRequest) if timeouts and timeouts.backendRequest else 0.0
@@ -700,6 +863,13 @@ class L7RouteSpec(Model):
     allowEncodedSlashes: bool = Field(
         default=False,
         description="Accept %2F in request paths matched to this route (rejected with 400 otherwise).",
+    )
+    http2: bool | None = Field(
+        default=None,
+        description=(
+            "HTTP/2 from clients on this port (ALPN h2 with TLS, prior knowledge without); default "
+            "true, false: HTTP/1.1 only. The port's oldest route decides, as for tls."
+        ),
     )
 
     @field_validator("hostnames")
