@@ -127,3 +127,20 @@ def test_an_unchanged_tls_cluster_is_the_same_object() -> None:
     first = compile_snapshot(Snapshot.of(objects), 1, cache)
     again = compile_snapshot(Snapshot.of([*objects]), 2, cache)
     assert all(again.table.clusters[n] is c for n, c in first.table.clusters.items())
+
+
+def test_explain_says_how_the_proxy_talks_to_the_backend() -> None:
+    from controlplane.explain import explain
+
+    compiled = compile_snapshot(Snapshot.of(inputs("upstream-tls"))).table
+    (verified,) = explain(compiled, "a.example.com", "/configmap").backends
+    assert verified["protocol"] == "auto" and verified["tls"]
+    assert verified["state"] == (
+        "1 endpoints, HTTP/2 or HTTP/1.1 by ALPN over TLS, verified as secure.shop.internal "
+        "against the route's CA bundle"
+    )
+    (unverified,) = explain(compiled, "b.example.com", "/").backends
+    assert "not verified (insecureSkipVerify)" in unverified["state"]
+    plain = compile_snapshot(Snapshot.of(inputs("upstream-app-protocol"))).table
+    (h2c,) = explain(plain, "any.example.com", "/grpc/x").backends
+    assert h2c["state"] == "1 endpoints, HTTP/2 cleartext (h2c)"

@@ -112,9 +112,31 @@ def explain(
 def _backend(compiled: table.Table, backend: table.Backend) -> dict[str, Any]:
     if backend.cluster is None:
         return {"backend": "(unresolved)", "weight": backend.weight, "state": "requests get 500"}
-    endpoints = compiled.clusters[backend.cluster].endpoints
+    cluster = compiled.clusters[backend.cluster]
+    endpoints = cluster.endpoints
     state = f"{len(endpoints)} endpoints" if endpoints else "no ready endpoints: requests get 503"
-    return {"backend": backend.cluster, "weight": backend.weight, "state": state}
+    return {
+        "backend": backend.cluster,
+        "weight": backend.weight,
+        "state": f"{state}, {_speaks(cluster)}",
+        "protocol": cluster.protocol,
+        "tls": cluster.tls is not None,
+    }
+
+
+def _speaks(cluster: table.Cluster) -> str:
+    """How the proxy talks to the cluster's endpoints, in words."""
+    if cluster.tls is None:
+        return "HTTP/2 cleartext (h2c)" if cluster.protocol == "h2" else "HTTP/1.1"
+    tls = cluster.tls
+    trust = (
+        "not verified (insecureSkipVerify)"
+        if tls.insecureSkipVerify
+        else f"verified as {tls.serverName} against "
+        + ("the route's CA bundle" if tls.caCertificates else "the system roots")
+    )
+    version = {"h2": "HTTP/2", "auto": "HTTP/2 or HTTP/1.1 by ALPN"}.get(cluster.protocol, "HTTP/1.1")
+    return f"{version} over TLS, {trust}"
 
 
 def _outcome(rule: table.Rule, backends: list[dict[str, Any]], encoded_slash: bool) -> str:
