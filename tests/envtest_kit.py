@@ -54,6 +54,7 @@ KINDS: dict[str, tuple[str, str, bool]] = {  # kind -> (group/version, plural, n
     "ServiceAccount": ("v1", "serviceaccounts", True),
     "Service": ("v1", "services", True),
     "Secret": ("v1", "secrets", True),
+    "ConfigMap": ("v1", "configmaps", True),
     "Pod": ("v1", "pods", True),
     "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices", True),
     "Role": ("rbac.authorization.k8s.io/v1", "roles", True),

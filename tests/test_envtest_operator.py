@@ -545,3 +545,53 @@ async def test_an_invalid_update_keeps_the_last_valid_generation_served(
         await cluster.patch("L7Route", "shop", {"spec": {"rules": rules}})
         await cluster.wait_condition("L7Route", "shop", "Accepted", generation=3)
         await cluster.wait_condition("L7Route", "shop", "Programmed", generation=3)
+
+
+async def test_grpc_matches_and_a_ca_config_map_on_the_real_api_server(
+    apiserver: ApiServer, tmp_path: Path
+) -> None:
+    """The CRD admits gRPC matches and gRPC retry codes as numbers and names (int-or-string);
+    the operator reads a CA ConfigMap under the chart's RBAC (a 403 fails the test at the
+    end): the route waits with InvalidCACertificateRef until the ConfigMap exists, then
+    resolves; a ConfigMap it does not name is not needed."""
+    import trustme
+
+    async with env_cluster(apiserver, tmp_path) as cluster:
+        await cluster.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "payments"},
+                "spec": {"ports": [{"name": "https", "port": 443, "appProtocol": "https"}]},
+            }
+        )
+        cluster.start_operator()
+        route = l7route("payments", free_port(), service="payments")
+        rule = route["spec"]["rules"][0]  # type: ignore[index]
+        rule["matches"] = [{"grpc": {"service": "shop.Payments", "method": "Charge"}}]
+        rule["retry"] = {"grpcCodes": ["UNAVAILABLE", 4]}
+        rule["backendRefs"] = [
+            {
+                "name": "payments",
+                "port": 443,
+                "tls": {"hostname": "payments.shop.internal", "caCertificateRefs": [{"name": "shop-ca"}]},
+            }
+        ]
+        created = await cluster.create(route)
+        assert created["spec"]["rules"][0]["retry"]["grpcCodes"] == ["UNAVAILABLE", 4]
+        waiting = await cluster.wait_condition(
+            "L7Route", "payments", "ResolvedRefs", status="False", reason="InvalidCACertificateRef"
+        )
+        assert "ConfigMap" in waiting["message"] and "shop-ca not found" in waiting["message"]
+        accepted = (await cluster.conditions("L7Route", "payments"))["Accepted"]
+        assert accepted["status"] == "True", accepted
+        pem = trustme.CA().cert_pem.bytes().decode()
+        await cluster.create(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "shop-ca"},
+                "data": {"ca.crt": pem},
+            }
+        )
+        await cluster.wait_condition("L7Route", "payments", "ResolvedRefs", status="True")
