@@ -37,10 +37,11 @@ def test_multi_document_yaml_json_and_lists(tmp_path: Path) -> None:
         )
     )
     (tmp_path / "ignored.txt").write_text("not yaml: [")
-    (tmp_path / "other.yml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\n")
+    (tmp_path / "other.yml").write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n")
+    (tmp_path / "ca.yml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\n")
     source = FileSource(tmp_path)
     source.reload()
-    assert names(source) == ["one", "s", "two"]
+    assert names(source) == ["cm", "one", "s", "two"]  # ConfigMaps hold CA bundles for backend TLS
     assert source.problems == []
 
 
