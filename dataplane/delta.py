@@ -175,7 +175,7 @@ def _tcp_steps(key: str, was: Listener | None, now: Listener | None) -> Iterator
 
 def _diff_l7(port: str, was: L7Listener, now: L7Listener) -> Iterator[_Step]:
     base = ("listeners", port, "l7")
-    if was.tls != now.tls:
+    if was.tls != now.tls or was.http2 != now.http2:
         yield base, was, now, False
     yield from _diff_map((*base, "rules"), was.rules, now.rules)
     yield from _diff_map((*base, "exact"), was.hosts.exact, now.hosts.exact)
@@ -196,7 +196,7 @@ def _listed(port: str, was_port: Listener, now_port: Listener, paths: set[PartPa
                 yield path, was_port.udp, now_port.udp, False
             continue
         if len(path) == 3:
-            if was.tls != now.tls:
+            if was.tls != now.tls or was.http2 != now.http2:
                 yield path, was, now, False
             continue
         kind, key = path[3], path[4]
@@ -273,7 +273,7 @@ def _change(i: int, item: Any) -> Change:
         inner = ".".join(str(p) for p in first["loc"])
         raise TableError(f"{where}.value{'.' + inner if inner else ''}: {first['msg']}") from None
     if isinstance(value, L7Listener) and (value.rules or value.hosts != HostIndex()):
-        raise TableError(f"{where}.value: an L7 head carries tls only; rules and hosts are parts")
+        raise TableError(f"{where}.value: an L7 head carries tls and http2 only; rules and hosts are parts")
     assert isinstance(value, _Model)
     return tuple(path), value
 
@@ -302,6 +302,7 @@ class _L7Draft:
 
     def __init__(self, l7: L7Listener) -> None:
         self.tls: TLS | None = l7.tls
+        self.http2 = l7.http2
         self.rules = dict(l7.rules)
         self.groups: dict[str, dict[str, HostRoutes]] = {
             "exact": dict(l7.hosts.exact),
@@ -319,7 +320,7 @@ class _L7Draft:
         hosts = HostIndex.build(
             exact=self.groups["exact"], wildcard=self.groups["wildcard"], any=self.groups["any"].get("")
         )
-        return L7Listener.build(rules=self.rules, hosts=hosts, tls=self.tls)
+        return L7Listener.build(rules=self.rules, hosts=hosts, tls=self.tls, http2=self.http2)
 
 
 class _Patch:
@@ -420,13 +421,14 @@ class _Patch:
                 self.touched_l4.add(port)
                 self.add(path, value)
             elif isinstance(value, L7Listener):
-                self.drafts[port] = _L7Draft(L7Listener.build(tls=value.tls))
+                self.drafts[port] = _L7Draft(L7Listener.build(tls=value.tls, http2=value.http2))
                 self.add(path, value)
             return
         assert isinstance(value, L7Listener)
         draft = self.draft(port, path)
-        self.subtract(path, L7Listener.build(tls=draft.tls))
+        self.subtract(path, L7Listener.build(tls=draft.tls, http2=draft.http2))
         draft.tls = value.tls
+        draft.http2 = value.http2
         self.add(path, value)
 
     def sub_part(self, port: int, path: PartPath, value: _Model | None) -> None:

@@ -27,6 +27,7 @@ from . import responses
 from .exchange import CHUNK, Exchange, log_connection_answer
 from .flow import Flow
 from .framing import FRAMING, HOP_BY_HOP, LAST_CHUNK, NO_BODY, BadMessage, Headers, RequestHead, serialize
+from .h2server import PREFACE, H2Client
 from .reader import RequestReader, StopReading
 from .tunnel import Tunnel
 
@@ -53,6 +54,7 @@ class ClientConnection(asyncio.Protocol):
         "closing",
         "current",
         "deadline",
+        "early",
         "eof",
         "flow",
         "flushing",
@@ -103,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
         self.linger_limit = 0
         self.refusing = False  # the pipeline overflowed: later requests are dropped
         self.eof = False
+        self.early = b""  # the first bytes, while they may be the start of the HTTP/2 preface
         self.started = 0.0
         # Deadlines: `deadline` is loop time; `waiting` says what for (see check()).
         self.deadline = 0.0
@@ -127,13 +130,16 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = peer[0] if peer else ""
         self.started = time.monotonic()
         listener = self.listener
-        if listener.tls:
-            ssl_object = transport.get_extra_info("ssl_object")
+        ssl_object = transport.get_extra_info("ssl_object") if listener.tls else None
+        if ssl_object is not None:
             self.sni = getattr(ssl_object, "bilayer_sni", None)
         if len(listener.connections) >= listener.settings.max_client_connections:
             listener.rejected += 1
             self.transport.write(responses.local(503, "too many connections", close=True))
             self.transport.close()
+            return
+        if listener.tls and ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            self._become_h2(b"")
             return
         listener.connections.add(self)
         self._wait("new", listener.settings.header_timeout)
@@ -157,6 +163,16 @@ class ClientConnection(asyncio.Protocol):
             self.waiting = "head"
             self.deadline = self.began + self.listener.settings.header_timeout
         elif waiting == "new":  # the first request: the deadline set at accept stands
+            if (data[:1] == b"P" or self.early) and self.listener.h2c:
+                # HTTP/2 with prior knowledge (h2c): the connection preface, maybe in parts.
+                data = self.early + data
+                if len(data) < len(PREFACE) and PREFACE.startswith(data):
+                    self.early = data
+                    return
+                self.early = b""
+                if data.startswith(PREFACE):
+                    self._become_h2(data)
+                    return
             self.began = self.listener.loop.time()
             self.waiting = "head"
         self._feed(data)
@@ -176,6 +192,24 @@ class ClientConnection(asyncio.Protocol):
             self._flush_bodies()
         if rest is not None:
             self._upgrade_parsed(rest)
+
+    def _become_h2(self, data: bytes) -> None:
+        """Hand the socket to an HTTP/2 connection (ALPN chose h2, or the h2c preface
+        came); data: what was read already."""
+        transport = self.transport
+        assert transport is not None
+        listener = self.listener
+        h2 = H2Client(listener, self.client_ip, self.sni)
+        listener.connections.add(h2)
+        self.closing = True
+        self.deadline = 0.0
+        self.waiting = ""
+        self.transport = self.flow.transport = None
+        listener.forget(self)
+        transport.set_protocol(h2)
+        h2.connection_made(transport)
+        if data:
+            h2.data_received(data)
 
     def flush_after_read(self, exchange: Exchange) -> None:
         """exchange batched request body bytes: write them once this read is parsed."""

@@ -150,7 +150,10 @@ class Downstream(Protocol):
 
     client_ip: str
     sni: str | None  # the TLS server name the client asked for, if any
-    closing: bool
+
+    @property
+    def closing(self) -> bool:
+        """The connection closes (or, for HTTP/2, sent GOAWAY) after what is in flight."""
 
     def send_head(
         self, exchange: Exchange, status: int, headers: framing.Headers, body: int, length: int
