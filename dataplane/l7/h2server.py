@@ -346,7 +346,7 @@ class H2Client(asyncio.Protocol):
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.write_out()
-        self.deadline = self.listener.loop.time() + self.listener.settings.header_timeout
+        self.deadline = self.listener.loop.time() + self.listener.tick
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
