@@ -24,9 +24,10 @@ from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from . import responses
-from .exchange import Exchange, log_connection_answer
+from .exchange import CHUNK, Exchange, log_connection_answer
 from .flow import Flow
-from .framing import BadMessage, RequestHead
+from .framing import FRAMING, HOP_BY_HOP, LAST_CHUNK, NO_BODY, BadMessage, Headers, RequestHead, serialize
+from .h2server import PREFACE, H2Client
 from .reader import RequestReader, StopReading
 from .tunnel import Tunnel
 
@@ -38,6 +39,8 @@ MAX_PIPELINE = 32  # requests queued behind the current one; more close the conn
 LINGER_SECONDS = 2.0  # reading (and dropping) the rest of a request answered early
 LINGER_BYTES = 1024 * 1024
 BODY_RATE_GRACE = 5.0  # seconds of a request body before its rate is judged
+# Never in a trailer section the proxy writes: framing and hop-by-hop fields.
+_NOT_TRAILERS = HOP_BY_HOP | FRAMING
 
 
 class ClientConnection(asyncio.Protocol):
@@ -51,6 +54,7 @@ class ClientConnection(asyncio.Protocol):
         "closing",
         "current",
         "deadline",
+        "early",
         "eof",
         "flow",
         "flushing",
@@ -101,6 +105,7 @@ class ClientConnection(asyncio.Protocol):
         self.linger_limit = 0
         self.refusing = False  # the pipeline overflowed: later requests are dropped
         self.eof = False
+        self.early = b""  # the first bytes, while they may be the start of the HTTP/2 preface
         self.started = 0.0
         # Deadlines: `deadline` is loop time; `waiting` says what for (see check()).
         self.deadline = 0.0
@@ -125,13 +130,16 @@ class ClientConnection(asyncio.Protocol):
         self.client_ip = peer[0] if peer else ""
         self.started = time.monotonic()
         listener = self.listener
-        if listener.tls:
-            ssl_object = transport.get_extra_info("ssl_object")
+        ssl_object = transport.get_extra_info("ssl_object") if listener.tls else None
+        if ssl_object is not None:
             self.sni = getattr(ssl_object, "bilayer_sni", None)
         if len(listener.connections) >= listener.settings.max_client_connections:
             listener.rejected += 1
             self.transport.write(responses.local(503, "too many connections", close=True))
             self.transport.close()
+            return
+        if listener.tls and ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            self._become_h2(b"")
             return
         listener.connections.add(self)
         self._wait("new", listener.settings.header_timeout)
@@ -155,6 +163,16 @@ class ClientConnection(asyncio.Protocol):
             self.waiting = "head"
             self.deadline = self.began + self.listener.settings.header_timeout
         elif waiting == "new":  # the first request: the deadline set at accept stands
+            if (data[:1] == b"P" or self.early) and self.listener.h2c:
+                # HTTP/2 with prior knowledge (h2c): the connection preface, maybe in parts.
+                data = self.early + data
+                if len(data) < len(PREFACE) and PREFACE.startswith(data):
+                    self.early = data
+                    return
+                self.early = b""
+                if data.startswith(PREFACE):
+                    self._become_h2(data)
+                    return
             self.began = self.listener.loop.time()
             self.waiting = "head"
         self._feed(data)
@@ -174,6 +192,24 @@ class ClientConnection(asyncio.Protocol):
             self._flush_bodies()
         if rest is not None:
             self._upgrade_parsed(rest)
+
+    def _become_h2(self, data: bytes) -> None:
+        """Hand the socket to an HTTP/2 connection (ALPN chose h2, or the h2c preface
+        came); data: what was read already."""
+        transport = self.transport
+        assert transport is not None
+        listener = self.listener
+        h2 = H2Client(listener, self.client_ip, self.sni)
+        listener.connections.add(h2)
+        self.closing = True
+        self.deadline = 0.0
+        self.waiting = ""
+        self.transport = self.flow.transport = None
+        listener.forget(self)
+        transport.set_protocol(h2)
+        h2.connection_made(transport)
+        if data:
+            h2.data_received(data)
 
     def flush_after_read(self, exchange: Exchange) -> None:
         """exchange batched request body bytes: write them once this read is parsed."""
@@ -248,13 +284,85 @@ class ClientConnection(asyncio.Protocol):
         if receiving is not None:
             receiving.request_end()
 
-    # --- writing ---
+    # --- writing (Downstream): HTTP/1.1 framing of the exchange's response ---
 
     def send(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
             self.sent += len(data)
             transport.write(data)
+
+    def send_batch(self, batch: list[bytes]) -> None:
+        self.send(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def send_head(self, exchange: Exchange, status: int, headers: Headers, body: int, length: int) -> None:
+        request = exchange.head
+        if body == NO_BODY:
+            framing_line = b"content-length: %d\r\n" % length if length >= 0 else b""
+        elif body >= 0:
+            framing_line = b"content-length: %d\r\n" % body
+        elif request.version == "1.1":  # chunked or up to the backend's close: re-chunked
+            framing_line = b"transfer-encoding: chunked\r\n"
+            exchange.resp_mode = CHUNK
+        else:
+            framing_line = b""  # an HTTP/1.0 client reads up to our close
+            exchange.close_after = True
+        if exchange.close_after or not request.keep_alive or self.closing:
+            exchange.close_after = True
+            framing_line += b"connection: close\r\n"
+        elif request.version == "1.0":
+            framing_line += b"connection: keep-alive\r\n"
+        line = responses.STATUS_LINES.get(status) or responses.status_line(status)
+        data = b"%s%s%s\r\n" % (line, serialize(headers), framing_line)
+        batch = exchange.batch  # this runs for every response: no helper call
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.send(data)
+
+    def send_data(self, exchange: Exchange, data: bytes) -> None:
+        if exchange.resp_mode == CHUNK:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        batch = exchange.batch  # this runs for every read of a body: no helper call
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.send(data)
+
+    def send_end(self, exchange: Exchange, trailers: Headers | None) -> None:
+        if exchange.resp_mode != CHUNK:
+            return  # a length, or the close, ends the body: trailers have no place
+        if trailers:
+            # A trailer section after the last chunk; framing and hop-by-hop names never.
+            kept = [(n, v) for n, v in trailers if n.lower() not in _NOT_TRAILERS]
+            self._out(exchange, b"0\r\n%s\r\n" % serialize(kept))
+        else:
+            self._out(exchange, LAST_CHUNK)
+
+    def send_interim(self, exchange: Exchange, status: int, headers: Headers) -> None:
+        if exchange.head.version == "1.1":  # an HTTP/1.0 client knows no 1xx
+            line = b"HTTP/1.1 %d %s\r\n" % (status, responses.reason(status))
+            self._out(exchange, line + serialize(headers) + b"\r\n")
+
+    def send_local(self, exchange: Exchange, status: int, message: str, headers: Headers | None) -> int:
+        head_only = exchange.head.method == "HEAD"
+        head, body = responses.local_parts(
+            status, message, close=exchange.close_after, headers=headers, head_only=head_only
+        )
+        self._out(exchange, head + body)
+        return len(body)
+
+    def send_switch(self, exchange: Exchange, headers: Headers) -> None:
+        headers = [*headers, (b"connection", b"upgrade")]
+        self.send(b"HTTP/1.1 101 Switching Protocols\r\n%s\r\n" % serialize(headers))
+
+    def _out(self, exchange: Exchange, data: bytes) -> None:
+        """Write to the client, after what the exchange holds."""
+        batch = exchange.batch
+        if batch is not None:
+            batch.append(data)
+        else:
+            self.send(data)
 
     # --- flow control (Downstream) ---
 

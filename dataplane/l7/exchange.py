@@ -29,13 +29,12 @@ from urllib.parse import parse_qsl
 from ..health import EndpointState
 from ..logs import fields
 from ..table import PathRewrite
-from . import framing, responses
+from . import framing
 from .config import Cluster, Rule, Target, retry_after
 from .cors import CorsPolicy
 from .framing import (
     CHUNKED,
     LAST_CHUNK,
-    NO_BODY,
     REQUEST_ID,
     UNTIL_CLOSE,
     BadMessage,
@@ -58,8 +57,8 @@ KEEP_BODY = 64 * 1024
 # them forever would otherwise hold the exchange past every idle timeout.
 MAX_INTERIM = 32
 
-# How the response body goes to the client.
-_IDENTITY, _CHUNK = 0, 1
+# How the response body goes to the client (the HTTP/1.1 writer's choice, kept per exchange).
+IDENTITY, CHUNK = 0, 1
 
 # Why the proxy answered a request itself, or ended its exchange, as the access log says.
 Reason = Literal[
@@ -87,7 +86,7 @@ _GIVE_UP: dict[Failure, Reason] = {
     Failure.TIMEOUT: "timeout",
     Failure.STATUS: "bad_response",  # (a retried status is forwarded, never given up on)
 }
-_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2"}
 
 # Request ids (128 random bits as 32 hex digits) are made 256 at a time: per request, a
 # list pop, where os.urandom(16).hex() is a system call and formatting a random 128-bit
@@ -141,14 +140,49 @@ def log_connection_answer(listener: ServingL7, client: str, status: int, body_by
 
 
 class Downstream(Protocol):
-    """What an exchange uses of the client connection it belongs to."""
+    """What an exchange uses of the client connection it belongs to (an HTTP/1.1
+    connection, or one stream of an HTTP/2 connection).
+
+    The response goes to the client as events (a head, body data, an end, interims, a
+    local answer), never as bytes: each protocol frames them itself. While the exchange
+    holds its writes (`hold`), a writer may collect what it writes in `exchange.batch`
+    and gets the batch back in `send_batch` at `flush`: one write per backend read."""
 
     client_ip: str
     sni: str | None  # the TLS server name the client asked for, if any
-    closing: bool
 
-    def send(self, data: bytes) -> None:
-        """Write to the client (collected while writes are held)."""
+    @property
+    def closing(self) -> bool:
+        """The connection closes (or, for HTTP/2, sent GOAWAY) after what is in flight."""
+
+    def send_head(
+        self, exchange: Exchange, status: int, headers: framing.Headers, body: int, length: int
+    ) -> None:
+        """The response head (status >= 200, not 101). body: a length >= 0, CHUNKED or
+        UNTIL_CLOSE (a body of unknown length follows), or NO_BODY (length: the
+        Content-Length to announce, for HEAD and 304, or -1)."""
+
+    def send_data(self, exchange: Exchange, data: bytes) -> None:
+        """Response body bytes (never empty)."""
+
+    def send_end(self, exchange: Exchange, trailers: framing.Headers | None) -> None:
+        """The response body is complete; trailers: the backend's, to pass on if the
+        client's protocol can carry them."""
+
+    def send_interim(self, exchange: Exchange, status: int, headers: framing.Headers) -> None:
+        """An interim response (1xx other than 101): the real one follows."""
+
+    def send_local(
+        self, exchange: Exchange, status: int, message: str, headers: framing.Headers | None
+    ) -> int:
+        """A whole response the proxy makes (message: its one-line body); returns the
+        body bytes sent."""
+
+    def send_switch(self, exchange: Exchange, headers: framing.Headers) -> None:
+        """101 Switching Protocols, written at once (the sockets change hands next)."""
+
+    def send_batch(self, batch: list[bytes]) -> None:
+        """What the writer collected in exchange.batch while writes were held."""
 
     write_blocked: bool  # the client's socket is full (its reader is slower than the backend)
 
@@ -201,6 +235,7 @@ class Exchange:
         "resp_head",
         "resp_mode",
         "resp_started",
+        "resp_trailers",
         "rule",
         "sent",
         "started",
@@ -238,7 +273,8 @@ class Exchange:
         self.fresh = False  # the next attempt opens a new connection (a pooled one went stale)
         self.resp_head: ResponseHead | None = None
         self.resp_started = False
-        self.resp_mode = _IDENTITY
+        self.resp_trailers: framing.Headers | None = None  # the backend's trailers, for the client
+        self.resp_mode = IDENTITY
         self.close_after = False
         self.done = False
         self.status = 0
@@ -710,15 +746,7 @@ class Exchange:
     def flush(self) -> None:
         batch, self.batch = self.batch, None
         if batch:
-            self.conn.send(batch[0] if len(batch) == 1 else b"".join(batch))
-
-    def _out(self, data: bytes) -> None:
-        """Write to the client, after what is batched."""
-        batch = self.batch
-        if batch is not None:
-            batch.append(data)
-        else:
-            self.conn.send(data)
+            self.conn.send_batch(batch)
 
     def response_head(self, head: ResponseHead) -> None:
         status = head.status
@@ -729,12 +757,9 @@ class Exchange:
                 self.interims += 1
                 if self.interims > MAX_INTERIM:
                     self.upstream_failed(BadMessage(502, "too many interim responses"))
-                elif self.head.version == "1.1":
+                else:
                     # Interim (100 Continue, 103 Early Hints): passed on, the real response follows.
-                    self._out(
-                        b"HTTP/1.1 %d %s\r\n%s\r\n"
-                        % (status, responses.reason(status), framing.serialize(head.headers))
-                    )
+                    self.conn.send_interim(self, status, head.headers)
             return
         if self.attempt_timer is not None:
             self.attempt_timer.cancel()
@@ -759,31 +784,9 @@ class Exchange:
         rule = self.rule
         assert rule is not None
         headers = self._shape_response(rule, head.headers) if rule.shapes_response else head.headers
-        body = head.body
-        if body == NO_BODY:
-            framing_line = b"content-length: %d\r\n" % head.length if head.length >= 0 else b""
-        elif body >= 0:
-            framing_line = b"content-length: %d\r\n" % body
-        elif self.head.version == "1.1":  # chunked or up to the backend's close: re-chunked
-            framing_line = b"transfer-encoding: chunked\r\n"
-            self.resp_mode = _CHUNK
-        else:
-            framing_line = b""  # an HTTP/1.0 client reads up to our close
-            self.close_after = True
-        if self.close_after or not self.head.keep_alive or self.conn.closing:
-            self.close_after = True
-            framing_line += b"connection: close\r\n"
-        elif self.head.version == "1.0":
-            framing_line += b"connection: keep-alive\r\n"
         self.resp_started = True
         self.status = head.status
-        line = responses.STATUS_LINES.get(head.status) or responses.status_line(head.status)
-        data = b"%s%s%s\r\n" % (line, framing.serialize(headers), framing_line)
-        batch = self.batch  # _out, inlined: this runs for every response
-        if batch is not None:
-            batch.append(data)
-        else:
-            self.conn.send(data)
+        self.conn.send_head(self, head.status, headers, head.body, head.length)
 
     def _shape_response(self, rule: Rule, headers: framing.Headers) -> framing.Headers:
         """The response filters: the rule's header modifier, the backend's, CORS, the
@@ -810,19 +813,12 @@ class Exchange:
         if not self.resp_started or self.done:
             return
         self.bytes_out += len(data)
-        if self.resp_mode == _CHUNK:
-            data = framing.chunk(data)
-        batch = self.batch  # _out, inlined: this runs for every read of a body
-        if batch is not None:
-            batch.append(data)
-        else:
-            self.conn.send(data)
+        self.conn.send_data(self, data)
 
     def response_end(self) -> None:
         if not self.resp_started or self.done:
             return
-        if self.resp_mode == _CHUNK:
-            self._out(LAST_CHUNK)
+        self.conn.send_end(self, self.resp_trailers)
         upstream = self.upstream
         if upstream is not None:
             self.upstream = None
@@ -851,9 +847,8 @@ class Exchange:
             self.attempt_timer = None
         self.resp_started = True
         self.status = 101
-        headers = [*head.headers, (b"connection", b"upgrade")]
-        self._out(b"HTTP/1.1 101 Switching Protocols\r\n%s\r\n" % framing.serialize(headers))
-        self.flush()  # before the sockets change hands
+        self.flush()  # what is held goes first
+        self.conn.send_switch(self, head.headers)  # before the sockets change hands
         self.upstream = None
         upstream.exchange = None
         self.listener.health.report_success(upstream.endpoint)
@@ -877,8 +872,7 @@ class Exchange:
             if resp is not None and resp.body == UNTIL_CLOSE and exc is None:
                 self.upstream = None
                 upstream.endpoint.active -= 1
-                if self.resp_mode == _CHUNK:
-                    self._out(LAST_CHUNK)
+                self.conn.send_end(self, None)
                 self.finish()
                 return
             # Cut, never truncated.
@@ -929,11 +923,7 @@ class Exchange:
         self.status = status
         self.reason = reason
         self.resp_started = True
-        head, body = responses.local_parts(
-            status, message, close=self.close_after, headers=headers, head_only=self.head.method == "HEAD"
-        )
-        self.bytes_out += len(body)  # body bytes, as for a proxied response
-        self._out(head + body)
+        self.bytes_out += self.conn.send_local(self, status, message, headers)  # body bytes, as proxied
         self.finish()
 
     def fail_request(self, status: int, message: str) -> None:

@@ -149,6 +149,7 @@ class RequestHead:
     reparse: bool  # llhttp switched to upgrade mode but the proxy refused it: parse on
     has_body: bool  # a length above 0, or chunked
     request_id: bytes  # the client's X-Request-Id when sane (one field, see REQUEST_ID), else b""
+    te_trailers: bool = False  # the client sent TE: trailers (gRPC needs it, RFC 9113 8.2.2)
 
     @property
     def idempotent(self) -> bool:

@@ -14,6 +14,7 @@ from ..health import EndpointState
 from ..serving import Serving
 from .client import ClientConnection
 from .config import BUCKETS, L7Config, Memory, build_config
+from .h2server import H2Client
 from .reader import Limits
 from .tls import Certificates, server_context
 from .upstream import Connecting, Pool
@@ -27,7 +28,7 @@ BACKLOG = 4096
 SWEEP_SECONDS = 0.25
 
 
-class ServingL7(Serving[ClientConnection]):
+class ServingL7(Serving[ClientConnection | H2Client]):
     """A running HTTP listener."""
 
     kind = "l7"
@@ -50,6 +51,9 @@ class ServingL7(Serving[ClientConnection]):
         self.scheme = "https" if self.tls else "http"
         self.scheme_bytes = self.scheme.encode()
         self.requests = 0
+        self.h2_requests = 0  # of which on HTTP/2 streams
+        self.h2_defences: Counter[str] = Counter()  # HTTP/2 connections closed by a defence
+        self.http2 = True  # the table's switch: ALPN h2 (TLS) and the h2c preface (plaintext)
         self.rejected = 0
         self.timeouts: Counter[str] = Counter()  # header, idle, slow_reader, body_rate
         self.pipeline_overflows = 0
@@ -87,6 +91,11 @@ class ServingL7(Serving[ClientConnection]):
         self._sweeper = self.loop.call_later(SWEEP_SECONDS, self._sweep)
 
     @property
+    def h2c(self) -> bool:
+        """A plaintext connection opening with the HTTP/2 preface is served as HTTP/2."""
+        return self.http2 and not self.tls
+
+    @property
     def header_timeouts(self) -> int:
         return self.timeouts["header"]
 
@@ -108,6 +117,12 @@ class ServingL7(Serving[ClientConnection]):
             l7, tbl, self.health, self.memory, contexts, previous=previous, changed=changed
         )
         self._built_from = tbl.version
+        self.http2 = l7.http2
+        # What ALPN offers is set on this port's certificate contexts: the handshakes that
+        # follow offer it, and a change of the switch reaches new connections at once.
+        protocols = ["h2", "http/1.1"] if l7.http2 else ["http/1.1"]
+        for _, context in contexts or ():
+            context.set_alpn_protocols(protocols)
 
     # --- bookkeeping called by connections and exchanges ---
 
@@ -132,7 +147,9 @@ class ServingL7(Serving[ClientConnection]):
     async def drain(self, grace: float) -> None:
         # Idle keep-alive connections close now; busy ones finish their exchange first.
         for conn in list(self.connections):
-            if conn.tunnel is not None:
+            if isinstance(conn, H2Client):
+                conn.drain()  # GOAWAY: the streams in flight finish
+            elif conn.tunnel is not None:
                 conn.tunnel.close("drain")
             elif conn.current is None and not conn.queue:
                 conn.close()
@@ -140,7 +157,9 @@ class ServingL7(Serving[ClientConnection]):
                 conn.closing = True
         await self.wait_idle(grace)
         for conn in list(self.connections):
-            if conn.tunnel is not None:
+            if isinstance(conn, H2Client):
+                conn.abort()
+            elif conn.tunnel is not None:
                 conn.tunnel.abort("drain-timeout")
             else:
                 conn.abort()
@@ -214,6 +233,14 @@ class ServingL7(Serving[ClientConnection]):
             "or the client's request did not complete; failed: no endpoint, connect or answer failed).",
             labels=[*cluster_labels, "result"],
         )
+        requests = CounterMetricFamily(
+            "bilayer_l7_requests", "Requests by client protocol.", labels=[*port_labels, "protocol"]
+        )
+        defences = CounterMetricFamily(
+            "bilayer_l7_http2_defences",
+            "HTTP/2 connections closed with ENHANCE_YOUR_CALM, by defence (rapid_reset, control_flood).",
+            labels=[*port_labels, "defence"],
+        )
         overflows = CounterMetricFamily(
             "bilayer_l7_pipeline_overflows",
             "Connections closed for pipelining more requests than are queued.",
@@ -226,6 +253,10 @@ class ServingL7(Serving[ClientConnection]):
             tunnels.add_metric([port], listener.tunnels)
             rejected.add_metric([port], listener.rejected)
             overflows.add_metric([port], listener.pipeline_overflows)
+            requests.add_metric([port, "HTTP/1.x"], listener.requests - listener.h2_requests)
+            requests.add_metric([port, "HTTP/2"], listener.h2_requests)
+            for defence in ("rapid_reset", "control_flood"):
+                defences.add_metric([port, defence], listener.h2_defences[defence])
             for kind in ("header", "idle", "slow_reader", "body_rate"):
                 deadlines.add_metric([port, kind], listener.timeouts[kind])
             for peer in ("client", "backend"):
@@ -256,7 +287,7 @@ class ServingL7(Serving[ClientConnection]):
         if any(listener.settings.route_metrics for listener in listeners):
             yield from (by_route, latency, retries, limited)
         yield from (cluster_requests, cluster_failures, cluster_retries, timeouts, tunnels, rejected)
-        yield from (deadlines, bad, overflows, mirror_copies)
+        yield from (deadlines, bad, overflows, mirror_copies, requests, defences)
 
 
 async def open_l7(dataplane: Dataplane, port: int, listener: table.Listener, tbl: table.Table) -> ServingL7:

@@ -31,6 +31,7 @@ def context_for(certificate: table.Certificate) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(CIPHERS)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # HTTP/1.1 until the listener sets what it offers (h2 too, unless its http2 is off).
     context.set_alpn_protocols(["http/1.1"])
     directory = tempfile.mkdtemp(prefix="bilayer-tls-")
     try:
