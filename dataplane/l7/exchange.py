@@ -30,10 +30,10 @@ from ..health import EndpointState
 from ..logs import fields
 from ..table import PathRewrite
 from . import framing, responses
+from .backend import Backend, BackendRequest
 from .config import Cluster, Rule, Target, retry_after
 from .cors import CorsPolicy
 from .framing import (
-    CHUNKED,
     LAST_CHUNK,
     NO_BODY,
     REQUEST_ID,
@@ -84,6 +84,7 @@ Reason = Literal[
 _GIVE_UP: dict[Failure, Reason] = {
     Failure.CONNECT: "connect_failed",
     Failure.RESET: "upstream_reset",
+    Failure.REFUSED: "upstream_reset",
     Failure.TIMEOUT: "timeout",
     Failure.STATUS: "bad_response",  # (a retried status is forwarded, never given up on)
 }
@@ -201,6 +202,7 @@ class Exchange:
         "resp_head",
         "resp_mode",
         "resp_started",
+        "resp_trailers",
         "rule",
         "sent",
         "started",
@@ -230,7 +232,7 @@ class Exchange:
         self.cluster: Cluster | None = None
         self.pin: Pin | None = None  # the endpoint a session token keeps this client on
         self.copies: list[MirrorCopy] | None = None  # mirrored copies still taking the body
-        self.upstream: Upstream | None = None
+        self.upstream: Backend | None = None
         self.endpoint: EndpointState | None = None
         self.tried: set[EndpointState] = set()
         self.resent = 0
@@ -238,6 +240,7 @@ class Exchange:
         self.fresh = False  # the next attempt opens a new connection (a pooled one went stale)
         self.resp_head: ResponseHead | None = None
         self.resp_started = False
+        self.resp_trailers: framing.Headers | None = None  # the backend's trailers, for the client
         self.resp_mode = _IDENTITY
         self.close_after = False
         self.done = False
@@ -263,9 +266,8 @@ class Exchange:
             return
         copies = self.copies
         if copies is not None:
-            framed = framing.chunk(data) if self.head.body == CHUNKED else data
             for copy in copies:
-                copy.body(framed)
+                copy.body(data)
         if self.upstream is not None:
             out = self.body_out
             if out is None:
@@ -284,20 +286,18 @@ class Exchange:
         upstream = self.upstream
         if out and upstream is not None:
             data = out[0] if len(out) == 1 else b"".join(out)
-            upstream.send(framing.chunk(data) if self.head.body == CHUNKED else data)
+            upstream.send(data)
             self._keep(data)
 
     def request_end(self) -> None:
         self.request_done = self.request_whole = True
         if self.body_out:
             self.flush_body()
-        if self.upstream is not None and self.head.body == CHUNKED:
-            self.upstream.send(LAST_CHUNK)
+        if self.upstream is not None:
+            self.upstream.end()
         copies, self.copies = self.copies, None
         if copies is not None:
             for copy in copies:
-                if self.head.body == CHUNKED:
-                    copy.body(LAST_CHUNK)
                 copy.end()
 
     def _keep(self, data: bytes) -> None:
@@ -417,8 +417,7 @@ class Exchange:
     def _mirror(self, rule: Rule, target: Target) -> None:
         """Start the copies of this request that the rule's and the backend's mirrors take."""
         listener = self.listener
-        head: bytes | None = None
-        chunked = self.head.body == CHUNKED
+        head: BackendRequest | None = None
         trace = self.trace
         for mirror in target.mirrors:
             if mirror.share < 1.0 and random.random() >= mirror.share:
@@ -435,10 +434,8 @@ class Exchange:
                 listener, mirror.cluster, head, self.head.method, rule.backend_request_timeout, span=span
             )
             for data in self.pending:  # body bytes read before the exchange started
-                copy.body(framing.chunk(data) if chunked else data)
+                copy.body(data)
             if self.request_whole:
-                if chunked and self.request_done:
-                    copy.body(LAST_CHUNK)
                 copy.end()
             else:
                 if self.copies is None:
@@ -514,21 +511,21 @@ class Exchange:
             return
         self.tried.add(endpoint)
         listener = self.listener
-        upstream = listener.pool.take(endpoint) if not self.fresh else None
+        upstream = listener.pool.take(endpoint, cluster.dial) if not self.fresh else None
         if upstream is not None:
             self._attach(upstream)
             return
-        listener.connect(self, endpoint)
+        listener.connect(self, endpoint, cluster.dial)
 
     def _hash_key(self, rule: Rule) -> bytes:
         if rule.key_header is not None:
             return (self.header(rule.key_header.decode()) or "").encode()
         return self.conn.client_ip.encode()
 
-    def connected(self, upstream: Upstream) -> None:
+    def connected(self, upstream: Backend) -> None:
         """A new upstream connection for this exchange is ready."""
         if self.done:
-            self.listener.pool.give(upstream)
+            upstream.unused()
             return
         self._attach(upstream)
 
@@ -541,7 +538,7 @@ class Exchange:
         self.cluster.stats.connect_failures += 1
         self._failed(Failure.CONNECT, f"could not connect to the backend ({error})", reused=False)
 
-    def _attach(self, upstream: Upstream) -> None:
+    def _attach(self, upstream: Backend) -> None:
         rule = self.rule
         assert rule is not None
         self.upstream = upstream
@@ -550,20 +547,18 @@ class Exchange:
         upstream.endpoint.total += 1
         self.resp_head = None
         head = self.head
-        data = self._request_head(rule, self.target)
+        request = self._request_head(rule, self.target)
+        body = b""
         if self.pending:
             pending, self.pending = self.pending, []
             body = pending[0] if len(pending) == 1 else b"".join(pending)
-            data += framing.chunk(body) if head.body == CHUNKED else body
             sent = self.sent
             if sent is not None:
                 if self.received <= KEEP_BODY:
                     sent.extend(pending)
                 else:
                     self.sent = None
-        if self.request_done and head.body == CHUNKED:
-            data += LAST_CHUNK
-        upstream.attach(self, data, head.method, head.upgrade)
+        upstream.attach(self, request, body, self.request_whole)
         if self.conn.write_blocked:
             upstream.flow.pause("client-full")
         if rule.backend_request_timeout is not None:
@@ -573,8 +568,10 @@ class Exchange:
         if not head.upgrade:
             self.conn.resume("waiting-upstream")  # an upgrade's client bytes wait for the 101
 
-    def _request_head(self, rule: Rule, target: Target | None, copy: CopySpan | None = None) -> bytes:
-        """The request line and headers for the backend target (None: for a mirror, which
+    def _request_head(
+        self, rule: Rule, target: Target | None, copy: CopySpan | None = None
+    ) -> BackendRequest:
+        """The request for the backend target (None: for a mirror, which
         gets the rule's filters only, and a shadow Host; copy: its span, when sampled)."""
         head = self.head
         listener = self.listener
@@ -620,7 +617,15 @@ class Exchange:
             elif self.endpoint is not None:
                 modified = modified or target.request_modifier is not None
                 trace.attempt_begins(headers, self.endpoint, self.resent, line_target, modified)
-        return framing.request_bytes(head.method, line_target.encode("latin-1"), host, headers, head.body)
+        return BackendRequest(
+            head.method,
+            line_target.encode("latin-1"),
+            host,
+            headers,
+            head.body,
+            head.upgrade,
+            head.te_trailers,
+        )
 
     def _may_resend(self, failure: Failure, *, reused: bool) -> bool:
         rule, cluster = self.rule, self.cluster
@@ -643,11 +648,11 @@ class Exchange:
         if self.trace is not None:
             self.trace.attempt_failed(failure.value)
         if self._may_resend(failure, reused=reused):
-            self._resend(why, stale=failure is Failure.RESET and reused)
+            self._resend(why, stale=failure is Failure.RESET and reused, now=failure is Failure.REFUSED)
         else:
             self._fail(give_up_status(failure), why, _GIVE_UP[failure])
 
-    def _resend(self, why: str, *, stale: bool) -> None:
+    def _resend(self, why: str, *, stale: bool, now: bool = False) -> None:
         rule, cluster = self.rule, self.cluster
         assert rule is not None and cluster is not None
         self._drop_upstream()
@@ -660,8 +665,9 @@ class Exchange:
         cluster.stats.retries += 1
         cluster.stats.active_retries += 1
         log.debug("resending", extra=fields(reason=why, attempt=self.resent))
-        # A stale pooled connection is not the backend failing: resend at once.
-        delay = 0.0 if stale else rule.backoff(self.resent)
+        # A stale pooled connection, or a stream the backend did not process, is not the
+        # backend failing: resend at once.
+        delay = 0.0 if stale or now else rule.backoff(self.resent)
         self.listener.loop.call_later(delay, self._resend_now)
 
     def _resend_now(self) -> None:
@@ -854,6 +860,7 @@ class Exchange:
         headers = [*head.headers, (b"connection", b"upgrade")]
         self._out(b"HTTP/1.1 101 Switching Protocols\r\n%s\r\n" % framing.serialize(headers))
         self.flush()  # before the sockets change hands
+        assert isinstance(upstream, Upstream)  # (an HTTP/2 stream never switches protocols)
         self.upstream = None
         upstream.exchange = None
         self.listener.health.report_success(upstream.endpoint)
@@ -866,6 +873,16 @@ class Exchange:
         if self.endpoint is not None:
             self.listener.health.report_failure(self.endpoint)
         self._fail(502, "the backend sent an invalid response", "bad_response")
+
+    def response_trailers(self, trailers: framing.Headers) -> None:
+        self.resp_trailers = trailers
+
+    def upstream_refused(self) -> None:
+        """The backend did not process the request (an HTTP/2 stream refused, or above a
+        GOAWAY's last stream id): sending it again is safe whatever the method."""
+        if self.upstream is None or self.done:
+            return
+        self._failed(Failure.REFUSED, "the backend did not process the request", reused=False)
 
     def upstream_lost(self, exc: Exception | None) -> None:
         """The backend's connection closed while this exchange used it."""

@@ -17,6 +17,9 @@ class Failure(Enum):
     RESET = "reset"  # the connection closed or reset before any byte of a response
     STATUS = "status"  # the backend answered with a status the rule retries
     TIMEOUT = "timeout"  # no response within timeouts.backendRequest (504 in retry.codes)
+    # The backend said it did not process the request (HTTP/2 REFUSED_STREAM, or a stream
+    # above a GOAWAY's last stream id): nothing happened, so any method may go again.
+    REFUSED = "refused"
 
 
 def may_resend(
@@ -40,6 +43,10 @@ def may_resend(
         return False
     if failure is Failure.CONNECT:
         return resent < attempts and budget
+    if failure is Failure.REFUSED:
+        # As a stale connection: one resend even without retries, and no budget needed (the
+        # backend is draining or full, not failing).
+        return resent == 0 or (resent < attempts and budget)
     if not idempotent:
         return False
     if failure is Failure.RESET and reused and resent == 0 and attempts == 0:
