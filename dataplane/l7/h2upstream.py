@@ -16,6 +16,8 @@ its window, while the connection's window is reopened at once so other streams g
 A GOAWAY drains the connection: streams above its last stream id were not processed and are
 handed back as refused (safe to send again whatever the method), the others finish, and no
 new stream starts on it. A stream the server refuses (REFUSED_STREAM) is handed back the same.
+(h2 closes its whole state machine on a GOAWAY, after which the streams still being answered
+could not be read: so GOAWAY frames are taken out of the bytes before h2 sees them.)
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ SEND_BUFFER = 64 * 1024
 # The connection's receive window: large, so one stream held by a slow client (its own
 # window stays closed) never starves the others.
 CONNECTION_WINDOW = 16 * 1024 * 1024
+_FRAME_HEAD = 9
+_GOAWAY = 7
 # RFC 9113 8.2.2: fields that are meaningful for one HTTP/1.1 connection only.
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"host"}
@@ -338,6 +342,9 @@ class H2Connection(asyncio.Protocol):
         self.closed = False
         self.write_paused = False
         self.idle_since = pool.clock
+        self.skip = 0  # bytes of the current frame still to pass to h2 (GOAWAY scanning)
+        self.held = b""  # the start of a frame head (or of a GOAWAY frame) not yet whole
+        self.goaways: list[int] = []  # last stream ids of GOAWAYs taken out of this read
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # --- for the pool ---
@@ -435,7 +442,45 @@ class H2Connection(asyncio.Protocol):
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
 
+    def _without_goaway(self, data: bytes) -> bytes:
+        """data minus any GOAWAY frame (noted in self.goaways), and minus the incomplete
+        frame head at its end (held for the next read). Only frame heads are looked at."""
+        if self.held:
+            data, self.held = self.held + data, b""
+        size = len(data)
+        pos = start = 0
+        kept: list[bytes] | None = None
+        while pos < size:
+            if self.skip:
+                step = min(self.skip, size - pos)
+                pos += step
+                self.skip -= step
+                continue
+            if size - pos < _FRAME_HEAD:
+                break
+            length = int.from_bytes(data[pos : pos + 3], "big")
+            if data[pos + 3] != _GOAWAY:
+                pos += _FRAME_HEAD
+                self.skip = length
+                continue
+            if size - pos < _FRAME_HEAD + length:
+                break  # the GOAWAY is read whole before it is understood
+            last = int.from_bytes(data[pos + 9 : pos + 13], "big") & 0x7FFFFFFF
+            self.goaways.append(last)
+            if kept is None:
+                kept = []
+            kept.append(data[start:pos])
+            pos += _FRAME_HEAD + length
+            start = pos
+        if pos < size:
+            self.held = data[pos:]
+        if kept is None:
+            return data if start == 0 and pos == size else data[start:pos]
+        kept.append(data[start:pos])
+        return b"".join(kept)
+
     def data_received(self, data: bytes) -> None:
+        data = self._without_goaway(data)
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as err:
@@ -478,7 +523,10 @@ class H2Connection(asyncio.Protocol):
                     if waiting.pending or (waiting.end_pending and not waiting.sent_end):
                         self.pump(waiting)
             elif isinstance(event, h2.events.ConnectionTerminated):
-                self._goaway(event.last_stream_id or 0)
+                self._goaway(event.last_stream_id or 0)  # (not seen: taken out above)
+        goaways, self.goaways = self.goaways, []
+        for last_stream_id in goaways:
+            self._goaway(last_stream_id)
         for user in held:
             if user.batch is not None:
                 user.flush()
