@@ -3,6 +3,7 @@ over TLS with ALPN h2. What it does is chosen by the request path:
 
 - /grpc/fail/N/CODE: a trailers-only gRPC answer with grpc-status CODE to the first N calls of
   that path, then a gRPC answer with a body and grpc-status 0 in trailers
+- /grpc/late/N/CODE: the same, but the status of the first N comes in trailers after the head
 - /grpc/slow/MS: a gRPC answer after MS milliseconds (reports the grpc-timeout it got)
 - /refuse/N: the first N streams on this path are reset with REFUSED_STREAM
 - /slow/MS: an echo after MS milliseconds
@@ -179,6 +180,22 @@ class _ServerConnection(asyncio.Protocol):
             self.backend.refused += 1
             self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             self._closed(stream_id)
+            return
+        if path.startswith("/grpc/late/"):  # a head, then the status in trailers
+            if self.backend.count(path) <= int(parts[3]):
+                self._send(
+                    stream_id,
+                    [(":status", "200"), ("content-type", "application/grpc")],
+                    b"",
+                    [("grpc-status", parts[4])],
+                )
+            else:
+                self._send(
+                    stream_id,
+                    [(":status", "200"), ("content-type", "application/grpc")],
+                    b"\x00\x00\x00\x00\x02hi",
+                    [("grpc-status", "0")],
+                )
             return
         if path.startswith("/grpc/fail/"):
             if self.backend.count(path) <= int(parts[3]):

@@ -204,6 +204,7 @@ class Rule:
         "retry_attempts",
         "retry_backoff",
         "retry_codes",
+        "retry_grpc_codes",
         "rewrite",
         "route",
         "session",
@@ -250,6 +251,7 @@ class Rule:
         self.backend_request_timeout = rule.backendRequestTimeout
         self.retry_attempts = rule.retry.attempts if rule.retry else 0
         self.retry_codes = frozenset(rule.retry.codes) if rule.retry else frozenset()
+        self.retry_grpc_codes = frozenset(rule.retry.grpcCodes) if rule.retry else frozenset()
         self.retry_backoff = rule.retry.backoff if rule.retry else 0.0
         self.limiter = limiter
         self.policy = rule.loadBalancing.policy

@@ -29,7 +29,7 @@ from urllib.parse import parse_qsl
 from ..health import EndpointState
 from ..logs import fields
 from ..table import PathRewrite
-from . import framing, responses
+from . import framing, grpc, responses
 from .backend import Backend, BackendRequest
 from .config import Cluster, Rule, Target, retry_after
 from .cors import CorsPolicy
@@ -85,6 +85,7 @@ _GIVE_UP: dict[Failure, Reason] = {
     Failure.CONNECT: "connect_failed",
     Failure.RESET: "upstream_reset",
     Failure.REFUSED: "upstream_reset",
+    Failure.GRPC_STATUS: "bad_response",  # (forwarded, never given up on)
     Failure.TIMEOUT: "timeout",
     Failure.STATUS: "bad_response",  # (a retried status is forwarded, never given up on)
 }
@@ -183,11 +184,14 @@ class Exchange:
         "cluster",
         "conn",
         "copies",
+        "deadline",
         "done",
         "endpoint",
         "entry_prefix",
         "fresh",
+        "grpc",
         "head",
+        "held",
         "interims",
         "listener",
         "pending",
@@ -253,6 +257,9 @@ class Exchange:
         self.trace: Trace | None = None  # when tracing is on (listener.tracer)
         self.request_id = head.request_id  # the client's, or b"" until one is made (request_id())
         self.reason: Reason | None = None  # set when the proxy answers or ends it itself
+        self.grpc = False  # a gRPC call (content-type application/grpc*): answered gRPC-style
+        self.deadline: float | None = None  # from its grpc-timeout (monotonic)
+        self.held: ResponseHead | None = None  # a gRPC head held until its status is known
 
     # --- the request body, from the client connection ---
 
@@ -328,6 +335,10 @@ class Exchange:
         """Route and send; the exchange is now the connection's current one."""
         self.started = time.monotonic()
         head = self.head
+        if head.method == "POST" and head.headers:  # (every gRPC call is a POST)
+            self.grpc, timeout = grpc.call_of(head.headers)
+            if timeout is not None:
+                self.deadline = self.started + timeout
         listener = self.listener
         if listener.tracer is not None:
             self.trace = Trace(listener.tracer, head.headers)
@@ -377,8 +388,15 @@ class Exchange:
         self.cluster = cluster
         cluster.stats.requests += 1
         cluster.stats.active_requests += 1
-        if rule.request_timeout is not None:
-            self.request_timer = listener.loop.call_later(rule.request_timeout, self._request_timed_out)
+        timeout = rule.request_timeout
+        if self.deadline is not None:  # the call's own deadline, if sooner
+            timeout = (
+                min(timeout, self.deadline - self.started)
+                if timeout is not None
+                else self.deadline - self.started
+            )
+        if timeout is not None:
+            self.request_timer = listener.loop.call_later(timeout, self._request_timed_out)
         if not self.request_whole:
             self.conn.pause("waiting-upstream")
         self._attempt()
@@ -600,6 +618,8 @@ class Exchange:
         path = head.path
         # One of the two at most: the compiler refuses a URLRewrite on both.
         rewrite = target.rewrite if target is not None and target.rewrite is not None else rule.rewrite
+        if self.deadline is not None:  # what remains of the call's deadline
+            headers = grpc.with_timeout(headers, self.deadline - time.monotonic())
         if rewrite is not None:
             if rewrite.hostname is not None:
                 host = rewrite.hostname.encode()
@@ -678,6 +698,8 @@ class Exchange:
 
     def _drop_upstream(self) -> None:
         """Let go of the current upstream connection, which is not reused."""
+        self.held = None  # (a held gRPC head is never sent once its attempt is dropped)
+        self.resp_trailers = None
         out, self.body_out = self.body_out, None
         if out:
             self.pending.extend(out)  # read but never written: held for the next attempt
@@ -759,12 +781,40 @@ class Exchange:
         elif endpoint.failures:  # (most answers find nothing to reset)
             self.listener.health.report_success(endpoint)
         self.resp_head = head
+        if self.grpc and rule.retry_grpc_codes and self._grpc_held(rule, head):
+            return
         self._send_response_head(head)
 
+    def _grpc_held(self, rule: Rule, head: ResponseHead) -> bool:
+        """A gRPC answer to a rule retrying gRPC statuses: resent when trailers-only with
+        a listed status; otherwise held (True) until its first body byte or its trailers
+        say whether it is one to resend."""
+        code = grpc.status_of(head.headers)
+        if code is None:
+            self.held = head
+            return True
+        if code in rule.retry_grpc_codes and self._may_resend(Failure.GRPC_STATUS, reused=False):
+            self._resend_grpc(code)
+            return True
+        return False
+
+    def _resend_grpc(self, code: int) -> None:
+        if self.trace is not None:
+            self.trace.attempt_failed(f"grpc-status {code}")
+        self._resend(f"backend answered grpc-status {code}", stale=False)
+
+    def _release_held(self) -> None:
+        head, self.held = self.held, None
+        if head is not None:
+            self._send_response_head(head)
+
     def _send_response_head(self, head: ResponseHead) -> None:
-        rule = self.rule
-        assert rule is not None
-        headers = self._shape_response(rule, head.headers) if rule.shapes_response else head.headers
+        rule = self.rule  # (None for a gRPC answer the proxy makes before routing)
+        headers = (
+            self._shape_response(rule, head.headers)
+            if rule is not None and rule.shapes_response
+            else head.headers
+        )
         body = head.body
         if body == NO_BODY:
             framing_line = b"content-length: %d\r\n" % head.length if head.length >= 0 else b""
@@ -813,6 +863,8 @@ class Exchange:
         return headers
 
     def response_body(self, data: bytes) -> None:
+        if self.held is not None:
+            self._release_held()
         if not self.resp_started or self.done:
             return
         self.bytes_out += len(data)
@@ -825,6 +877,8 @@ class Exchange:
             self.conn.send(data)
 
     def response_end(self) -> None:
+        if self.held is not None:
+            self._release_held()
         if not self.resp_started or self.done:
             return
         if self.resp_mode == _CHUNK:
@@ -875,6 +929,17 @@ class Exchange:
         self._fail(502, "the backend sent an invalid response", "bad_response")
 
     def response_trailers(self, trailers: framing.Headers) -> None:
+        if self.held is not None:  # nothing of this gRPC answer has left: it may go again
+            code = grpc.status_of(trailers)
+            rule = self.rule
+            assert rule is not None
+            if (
+                code is not None
+                and code in rule.retry_grpc_codes
+                and self._may_resend(Failure.GRPC_STATUS, reused=False)
+            ):
+                self._resend_grpc(code)
+                return
         self.resp_trailers = trailers
 
     def upstream_refused(self) -> None:
@@ -940,6 +1005,9 @@ class Exchange:
         """Answer the client ourselves (reason: why, for the access log)."""
         if self.done:
             return
+        if self.grpc and not self.resp_started:
+            self._grpc_local(status, message, reason, close=close, headers=headers)
+            return
         # Unread body bytes would be taken for the next request: close instead.
         close = close or not self.head.keep_alive or not self.request_whole or self.conn.closing
         self.close_after = self.close_after or close
@@ -951,6 +1019,18 @@ class Exchange:
         )
         self.bytes_out += len(body)  # body bytes, as for a proxied response
         self._out(head + body)
+        self.finish()
+
+    def _grpc_local(
+        self, status: int, message: str, reason: Reason, *, close: bool, headers: framing.Headers | None
+    ) -> None:
+        """A gRPC call's answer from the proxy: trailers-only (HTTP 200, the gRPC status and
+        message in the head, no body), sent by the client's writer like any response head."""
+        close = close or not self.head.keep_alive or not self.request_whole or self.conn.closing
+        self.close_after = self.close_after or close
+        self.reason = reason
+        answer = grpc.trailers_only(grpc.status_for(status, reason), message)
+        self._send_response_head(ResponseHead(200, [*answer, *(headers or [])], NO_BODY, 0, True))
         self.finish()
 
     def fail_request(self, status: int, message: str) -> None:

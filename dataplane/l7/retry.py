@@ -20,6 +20,9 @@ class Failure(Enum):
     # The backend said it did not process the request (HTTP/2 REFUSED_STREAM, or a stream
     # above a GOAWAY's last stream id): nothing happened, so any method may go again.
     REFUSED = "refused"
+    # A gRPC call answered with a grpc-status the rule lists (retry.grpcCodes): the service
+    # owner says that status is safe to retry, whatever the method (every call is a POST).
+    GRPC_STATUS = "grpc_status"
 
 
 def may_resend(
@@ -42,6 +45,8 @@ def may_resend(
     if response_started or not replayable:
         return False
     if failure is Failure.CONNECT:
+        return resent < attempts and budget
+    if failure is Failure.GRPC_STATUS:
         return resent < attempts and budget
     if failure is Failure.REFUSED:
         # As a stale connection: one resend even without retries, and no budget needed (the
