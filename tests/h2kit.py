@@ -6,6 +6,8 @@ over TLS with ALPN h2. What it does is chosen by the request path:
 - /grpc/late/N/CODE: the same, but the status of the first N comes in trailers after the head
 - /grpc/slow/MS: a gRPC answer after MS milliseconds (reports the grpc-timeout it got)
 - /refuse/N: the first N streams on this path are reset with REFUSED_STREAM
+- /big/N: N bytes, sent as the stream's window allows (big_sent counts them; blocked says
+  the window is closed with bytes still to send)
 - /slow/MS: an echo after MS milliseconds
 - /trailers: an echo that ends with trailers
 - anything else: a JSON echo of what arrived (method, path, authority, fields, body).
@@ -56,6 +58,8 @@ class H2Backend:
         self.most_streams = 0  # the most streams open at once on one connection
         self.refused = 0
         self.accepted = 0  # connections ever made
+        self.big_sent = 0
+        self.blocked = False
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> H2Backend:
@@ -101,6 +105,7 @@ class _ServerConnection(asyncio.Protocol):
         self.open = 0
         self.going_away = False
         self.last_ok = 2**31
+        self.big: dict[int, int] = {}  # stream -> bytes of a /big/N answer still to send
         self.number = backend.accepted
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -165,7 +170,26 @@ class _ServerConnection(asyncio.Protocol):
                     self._answer(event.stream_id, call)
             elif isinstance(event, h2.events.StreamReset) and event.stream_id in self.calls:
                 self._closed(event.stream_id or 0)
+        self._pump_big()
         self.flush()
+
+    def _pump_big(self) -> None:
+        block = b"x" * self.h2.max_outbound_frame_size
+        for stream_id, to_send in list(self.big.items()):
+            left = to_send
+            while left:
+                room = min(self.h2.local_flow_control_window(stream_id), len(block), left)
+                if room <= 0:
+                    break
+                left -= room
+                self.backend.big_sent += room
+                self.h2.send_data(stream_id, block[:room], end_stream=not left)
+            self.backend.blocked = bool(left)
+            if left:
+                self.big[stream_id] = left
+            else:
+                del self.big[stream_id]
+                self._closed(stream_id)
 
     def _closed(self, stream_id: int) -> None:
         if self.calls.pop(stream_id, None) is not None:
@@ -180,6 +204,10 @@ class _ServerConnection(asyncio.Protocol):
             self.backend.refused += 1
             self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             self._closed(stream_id)
+            return
+        if path.startswith("/big/"):
+            self.h2.send_headers(stream_id, [(":status", "200"), ("content-length", parts[2])])
+            self.big[stream_id] = int(parts[2])
             return
         if path.startswith("/grpc/late/"):  # a head, then the status in trailers
             if self.backend.count(path) <= int(parts[3]):

@@ -13,6 +13,7 @@ from dataplane.table import Table
 from .h2kit import H2Backend
 from .helpers import free_port
 from .l7kit import backend_ref, l7_table, route, serving
+from .rawkit import RawBackend
 from .test_l7_upstream_h2 import ask, h2_table
 
 HELLO = b"\x00\x00\x00\x00\x02hi"  # one gRPC message
@@ -94,6 +95,30 @@ async def test_a_listed_grpc_status_is_resent_in_trailers_only_or_trailers() -> 
     finally:
         await backend.stop()
     assert backend.counts == {"/grpc/fail/2/14": 3, "/grpc/late/1/14": 2, "/grpc/fail/1/3": 1}
+
+
+async def test_an_http1_backends_trailers_carry_the_status_too() -> None:
+    """A chunked HTTP/1.1 answer whose grpc-status is in its trailer section: read, so the
+    call is resent."""
+    answers = [
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"0\r\ngrpc-status: 14\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"7\r\n%s\r\n0\r\ngrpc-status: 0\r\n\r\n" % HELLO,
+    ]
+    backend = await RawBackend(lambda conn, request: answers[conn.backend.count - 1]).start()
+    port = free_port()
+    retry = {"retry": {"attempts": 1, "codes": [], "backoff": "1ms"}}
+    try:
+        table = l7_table(
+            [route("r", port, [{"backendRefs": [backend_ref("raw")], **retry}])], {"raw": [backend.port]}
+        )
+        async with serving(with_grpc_codes(table, [14])):
+            status, _, body = await ask(port, call("/pkg.Svc/Get"))
+    finally:
+        await backend.stop()
+    assert (status, body) == (200, HELLO)
+    assert backend.count == 2
 
 
 async def test_without_grpc_codes_a_status_is_forwarded_as_it_came() -> None:

@@ -167,6 +167,39 @@ async def test_a_refused_stream_is_sent_again_even_for_a_post() -> None:
     assert json.loads(body)["body_length"] == 3
 
 
+async def test_a_client_that_does_not_read_holds_the_backends_stream_at_its_window() -> None:
+    """The client reads nothing: the proxy stops reopening the stream's window, so the
+    backend blocks with most of the answer unsent; once the client reads, all of it comes."""
+    size = 64 * 1024 * 1024
+    backend = await H2Backend().start()
+    port = free_port()
+    try:
+        async with serving(h2_table(port, backend.port)) as dataplane:
+            pool = dataplane.listeners[port].pool  # type: ignore[attr-defined]
+
+            def held_back() -> bool:
+                """The proxy holds the stream's window closed (bytes received, not reopened)
+                and the backend has bytes it cannot send."""
+                streams = [s for conns in pool.h2.values() for c in conns for s in c.streams.values()]
+                return backend.blocked and any(s.unacked > 0 and s.flow.reasons for s in streams)
+
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1024)
+            writer.transport.pause_reading()  # type: ignore[attr-defined]
+            writer.write(b"GET /big/%d HTTP/1.1\r\nHost: x\r\n\r\n" % size)
+            await async_wait_for(held_back, what="the stream held at its window")
+            assert backend.big_sent < size // 2
+            writer.transport.resume_reading()  # type: ignore[attr-defined]
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert b"content-length: %d" % size in head.lower()
+            got = 0
+            while got < size:
+                got += len(await asyncio.wait_for(reader.read(1 << 20), 10))
+            writer.close()
+    finally:
+        await backend.stop()
+    assert got == size
+
+
 async def test_a_dead_h2c_endpoint_is_a_503() -> None:
     port = free_port()
     async with serving(h2_table(port, free_port())):

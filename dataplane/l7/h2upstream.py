@@ -106,7 +106,9 @@ class H2Stream:
     def __init__(self, conn: H2Connection) -> None:
         self.conn = conn
         self.endpoint = conn.endpoint
-        self.reused = conn.opened > 0
+        # A stream reset is the backend failing (counted for health); only a connection
+        # closed under a stream without a GOAWAY may be one that went stale (see lost()).
+        self.reused = False
         self.flow = StreamFlow(self)
         self.id = 0
         self.user: User | None = None
@@ -303,9 +305,10 @@ class H2Stream:
         else:
             user.upstream_lost(ConnectionResetError(f"the backend reset the stream ({_code(code)})"))
 
-    def lost(self, exc: Exception | None) -> None:
+    def lost(self, exc: Exception | None, stale: bool) -> None:
         user = self.user
         self.user = None
+        self.reused = stale
         if user is not None:
             user.upstream_lost(exc or ConnectionResetError("the backend closed the HTTP/2 connection"))
 
@@ -370,6 +373,10 @@ class H2Connection(asyncio.Protocol):
             self.idle_since = self.pool.clock
             if self.draining:
                 self.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -555,7 +562,9 @@ class H2Connection(asyncio.Protocol):
             self.ready.set_exception(ConnectionResetError("the backend closed before its HTTP/2 SETTINGS"))
         streams, self.streams = self.streams, {}
         for stream in streams.values():
-            stream.lost(exc)
+            # Closed without a GOAWAY: a connection that had served before may have gone
+            # stale (closed by the backend's idle timeout as the stream was sent).
+            stream.lost(exc, stale=self.opened > len(streams))
 
     def pause_writing(self) -> None:
         self.write_paused = True

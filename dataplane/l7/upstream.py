@@ -318,7 +318,11 @@ class Pool:
                     lambda: Upstream(endpoint, self), endpoint.address, endpoint.port
                 )
             if isinstance(made, H2Connection):
-                await made.ready
+                try:
+                    await made.ready
+                except BaseException:
+                    made.abort()  # (no SETTINGS in time: not left open)
+                    raise
         self.connects += 1
         if isinstance(made, H2Connection):
             self.learned[(endpoint, dial)] = H2
