@@ -8,6 +8,7 @@ over TLS with ALPN h2. What it does is chosen by the request path:
 - /refuse/N: the first N streams on this path are reset with REFUSED_STREAM
 - /big/N: N bytes, sent as the stream's window allows (big_sent counts them; blocked says
   the window is closed with bytes still to send)
+- /hold/...: the request body is never acknowledged (the stream's window stays closed)
 - /slow/MS: an echo after MS milliseconds
 - /trailers: an echo that ends with trailers
 - anything else: a JSON echo of what arrived (method, path, authority, fields, body).
@@ -162,6 +163,8 @@ class _ServerConnection(asyncio.Protocol):
                 call = self.calls.get(event.stream_id)
                 if call is not None:
                     call.body += event.data or b""
+                    if (call.header(":path") or "").startswith("/hold/"):
+                        continue
                 self.h2.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id)
             elif isinstance(event, h2.events.StreamEnded):
                 assert event.stream_id is not None

@@ -200,6 +200,31 @@ async def test_a_client_that_does_not_read_holds_the_backends_stream_at_its_wind
     assert got == size
 
 
+async def test_a_backend_that_does_not_open_its_window_pauses_the_clients_reads() -> None:
+    """The backend never acknowledges the request body: what the proxy holds for the stream
+    stays bounded and it stops reading the client, instead of buffering the whole body."""
+    size = 32 * 1024 * 1024
+    backend = await H2Backend().start()
+    port = free_port()
+    try:
+        async with serving(h2_table(port, backend.port)) as dataplane:
+            listener = dataplane.listeners[port]  # type: ignore[attr-defined]
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /hold/x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+            writer.write(b"y" * size)  # (buffered by the client's transport: never drained)
+
+            def paused() -> bool:
+                return any("backend-full" in c.flow.reasons for c in listener.connections)
+
+            await async_wait_for(paused, what="the client's reads paused")
+            streams = [s for conns in listener.pool.h2.values() for c in conns for s in c.streams.values()]
+            assert [s.full for s in streams] == [True]
+            assert streams[0].buffered() < 1024 * 1024
+            writer.transport.abort()  # type: ignore[attr-defined]
+    finally:
+        await backend.stop()
+
+
 async def test_a_dead_h2c_endpoint_is_a_503() -> None:
     port = free_port()
     async with serving(h2_table(port, free_port())):
