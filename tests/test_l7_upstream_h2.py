@@ -228,5 +228,6 @@ async def test_a_backend_that_does_not_open_its_window_pauses_the_clients_reads(
 async def test_a_dead_h2c_endpoint_is_a_503() -> None:
     port = free_port()
     async with serving(h2_table(port, free_port())):
-        status, _, _ = await ask(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert status == 503
+        # Concurrent requests wait for one connection being made: each gets the failure.
+        answers = await asyncio.gather(*(ask(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(5)))
+    assert [status for status, _, _ in answers] == [503] * 5

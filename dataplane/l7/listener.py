@@ -21,7 +21,7 @@ from .dial import PLAIN, Dial
 from .h2upstream import MAX_STREAMS, H2Connection
 from .reader import Limits
 from .tls import Certificates, server_context
-from .upstream import Connecting, Pool
+from .upstream import Connecting, Pool, Upstream
 
 if TYPE_CHECKING:
     from ..runtime import Dataplane
@@ -136,13 +136,18 @@ class ServingL7(Serving[ClientConnection]):
 
     async def _connect(self, user: Connecting, endpoint: EndpointState, dial: Dial, shared: bool) -> None:
         users = [user]
+        failure: OSError | TimeoutError | None = None
+        made: Upstream | H2Connection | None = None
         try:
             made = await self.pool.connect(endpoint, limit=self.settings.connect_timeout, dial=dial)
         except (OSError, TimeoutError) as err:
+            failure = err
+        finally:  # (also when cancelled: a later connect must not join a dead list)
             if shared:
                 users = self.pool.waiting.pop((endpoint, dial), users)
-            error = str(err) or type(err).__name__
-            if isinstance(err, ssl.SSLError):
+        if made is None:
+            error = str(failure) or type(failure).__name__
+            if isinstance(failure, ssl.SSLError):
                 error = f"TLS to {dial.server_name} failed: {error}"
                 log.warning(
                     "backend TLS handshake failed",
@@ -151,8 +156,6 @@ class ServingL7(Serving[ClientConnection]):
             for waiting in users:
                 waiting.connect_failed(endpoint, error)
             return
-        if shared:
-            users = self.pool.waiting.pop((endpoint, dial), users)
         if not isinstance(made, H2Connection):
             user.connected(made)
             for waiting in users:
