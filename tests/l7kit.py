@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,7 +31,7 @@ class HTTPBackend:
         self.calls: dict[str, int] = {}
         self.peers: set[tuple[str, int]] = set()
 
-    async def start(self, port: int = 0) -> HTTPBackend:
+    async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> HTTPBackend:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/status/{code}", self.status)
         app.router.add_route("*", "/flaky/{failures}", self.flaky)
@@ -44,7 +45,7 @@ class HTTPBackend:
         self.runner = web.AppRunner(app, access_log=None)
         await self.runner.setup()
         self.port = port or free_port()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=ssl_context).start()
         return self
 
     async def stop(self) -> None:

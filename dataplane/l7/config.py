@@ -19,6 +19,7 @@ from .. import table
 from ..balancer import Balancer, build
 from ..health import EndpointState, HealthRegistry
 from .cors import CorsPolicy
+from .dial import dial_for
 from .headers import Modifier
 from .router import Router
 from .session import SessionPolicy
@@ -68,7 +69,7 @@ class ClusterStats:
 class Cluster:
     """Endpoints of one backend Service port, with a balancer per policy used."""
 
-    __slots__ = ("_balancers", "endpoints", "name", "source", "stats")
+    __slots__ = ("_balancers", "dial", "endpoints", "name", "source", "stats")
 
     def __init__(
         self, name: str, endpoints: list[EndpointState], stats: ClusterStats, source: table.Cluster
@@ -77,6 +78,7 @@ class Cluster:
         self.endpoints = endpoints
         self.stats = stats
         self.source = source  # the table's cluster this was built from
+        self.dial = dial_for(source)  # HTTP/1.1 or HTTP/2, in clear or TLS
         self._balancers: dict[str, Balancer] = {}
 
     def balancer(self, policy: str) -> Balancer:
@@ -202,6 +204,7 @@ class Rule:
         "retry_attempts",
         "retry_backoff",
         "retry_codes",
+        "retry_grpc_codes",
         "rewrite",
         "route",
         "session",
@@ -248,6 +251,7 @@ class Rule:
         self.backend_request_timeout = rule.backendRequestTimeout
         self.retry_attempts = rule.retry.attempts if rule.retry else 0
         self.retry_codes = frozenset(rule.retry.codes) if rule.retry else frozenset()
+        self.retry_grpc_codes = frozenset(rule.retry.grpcCodes) if rule.retry else frozenset()
         self.retry_backoff = rule.retry.backoff if rule.retry else 0.0
         self.limiter = limiter
         self.policy = rule.loadBalancing.policy

@@ -29,12 +29,12 @@ from urllib.parse import parse_qsl
 from ..health import EndpointState
 from ..logs import fields
 from ..table import PathRewrite
-from . import framing
+from . import framing, grpc
+from .backend import Backend, BackendRequest
 from .config import Cluster, Rule, Target, retry_after
 from .cors import CorsPolicy
 from .framing import (
-    CHUNKED,
-    LAST_CHUNK,
+    NO_BODY,
     REQUEST_ID,
     UNTIL_CLOSE,
     BadMessage,
@@ -83,6 +83,8 @@ Reason = Literal[
 _GIVE_UP: dict[Failure, Reason] = {
     Failure.CONNECT: "connect_failed",
     Failure.RESET: "upstream_reset",
+    Failure.REFUSED: "upstream_reset",
+    Failure.GRPC_STATUS: "bad_response",  # (forwarded, never given up on)
     Failure.TIMEOUT: "timeout",
     Failure.STATUS: "bad_response",  # (a retried status is forwarded, never given up on)
 }
@@ -216,11 +218,14 @@ class Exchange:
         "cluster",
         "conn",
         "copies",
+        "deadline",
         "done",
         "endpoint",
         "entry_prefix",
         "fresh",
+        "grpc",
         "head",
+        "held",
         "interims",
         "listener",
         "pending",
@@ -265,7 +270,7 @@ class Exchange:
         self.cluster: Cluster | None = None
         self.pin: Pin | None = None  # the endpoint a session token keeps this client on
         self.copies: list[MirrorCopy] | None = None  # mirrored copies still taking the body
-        self.upstream: Upstream | None = None
+        self.upstream: Backend | None = None
         self.endpoint: EndpointState | None = None
         self.tried: set[EndpointState] = set()
         self.resent = 0
@@ -286,6 +291,9 @@ class Exchange:
         self.trace: Trace | None = None  # when tracing is on (listener.tracer)
         self.request_id = head.request_id  # the client's, or b"" until one is made (request_id())
         self.reason: Reason | None = None  # set when the proxy answers or ends it itself
+        self.grpc = False  # a gRPC call (content-type application/grpc*): answered gRPC-style
+        self.deadline: float | None = None  # from its grpc-timeout (monotonic)
+        self.held: ResponseHead | None = None  # a gRPC head held until its status is known
 
     # --- the request body, from the client connection ---
 
@@ -299,9 +307,8 @@ class Exchange:
             return
         copies = self.copies
         if copies is not None:
-            framed = framing.chunk(data) if self.head.body == CHUNKED else data
             for copy in copies:
-                copy.body(framed)
+                copy.body(data)
         if self.upstream is not None:
             out = self.body_out
             if out is None:
@@ -320,20 +327,18 @@ class Exchange:
         upstream = self.upstream
         if out and upstream is not None:
             data = out[0] if len(out) == 1 else b"".join(out)
-            upstream.send(framing.chunk(data) if self.head.body == CHUNKED else data)
+            upstream.send(data)
             self._keep(data)
 
     def request_end(self) -> None:
         self.request_done = self.request_whole = True
         if self.body_out:
             self.flush_body()
-        if self.upstream is not None and self.head.body == CHUNKED:
-            self.upstream.send(LAST_CHUNK)
+        if self.upstream is not None:
+            self.upstream.end()
         copies, self.copies = self.copies, None
         if copies is not None:
             for copy in copies:
-                if self.head.body == CHUNKED:
-                    copy.body(LAST_CHUNK)
                 copy.end()
 
     def _keep(self, data: bytes) -> None:
@@ -364,6 +369,10 @@ class Exchange:
         """Route and send; the exchange is now the connection's current one."""
         self.started = time.monotonic()
         head = self.head
+        if head.method == "POST" and head.headers:  # (every gRPC call is a POST)
+            self.grpc, timeout = grpc.call_of(head.headers)
+            if timeout is not None:
+                self.deadline = self.started + timeout
         listener = self.listener
         if listener.tracer is not None:
             self.trace = Trace(listener.tracer, head.headers)
@@ -413,8 +422,15 @@ class Exchange:
         self.cluster = cluster
         cluster.stats.requests += 1
         cluster.stats.active_requests += 1
-        if rule.request_timeout is not None:
-            self.request_timer = listener.loop.call_later(rule.request_timeout, self._request_timed_out)
+        timeout = rule.request_timeout
+        if self.deadline is not None:  # the call's own deadline, if sooner
+            timeout = (
+                min(timeout, self.deadline - self.started)
+                if timeout is not None
+                else self.deadline - self.started
+            )
+        if timeout is not None:
+            self.request_timer = listener.loop.call_later(timeout, self._request_timed_out)
         if not self.request_whole:
             self.conn.pause("waiting-upstream")
         self._attempt()
@@ -453,8 +469,7 @@ class Exchange:
     def _mirror(self, rule: Rule, target: Target) -> None:
         """Start the copies of this request that the rule's and the backend's mirrors take."""
         listener = self.listener
-        head: bytes | None = None
-        chunked = self.head.body == CHUNKED
+        head: BackendRequest | None = None
         trace = self.trace
         for mirror in target.mirrors:
             if mirror.share < 1.0 and random.random() >= mirror.share:
@@ -471,10 +486,8 @@ class Exchange:
                 listener, mirror.cluster, head, self.head.method, rule.backend_request_timeout, span=span
             )
             for data in self.pending:  # body bytes read before the exchange started
-                copy.body(framing.chunk(data) if chunked else data)
+                copy.body(data)
             if self.request_whole:
-                if chunked and self.request_done:
-                    copy.body(LAST_CHUNK)
                 copy.end()
             else:
                 if self.copies is None:
@@ -550,21 +563,21 @@ class Exchange:
             return
         self.tried.add(endpoint)
         listener = self.listener
-        upstream = listener.pool.take(endpoint) if not self.fresh else None
+        upstream = listener.pool.take(endpoint, cluster.dial) if not self.fresh else None
         if upstream is not None:
             self._attach(upstream)
             return
-        listener.connect(self, endpoint)
+        listener.connect(self, endpoint, cluster.dial)
 
     def _hash_key(self, rule: Rule) -> bytes:
         if rule.key_header is not None:
             return (self.header(rule.key_header.decode()) or "").encode()
         return self.conn.client_ip.encode()
 
-    def connected(self, upstream: Upstream) -> None:
+    def connected(self, upstream: Backend) -> None:
         """A new upstream connection for this exchange is ready."""
         if self.done:
-            self.listener.pool.give(upstream)
+            upstream.unused()
             return
         self._attach(upstream)
 
@@ -577,7 +590,7 @@ class Exchange:
         self.cluster.stats.connect_failures += 1
         self._failed(Failure.CONNECT, f"could not connect to the backend ({error})", reused=False)
 
-    def _attach(self, upstream: Upstream) -> None:
+    def _attach(self, upstream: Backend) -> None:
         rule = self.rule
         assert rule is not None
         self.upstream = upstream
@@ -586,20 +599,18 @@ class Exchange:
         upstream.endpoint.total += 1
         self.resp_head = None
         head = self.head
-        data = self._request_head(rule, self.target)
+        request = self._request_head(rule, self.target)
+        body = b""
         if self.pending:
             pending, self.pending = self.pending, []
             body = pending[0] if len(pending) == 1 else b"".join(pending)
-            data += framing.chunk(body) if head.body == CHUNKED else body
             sent = self.sent
             if sent is not None:
                 if self.received <= KEEP_BODY:
                     sent.extend(pending)
                 else:
                     self.sent = None
-        if self.request_done and head.body == CHUNKED:
-            data += LAST_CHUNK
-        upstream.attach(self, data, head.method, head.upgrade)
+        upstream.attach(self, request, body, self.request_whole)
         if self.conn.write_blocked:
             upstream.flow.pause("client-full")
         if rule.backend_request_timeout is not None:
@@ -609,8 +620,10 @@ class Exchange:
         if not head.upgrade:
             self.conn.resume("waiting-upstream")  # an upgrade's client bytes wait for the 101
 
-    def _request_head(self, rule: Rule, target: Target | None, copy: CopySpan | None = None) -> bytes:
-        """The request line and headers for the backend target (None: for a mirror, which
+    def _request_head(
+        self, rule: Rule, target: Target | None, copy: CopySpan | None = None
+    ) -> BackendRequest:
+        """The request for the backend target (None: for a mirror, which
         gets the rule's filters only, and a shadow Host; copy: its span, when sampled)."""
         head = self.head
         listener = self.listener
@@ -639,6 +652,8 @@ class Exchange:
         path = head.path
         # One of the two at most: the compiler refuses a URLRewrite on both.
         rewrite = target.rewrite if target is not None and target.rewrite is not None else rule.rewrite
+        if self.deadline is not None:  # what remains of the call's deadline
+            headers = grpc.with_timeout(headers, self.deadline - time.monotonic())
         if rewrite is not None:
             if rewrite.hostname is not None:
                 host = rewrite.hostname.encode()
@@ -656,7 +671,15 @@ class Exchange:
             elif self.endpoint is not None:
                 modified = modified or target.request_modifier is not None
                 trace.attempt_begins(headers, self.endpoint, self.resent, line_target, modified)
-        return framing.request_bytes(head.method, line_target.encode("latin-1"), host, headers, head.body)
+        return BackendRequest(
+            head.method,
+            line_target.encode("latin-1"),
+            host,
+            headers,
+            head.body,
+            head.upgrade,
+            head.te_trailers,
+        )
 
     def _may_resend(self, failure: Failure, *, reused: bool) -> bool:
         rule, cluster = self.rule, self.cluster
@@ -679,11 +702,11 @@ class Exchange:
         if self.trace is not None:
             self.trace.attempt_failed(failure.value)
         if self._may_resend(failure, reused=reused):
-            self._resend(why, stale=failure is Failure.RESET and reused)
+            self._resend(why, stale=failure is Failure.RESET and reused, now=failure is Failure.REFUSED)
         else:
             self._fail(give_up_status(failure), why, _GIVE_UP[failure])
 
-    def _resend(self, why: str, *, stale: bool) -> None:
+    def _resend(self, why: str, *, stale: bool, now: bool = False) -> None:
         rule, cluster = self.rule, self.cluster
         assert rule is not None and cluster is not None
         self._drop_upstream()
@@ -696,8 +719,9 @@ class Exchange:
         cluster.stats.retries += 1
         cluster.stats.active_retries += 1
         log.debug("resending", extra=fields(reason=why, attempt=self.resent))
-        # A stale pooled connection is not the backend failing: resend at once.
-        delay = 0.0 if stale else rule.backoff(self.resent)
+        # A stale pooled connection, or a stream the backend did not process, is not the
+        # backend failing: resend at once.
+        delay = 0.0 if stale or now else rule.backoff(self.resent)
         self.listener.loop.call_later(delay, self._resend_now)
 
     def _resend_now(self) -> None:
@@ -708,6 +732,8 @@ class Exchange:
 
     def _drop_upstream(self) -> None:
         """Let go of the current upstream connection, which is not reused."""
+        self.held = None  # (a held gRPC head is never sent once its attempt is dropped)
+        self.resp_trailers = None
         out, self.body_out = self.body_out, None
         if out:
             self.pending.extend(out)  # read but never written: held for the next attempt
@@ -778,12 +804,40 @@ class Exchange:
         elif endpoint.failures:  # (most answers find nothing to reset)
             self.listener.health.report_success(endpoint)
         self.resp_head = head
+        if self.grpc and rule.retry_grpc_codes and self._grpc_held(rule, head):
+            return
         self._send_response_head(head)
 
+    def _grpc_held(self, rule: Rule, head: ResponseHead) -> bool:
+        """A gRPC answer to a rule retrying gRPC statuses: resent when trailers-only with
+        a listed status; otherwise held (True) until its first body byte or its trailers
+        say whether it is one to resend."""
+        code = grpc.status_of(head.headers)
+        if code is None:
+            self.held = head
+            return True
+        if code in rule.retry_grpc_codes and self._may_resend(Failure.GRPC_STATUS, reused=False):
+            self._resend_grpc(code)
+            return True
+        return False
+
+    def _resend_grpc(self, code: int) -> None:
+        if self.trace is not None:
+            self.trace.attempt_failed(f"grpc-status {code}")
+        self._resend(f"backend answered grpc-status {code}", stale=False)
+
+    def _release_held(self) -> None:
+        head, self.held = self.held, None
+        if head is not None:
+            self._send_response_head(head)
+
     def _send_response_head(self, head: ResponseHead) -> None:
-        rule = self.rule
-        assert rule is not None
-        headers = self._shape_response(rule, head.headers) if rule.shapes_response else head.headers
+        rule = self.rule  # (None for a gRPC answer the proxy makes before routing)
+        headers = (
+            self._shape_response(rule, head.headers)
+            if rule is not None and rule.shapes_response
+            else head.headers
+        )
         self.resp_started = True
         self.status = head.status
         self.conn.send_head(self, head.status, headers, head.body, head.length)
@@ -810,12 +864,16 @@ class Exchange:
         return headers
 
     def response_body(self, data: bytes) -> None:
+        if self.held is not None:
+            self._release_held()
         if not self.resp_started or self.done:
             return
         self.bytes_out += len(data)
         self.conn.send_data(self, data)
 
     def response_end(self) -> None:
+        if self.held is not None:
+            self._release_held()
         if not self.resp_started or self.done:
             return
         self.conn.send_end(self, self.resp_trailers)
@@ -849,6 +907,7 @@ class Exchange:
         self.status = 101
         self.flush()  # what is held goes first
         self.conn.send_switch(self, head.headers)  # before the sockets change hands
+        assert isinstance(upstream, Upstream)  # (an HTTP/2 stream never switches protocols)
         self.upstream = None
         upstream.exchange = None
         self.listener.health.report_success(upstream.endpoint)
@@ -861,6 +920,27 @@ class Exchange:
         if self.endpoint is not None:
             self.listener.health.report_failure(self.endpoint)
         self._fail(502, "the backend sent an invalid response", "bad_response")
+
+    def response_trailers(self, trailers: framing.Headers) -> None:
+        if self.held is not None:  # nothing of this gRPC answer has left: it may go again
+            code = grpc.status_of(trailers)
+            rule = self.rule
+            assert rule is not None
+            if (
+                code is not None
+                and code in rule.retry_grpc_codes
+                and self._may_resend(Failure.GRPC_STATUS, reused=False)
+            ):
+                self._resend_grpc(code)
+                return
+        self.resp_trailers = trailers
+
+    def upstream_refused(self) -> None:
+        """The backend did not process the request (an HTTP/2 stream refused, or above a
+        GOAWAY's last stream id): sending it again is safe whatever the method."""
+        if self.upstream is None or self.done:
+            return
+        self._failed(Failure.REFUSED, "the backend did not process the request", reused=False)
 
     def upstream_lost(self, exc: Exception | None) -> None:
         """The backend's connection closed while this exchange used it."""
@@ -917,6 +997,9 @@ class Exchange:
         """Answer the client ourselves (reason: why, for the access log)."""
         if self.done:
             return
+        if self.grpc and not self.resp_started:
+            self._grpc_local(status, message, reason, close=close, headers=headers)
+            return
         # Unread body bytes would be taken for the next request: close instead.
         close = close or not self.head.keep_alive or not self.request_whole or self.conn.closing
         self.close_after = self.close_after or close
@@ -924,6 +1007,18 @@ class Exchange:
         self.reason = reason
         self.resp_started = True
         self.bytes_out += self.conn.send_local(self, status, message, headers)  # body bytes, as proxied
+        self.finish()
+
+    def _grpc_local(
+        self, status: int, message: str, reason: Reason, *, close: bool, headers: framing.Headers | None
+    ) -> None:
+        """A gRPC call's answer from the proxy: trailers-only (HTTP 200, the gRPC status and
+        message in the head, no body), sent by the client's writer like any response head."""
+        close = close or not self.head.keep_alive or not self.request_whole or self.conn.closing
+        self.close_after = self.close_after or close
+        self.reason = reason
+        answer = grpc.trailers_only(grpc.status_for(status, reason), message)
+        self._send_response_head(ResponseHead(200, [*answer, *(headers or [])], NO_BODY, 0, True))
         self.finish()
 
     def fail_request(self, status: int, message: str) -> None:

@@ -67,7 +67,9 @@ _HOST_NAMES: dict[bytes, str] = {}
 _HOST_NAMES_KEPT = 4096
 
 # Field kinds looked at while validating a head: one dict lookup per field decides.
-_PLAIN, _HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP, _DISGUISED, _REQUEST_ID = range(10)
+_PLAIN, _HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP, _DISGUISED, _REQUEST_ID, _TE_FIELD = (
+    range(11)
+)
 _KINDS = {
     b"host": _HOST_FIELD,
     b"content-length": _LENGTH,
@@ -78,7 +80,7 @@ _KINDS = {
     b"x-request-id": _REQUEST_ID,
     b"keep-alive": _DROP,
     b"proxy-connection": _DROP,
-    b"te": _DROP,
+    b"te": _TE_FIELD,  # hop-by-hop, but "trailers" in it is passed on to an HTTP/2 backend
     b"trailer": _DROP,
     b"x-forwarded-proto": _DROP,
     b"x-forwarded-host": _DROP,
@@ -237,6 +239,7 @@ def request_head(
     upgrade = b""
     forwarded_for = b""
     request_id: bytes | None = None
+    te_trailers = False
     headers: Headers = []
     kinds = _REQUEST_FIELDS
     for field, value in fields:
@@ -264,6 +267,8 @@ def request_head(
             raise BadMessage(
                 400, f"header {field.decode('latin-1')} is refused: spell it with '-' instead of '_'"
             )
+        elif kind == _TE_FIELD:
+            te_trailers = te_trailers or b"trailers" in _connection_tokens(value)
     if chunked:
         if version == "1.0":
             raise BadMessage(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
@@ -330,6 +335,7 @@ def request_head(
         reparse,
         has_body,
         request_id,
+        te_trailers,
     )
 
 

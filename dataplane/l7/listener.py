@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import ssl
 from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -11,16 +13,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from .. import table
 from ..health import EndpointState
+from ..logs import fields
 from ..serving import Serving
 from .client import ClientConnection
 from .config import BUCKETS, L7Config, Memory, build_config
+from .dial import PLAIN, Dial
 from .h2server import H2Client
+from .h2upstream import MAX_STREAMS, H2Connection
 from .reader import Limits
 from .tls import Certificates, server_context
-from .upstream import Connecting, Pool
+from .upstream import Connecting, Pool, Upstream
 
 if TYPE_CHECKING:
     from ..runtime import Dataplane
+
+log = logging.getLogger("bilayer.dataplane")
 
 BACKLOG = 4096
 # How often deadlines (header, keep-alive, pooled upstreams) are checked: they fire up
@@ -126,18 +133,56 @@ class ServingL7(Serving[ClientConnection | H2Client]):
 
     # --- bookkeeping called by connections and exchanges ---
 
-    def connect(self, exchange: Connecting, endpoint: EndpointState) -> None:
-        task = self.loop.create_task(self._connect(exchange, endpoint))
+    def connect(self, user: Connecting, endpoint: EndpointState, dial: Dial = PLAIN) -> None:
+        """Make a connection for user. Users of HTTP/2 share a connection being made (up to
+        the streams it is expected to take) instead of each making their own."""
+        shared = False
+        if dial is not PLAIN and self.pool.expects_h2(endpoint, dial):
+            waiting = self.pool.waiting.get((endpoint, dial))
+            if waiting is not None and len(waiting) < MAX_STREAMS:
+                waiting.append(user)
+                return
+            if waiting is None:
+                self.pool.waiting[(endpoint, dial)] = [user]
+                shared = True
+        task = self.loop.create_task(self._connect(user, endpoint, dial, shared))
         self._connects.add(task)
         task.add_done_callback(self._connects.discard)
 
-    async def _connect(self, exchange: Connecting, endpoint: EndpointState) -> None:
+    async def _connect(self, user: Connecting, endpoint: EndpointState, dial: Dial, shared: bool) -> None:
+        users = [user]
+        failure: OSError | TimeoutError | None = None
+        made: Upstream | H2Connection | None = None
         try:
-            upstream = await self.pool.connect(endpoint, limit=self.settings.connect_timeout)
+            made = await self.pool.connect(endpoint, limit=self.settings.connect_timeout, dial=dial)
         except (OSError, TimeoutError) as err:
-            exchange.connect_failed(endpoint, str(err) or type(err).__name__)
+            failure = err
+        finally:  # (also when cancelled: a later connect must not join a dead list)
+            if shared:
+                users = self.pool.waiting.pop((endpoint, dial), users)
+        if made is None:
+            error = str(failure) or type(failure).__name__
+            if isinstance(failure, ssl.SSLError):
+                error = f"TLS to {dial.server_name} failed: {error}"
+                log.warning(
+                    "backend TLS handshake failed",
+                    extra=fields(endpoint=endpoint.key, server_name=dial.server_name, error=error),
+                )
+            for waiting in users:
+                waiting.connect_failed(endpoint, error)
             return
-        exchange.connected(upstream)
+        if not isinstance(made, H2Connection):
+            user.connected(made)
+            for waiting in users:
+                if waiting is not user:
+                    self.connect(waiting, endpoint, dial)
+            return
+        for waiting in users:
+            stream = made.open_stream() if made.available() else self.pool.take(endpoint, dial)
+            if stream is not None:
+                waiting.connected(stream)
+            else:  # more users than the server takes streams: another connection
+                self.connect(waiting, endpoint, dial)
 
     def count_response(self, status: int) -> None:
         self.responses[min(status // 100, 5)] += 1

@@ -21,10 +21,12 @@ import time
 from typing import Protocol
 
 from ..health import EndpointState
+from .backend import Backend, BackendRequest
 from .config import Cluster
-from .framing import BadMessage, ResponseHead
+from .dial import Dial
+from .framing import BadMessage, Headers, ResponseHead
 from .trace import CopySpan
-from .upstream import Pool, Upstream
+from .upstream import Pool
 
 MIRROR_BUFFER = 1024 * 1024
 MIRROR_BUDGET = 32 * 1024 * 1024
@@ -40,7 +42,7 @@ class MirrorHost(Protocol):
     mirror_copies: int  # copies in flight
     mirror_held: int  # bytes they hold unsent, as last seen (never less than the truth)
 
-    def connect(self, user: MirrorCopy, endpoint: EndpointState) -> None: ...
+    def connect(self, user: MirrorCopy, endpoint: EndpointState, dial: Dial) -> None: ...
 
 
 def shadow_host(host: bytes) -> bytes:
@@ -67,6 +69,7 @@ class MirrorCopy:
         "method",
         "pending",
         "pending_bytes",
+        "request",
         "span",
         "timer",
         "upstream",
@@ -76,7 +79,7 @@ class MirrorCopy:
         self,
         host: MirrorHost,
         cluster: Cluster,
-        head: bytes,
+        request: BackendRequest,
         method: str,
         answer_seconds: float | None,
         *,
@@ -86,10 +89,12 @@ class MirrorCopy:
         self.cluster = cluster
         self.method = method
         self.answer_seconds = answer_seconds or ANSWER_SECONDS
-        self.pending: list[bytes] = [head]  # bytes for the mirror before it is connected
-        self.pending_bytes = len(head)
+        self.request = request
+        self.pending: list[bytes] = []  # body bytes for the mirror before it is connected
+        # (the head counts as the bytes of its fields: about what it takes on the wire)
+        self.pending_bytes = len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers)
         self.held = 0  # what this copy counts in host.mirror_held
-        self.upstream: Upstream | None = None
+        self.upstream: Backend | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.batch: list[bytes] | None = None  # (an Upstream's user has one; a copy writes nothing)
         self.ended = False  # the whole request is in
@@ -106,13 +111,13 @@ class MirrorCopy:
         if endpoint is None:
             self._finish("failed")
             return
-        upstream = self.host.pool.take(endpoint)
+        upstream = self.host.pool.take(endpoint, self.cluster.dial)
         if upstream is not None:
             self._attach(upstream)
         else:
-            self.host.connect(self, endpoint)
+            self.host.connect(self, endpoint, self.cluster.dial)
 
-    # --- from the exchange: the request's body, framed as the request announced ---
+    # --- from the exchange: the request's body, as the client sent it (unframed) ---
 
     def body(self, data: bytes) -> None:
         if self.done:
@@ -124,8 +129,7 @@ class MirrorCopy:
             self._hold(self.pending_bytes)
             return
         upstream.send(data)
-        transport = upstream.transport
-        self._hold(transport.get_write_buffer_size() if transport is not None else 0)
+        self._hold(upstream.buffered())
 
     def _hold(self, held: int) -> None:
         """Count what the copy holds unsent now; drop it when over its bound or the budget.
@@ -137,9 +141,10 @@ class MirrorCopy:
             self._finish("dropped")  # the mirror is slower than the clients
 
     def end(self) -> None:
-        """The whole request is in (its last chunk was given to body())."""
+        """The whole request is in."""
         self.ended = True
         if self.upstream is not None and not self.done:
+            self.upstream.end()
             self._start_timer()
 
     def cancel(self) -> None:
@@ -149,23 +154,22 @@ class MirrorCopy:
 
     # --- connecting (the listener's connect task) ---
 
-    def connected(self, upstream: Upstream) -> None:
+    def connected(self, upstream: Backend) -> None:
         if self.done:
-            self.host.pool.give(upstream)
+            upstream.unused()
             return
         self._attach(upstream)
 
     def connect_failed(self, endpoint: EndpointState, error: str) -> None:
         self._finish("failed")
 
-    def _attach(self, upstream: Upstream) -> None:
+    def _attach(self, upstream: Backend) -> None:
         self.upstream = upstream
         if self.span is not None:
             self.span.sent(upstream.endpoint)
         pending, self.pending = self.pending, []
-        upstream.attach(self, b"".join(pending), self.method, b"")
-        transport = upstream.transport
-        self._hold(transport.get_write_buffer_size() if transport is not None else 0)
+        upstream.attach(self, self.request, b"".join(pending), self.ended)
+        self._hold(upstream.buffered())
         if self.done:
             return
         if self.ended:
@@ -196,6 +200,9 @@ class MirrorCopy:
     def response_body(self, data: bytes) -> None:
         pass
 
+    def response_trailers(self, trailers: Headers) -> None:
+        pass
+
     def response_end(self) -> None:
         upstream = self.upstream
         if upstream is None or self.done:
@@ -213,6 +220,10 @@ class MirrorCopy:
     def upstream_lost(self, exc: Exception | None) -> None:
         self.upstream = None
         self._finish("failed")
+
+    def upstream_refused(self) -> None:
+        self.upstream = None
+        self._finish("failed")  # a copy is never sent twice
 
     def backend_full(self, full: bool) -> None:
         """Nothing to pause: the client is never held for a copy. What the socket holds is

@@ -55,6 +55,9 @@ class ResponseSink(Protocol):
 
     def response_body(self, data: bytes) -> None: ...
 
+    def response_trailers(self, trailers: framing.Headers) -> None:
+        """The response ends with these trailers (response_end follows)."""
+
     def response_end(self) -> None: ...
 
 
@@ -69,6 +72,9 @@ class _NoSink:
         pass
 
     def response_body(self, data: bytes) -> None:
+        pass
+
+    def response_trailers(self, trailers: framing.Headers) -> None:
         pass
 
     def response_end(self) -> None:
@@ -97,6 +103,7 @@ class Reader:
         "parser",
         "phase",
         "too_large",
+        "trailers",
     )
 
     def __init__(self, limits: Limits, *, malformed: int, too_large: int) -> None:
@@ -111,6 +118,7 @@ class Reader:
         self.in_message = False
         self.in_head = False
         self.fields: framing.Headers = []
+        self.trailers: framing.Headers | None = None  # after a chunked body
         self.nfields = 0
         self.chunks = 0  # chunks of the current body
         self.body_bytes = 0  # bytes of the current chunked body
@@ -169,7 +177,10 @@ class Reader:
             raise BadMessage(self.too_large, f"more than {self.max_fields} header fields")
         if self.in_head:
             self.fields.append((name, value))
-        # else: a trailer after a chunked body, counted and dropped (never forwarded)
+        elif self.trailers is None:  # a trailer after a chunked body (counted like a head)
+            self.trailers = [(name, value)]
+        else:
+            self.trailers.append((name, value))
 
     def on_chunk_complete(self) -> None:
         # A chunk's data ended: the next chunk-size line (extensions and all) counts, and
@@ -210,6 +221,7 @@ class RequestReader(Reader):
     def on_message_begin(self) -> None:
         self.in_message = self.in_head = True
         self.fields = []
+        self.trailers = None  # (a request's trailers are not forwarded)
         self.nfields = 0
         self.url = b""
 
@@ -278,6 +290,7 @@ class ResponseReader(Reader):
             self.dirty = True  # a second response with no request: never reuse this connection
         self.in_message = self.in_head = True
         self.fields = []
+        self.trailers = None
         self.nfields = 0
 
     def on_headers_complete(self) -> None:
@@ -320,6 +333,13 @@ class ResponseReader(Reader):
             self.interim = False  # 100 Continue, 103: the real response follows
         elif not self.skip_body and not self.ended:
             self.ended = True
+            trailers = self.trailers
+            if trailers is not None:
+                self.trailers = None
+                # Framing and hop-by-hop names never cross (a trailer cannot frame anything).
+                kept = [(n, v) for n, v in trailers if n.lower() not in framing.PROTECTED]
+                if kept:
+                    self.sink.response_trailers(kept)
             self.sink.response_end()
 
     def _end(self) -> None:

@@ -17,6 +17,12 @@ class Failure(Enum):
     RESET = "reset"  # the connection closed or reset before any byte of a response
     STATUS = "status"  # the backend answered with a status the rule retries
     TIMEOUT = "timeout"  # no response within timeouts.backendRequest (504 in retry.codes)
+    # The backend said it did not process the request (HTTP/2 REFUSED_STREAM, or a stream
+    # above a GOAWAY's last stream id): nothing happened, so any method may go again.
+    REFUSED = "refused"
+    # A gRPC call answered with a grpc-status the rule lists (retry.grpcCodes): the service
+    # owner says that status is safe to retry, whatever the method (every call is a POST).
+    GRPC_STATUS = "grpc_status"
 
 
 def may_resend(
@@ -40,6 +46,12 @@ def may_resend(
         return False
     if failure is Failure.CONNECT:
         return resent < attempts and budget
+    if failure is Failure.GRPC_STATUS:
+        return resent < attempts and budget
+    if failure is Failure.REFUSED:
+        # As a stale connection: one resend even without retries, and no budget needed (the
+        # backend is draining or full, not failing).
+        return resent == 0 or (resent < attempts and budget)
     if not idempotent:
         return False
     if failure is Failure.RESET and reused and resent == 0 and attempts == 0:
