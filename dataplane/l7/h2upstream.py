@@ -241,7 +241,7 @@ class H2Stream:
 
     # --- events from the connection ---
 
-    def response(self, fields: Headers, interim: bool) -> None:
+    def response(self, fields: Headers, interim: bool, ended: bool = False) -> None:
         user = self.user
         if user is None:
             return
@@ -270,6 +270,12 @@ class H2Stream:
         method = self.method
         if status in (204, 304) or method == "HEAD":
             body, announced = NO_BODY, (length if method == "HEAD" or status == 304 else -1)
+        elif ended:
+            # END_STREAM on the head: no body follows. A gRPC "trailers-only" answer (its
+            # status in the head) must reach an HTTP/2 client as one HEADERS frame with
+            # END_STREAM too: grpcio takes a head, then an empty DATA frame, for a stream
+            # that lost its status ("Stream removed").
+            body, announced = 0, -1
         else:
             body, announced = (length if length >= 0 else CHUNKED), -1
         user.response_head(ResponseHead(status, headers, body, announced, True))
@@ -510,7 +516,8 @@ class H2Connection(asyncio.Protocol):
                     self.h2.acknowledge_received_data(event.flow_controlled_length or 0, event.stream_id or 0)
             elif isinstance(event, h2.events.ResponseReceived):
                 if stream is not None:
-                    stream.response(cast(Headers, event.headers or []), interim=False)
+                    ended = event.stream_ended is not None
+                    stream.response(cast(Headers, event.headers or []), interim=False, ended=ended)
             elif isinstance(event, h2.events.InformationalResponseReceived):
                 if stream is not None:
                     stream.response(cast(Headers, event.headers or []), interim=True)
