@@ -164,3 +164,35 @@ def test_one_service_port_with_different_tls_settings_gets_a_cluster_per_setting
             ref["tls"]["caCertificateRefs"] = [{"kind": "ConfigMap", "name": "internal-ca", "key": "ca.crt"}]
     again = compile_snapshot(Snapshot.of(spelled_out)).table
     assert again.clusters.keys() == table.clusters.keys()
+
+
+def test_a_mirror_to_a_tls_only_port_is_left_out_and_says_why() -> None:
+    route = {
+        "apiVersion": "bilayer.dev/v1alpha1",
+        "kind": "L7Route",
+        "metadata": {"name": "mirrored", "namespace": "shop"},
+        "spec": {
+            "port": 8080,
+            "rules": [
+                {
+                    "filters": [
+                        {
+                            "type": "RequestMirror",
+                            "requestMirror": {"backendRef": {"name": "secure", "port": 443}},
+                        }
+                    ],
+                    "backendRefs": [{"name": "grpc", "port": 50051}],
+                }
+            ],
+        },
+    }
+    fixtures = [o for o in inputs("upstream-tls") if o["kind"] != "L7Route"]
+    compiled = compile_snapshot(Snapshot.of([*fixtures, route]))
+    (rule,) = compiled.table.listeners[8080].l7.rules.values()  # type: ignore[union-attr]
+    assert rule.mirrors == []
+    refs = next(iter(compiled.statuses.values()))[1]
+    assert (refs.status, refs.reason) == ("False", "UnsupportedProtocol")
+    assert refs.message == (
+        "spec.rules[0].filters[0].requestMirror.backendRef: Service shop/secure port 443 has appProtocol "
+        "https, which needs TLS: a RequestMirror cannot set tls; mirror to a plaintext port"
+    )
