@@ -193,6 +193,7 @@ def test_watching_the_release_namespace_keeps_every_permission() -> None:
         ("bilayer.dev", "l4listeners/status", "patch"),
         ("", "services", "list"),
         ("discovery.k8s.io", "endpointslices", "watch"),
+        ("", "configmaps", "watch"),  # CA bundles for TLS to backends
         ("", "pods", "watch"),
         ("", "services", "patch"),
         ("coordination.k8s.io", "leases", "patch"),

@@ -144,3 +144,55 @@ def test_explain_says_how_the_proxy_talks_to_the_backend() -> None:
     plain = compile_snapshot(Snapshot.of(inputs("upstream-app-protocol"))).table
     (h2c,) = explain(plain, "any.example.com", "/grpc/x").backends
     assert h2c["state"] == "1 endpoints, HTTP/2 cleartext (h2c)"
+
+
+def test_one_service_port_with_different_tls_settings_gets_a_cluster_per_setting() -> None:
+    """Clusters are keyed by namespace/service:port; TLS settings add a key of their own, so
+    routes that disagree never override each other, and routes that agree (spelled with or
+    without the defaults) share one cluster."""
+    objects = inputs("upstream-tls")
+    table = compile_snapshot(Snapshot.of(objects)).table
+    secure = sorted(n for n in table.clusters if n.startswith("shop/secure:443/"))
+    assert len(secure) == 3  # CA from a ConfigMap, CA from a Secret, unverified
+    rules = table.listeners[8080].l7.rules  # type: ignore[union-attr]
+    by_rule = {rid: rule.backends[0].cluster for rid, rule in rules.items()}
+    assert by_rule["shop/verified/0"] != by_rule["shop/verified/1"] != by_rule["shop/unverified/0"]
+    spelled_out = copy.deepcopy(objects)
+    for obj in spelled_out:
+        if obj["kind"] == "L7Route" and obj["metadata"]["name"] == "verified":
+            ref = obj["spec"]["rules"][0]["backendRefs"][0]
+            ref["tls"]["caCertificateRefs"] = [{"kind": "ConfigMap", "name": "internal-ca", "key": "ca.crt"}]
+    again = compile_snapshot(Snapshot.of(spelled_out)).table
+    assert again.clusters.keys() == table.clusters.keys()
+
+
+def test_a_mirror_to_a_tls_only_port_is_left_out_and_says_why() -> None:
+    route = {
+        "apiVersion": "bilayer.dev/v1alpha1",
+        "kind": "L7Route",
+        "metadata": {"name": "mirrored", "namespace": "shop"},
+        "spec": {
+            "port": 8080,
+            "rules": [
+                {
+                    "filters": [
+                        {
+                            "type": "RequestMirror",
+                            "requestMirror": {"backendRef": {"name": "secure", "port": 443}},
+                        }
+                    ],
+                    "backendRefs": [{"name": "grpc", "port": 50051}],
+                }
+            ],
+        },
+    }
+    fixtures = [o for o in inputs("upstream-tls") if o["kind"] != "L7Route"]
+    compiled = compile_snapshot(Snapshot.of([*fixtures, route]))
+    (rule,) = compiled.table.listeners[8080].l7.rules.values()  # type: ignore[union-attr]
+    assert rule.mirrors == []
+    refs = next(iter(compiled.statuses.values()))[1]
+    assert (refs.status, refs.reason) == ("False", "UnsupportedProtocol")
+    assert refs.message == (
+        "spec.rules[0].filters[0].requestMirror.backendRef: Service shop/secure port 443 has appProtocol "
+        "https, which needs TLS: a RequestMirror cannot set tls; mirror to a plaintext port"
+    )

@@ -162,16 +162,21 @@ class BackendResolver:
         if said.note is not None:
             result.notes.append(f"{where}: {service} {said.note}")
         if said.problem is not None:
-            result.problems.append(f"{where}: {service} {said.problem}")
+            problem = said.problem
+            if not hasattr(ref, "tls"):  # a mirror's backendRef has no TLS settings
+                problem = (
+                    problem.split(":", 1)[0] + ": a RequestMirror cannot set tls; mirror to a plaintext port"
+                )
+            result.problems.append(f"{where}: {service} {problem}")
             result.unsupported_protocol = True
             return None
         if tls is None:
             return name
         ca_pem = None
         if tls.caCertificateRefs:
-            ca_pem, problem = self.secrets.ca_bundle(namespace, tls.caCertificateRefs, f"{where}.tls")
-            if problem is not None:
-                result.problems.append(f"{problem} (not served unverified)")
+            ca_pem, ca_problem = self.secrets.ca_bundle(namespace, tls.caCertificateRefs, f"{where}.tls")
+            if ca_problem is not None:
+                result.problems.append(f"{ca_problem} (not served unverified)")
                 result.ca_problem = True
                 return None
         settings = (

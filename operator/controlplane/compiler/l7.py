@@ -314,15 +314,20 @@ def port_http2(routes: list[Parsed]) -> bool:
 
 
 def http2_note(p: Parsed, routes: list[Parsed]) -> str:
-    """What the Accepted message adds for a route whose http2 the port does not follow."""
+    """What the Accepted message adds for a route whose http2 the port does not follow, or
+    whose gRPC matches HTTP/1.1-only clients cannot use."""
     route = p.model
-    wanted = isinstance(route, L7Route) and route.spec.http2
-    if wanted is None or not routes or wanted == port_http2(routes):
+    if not isinstance(route, L7Route) or not routes:
         return ""
-    return (
-        f"; its http2: {str(wanted).lower()} is not used: HTTP/2 on port {route.spec.port} is "
-        f"{'on' if not wanted else 'off'}, as the oldest route there, {routes[0].key}, says"
-    )
+    on, wanted, note = port_http2(routes), route.spec.http2, ""
+    if wanted is not None and wanted != on:
+        note = (
+            f"; its http2: {str(wanted).lower()} is not used: HTTP/2 on port {route.spec.port} is "
+            f"{'on' if on else 'off'}, as the oldest route there, {routes[0].key}, says"
+        )
+    if not on and any(m.grpc is not None for rule in route.spec.rules for m in rule.matches):
+        note += f"; its gRPC matches serve no gRPC client: HTTP/2 is off on port {route.spec.port}"
+    return note
 
 
 def _host_routes(outs: Iterable[_RouteOut], group: Group) -> table.HostRoutes:
