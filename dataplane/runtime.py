@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +28,8 @@ from .logs import fields
 from .table import TLS, Backend, Listener, Table, TableError
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from .tracing import Tracer
 
 log = logging.getLogger("bilayer.dataplane")
@@ -41,6 +44,11 @@ class GenerationConflict(Exception):
             f"push with a generation above {current}"
         )
         self.current = current
+
+
+class NotServed(Exception):
+    """A valid table that not every worker of the pod applied (one exited, refused or did
+    not answer in time): the pod keeps claiming the table it served before."""
 
 
 class StaleTerm(Exception):
@@ -104,6 +112,15 @@ class Settings:
     via: bool = False  # add "Via: 1.1 bilayer" to forwarded requests
     otlp_endpoint: str | None = None  # OTLP/HTTP collector for spans; None: tracing off
     trace_sampling: float = 0.01  # share of traces started here that are sampled (0-1)
+    # Processes serving the listeners (dataplane.workers); 1: this process, as always.
+    workers: int = 1
+    worker_sockets: str = "reuseport"  # how connections reach workers: reuseport | shared
+    # In a worker process (dataplane.workers): bind TCP and UDP ports with SO_REUSEPORT, so
+    # that every worker has a socket of its own on each port and the kernel spreads clients.
+    reuse_port: bool = False
+    # In a worker process: listening sockets the supervisor bound and handed over, by port
+    # (one socket shared by every worker); a listener uses its port's instead of binding.
+    listening_sockets: dict[int, socket.socket] = field(default_factory=dict, compare=False, repr=False)
 
 
 class Dataplane:
@@ -143,6 +160,15 @@ class Dataplane:
     @property
     def ready(self) -> bool:
         return self.table is not None
+
+    async def gather_metrics(self) -> None:
+        """Called before /metrics is rendered; a pod of workers asks them for theirs."""
+
+    def serving_metrics(self) -> Iterator[Metric]:
+        """The metric families of what serves: listeners, endpoint health, tracing."""
+        from .metrics import serving_metrics
+
+        return serving_metrics(self)
 
     @property
     def state_file(self) -> Path | None:

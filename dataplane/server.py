@@ -23,6 +23,24 @@ def require_token(admin_host: str, token: str | None) -> None:
         )
 
 
+async def open_dataplane(settings: Settings) -> Dataplane:
+    """The dataplane settings ask for: this process (one worker), or a supervisor of
+    settings.workers worker processes, all of them started."""
+    if settings.workers <= 1:
+        return Dataplane(settings)
+    from .workers import WorkerPool
+
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    pool = WorkerPool(settings, settings.workers, sockets=settings.worker_sockets, log_level=level)
+    try:
+        await pool.start()
+    except BaseException:
+        await pool.close(0)
+        raise
+    log.info("workers started", extra=fields(workers=settings.workers, sockets=settings.worker_sockets))
+    return pool
+
+
 def stop_on_signals(stop: asyncio.Event | None) -> asyncio.Event:
     """An event set by SIGINT or SIGTERM (and by whoever holds it)."""
     stop = stop or asyncio.Event()
@@ -48,7 +66,7 @@ async def run_dataplane(
     address and without the token.
     """
     require_token(admin_host, token)
-    dataplane = Dataplane(settings)
+    dataplane = await open_dataplane(settings)
     await dataplane.load_persisted()
     runners = [await serve(build_app(dataplane, token), admin_host, admin_port)]
     if metrics_port:

@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from .. import table
 from ..health import EndpointState
-from ..serving import Serving
+from ..serving import Serving, listen_on
 from .client import ClientConnection
 from .config import BUCKETS, L7Config, Memory, build_config
 from .reader import Limits
@@ -69,9 +69,7 @@ class ServingL7(Serving[ClientConnection]):
         context = server_context(self._contexts) if self.tls else None
         self.server = await loop.create_server(
             lambda: ClientConnection(self),
-            address,
-            self.port,
-            reuse_address=True,
+            **listen_on(self.settings, address, self.port),
             backlog=BACKLOG,
             ssl=context,
             # A TLS client that never finishes its handshake is cut like a slow head.

@@ -103,6 +103,8 @@ class ServingUDP(asyncio.DatagramProtocol):
             sock.setblocking(False)
             with contextlib.suppress(OSError):  # the kernel's default then
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            if self.settings.reuse_port:  # workers: the kernel keeps a client's datagrams on one
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((address, self.port))
         except BaseException:
             sock.close()
