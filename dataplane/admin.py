@@ -91,12 +91,16 @@ def build_app(
                     "state": "error" if error else "serving",
                     **({"error": error} if error else {}),
                 }
-        return {
+        summary: dict[str, Any] = {
             "version": table.version if table else None,
             "generation": table.generation if table else None,
             "term": dataplane.term_text,
             "listeners": listeners,
         }
+        workers = dataplane.worker_summary()
+        if workers is not None:
+            summary["workers"] = workers
+        return summary
 
     def brief() -> dict[str, Any]:
         """The answer to a push: what is served now, and only the listeners that failed

@@ -115,6 +115,7 @@ class Settings:
     # Processes serving the listeners (dataplane.workers); 1: this process, as always.
     workers: int = 1
     worker_sockets: str = "reuseport"  # how connections reach workers: reuseport | shared
+    worker_apply_timeout: float = 60.0  # a worker slower to apply a table is restarted
     # In a worker process (dataplane.workers): bind TCP and UDP ports with SO_REUSEPORT, so
     # that every worker has a socket of its own on each port and the kernel spreads clients.
     reuse_port: bool = False
@@ -160,6 +161,10 @@ class Dataplane:
     @property
     def ready(self) -> bool:
         return self.table is not None
+
+    def worker_summary(self) -> list[dict[str, object]] | None:
+        """The worker processes and what each serves; None: this process serves."""
+        return None
 
     async def gather_metrics(self) -> None:
         """Called before /metrics is rendered; a pod of workers asks them for theirs."""
@@ -265,12 +270,19 @@ class Dataplane:
         return True
 
     async def apply(
-        self, table: Table, *, persist: bool = True, term: str | None = None, fenced: bool = False
+        self,
+        table: Table,
+        *,
+        persist: bool = True,
+        term: str | None = None,
+        fenced: bool = False,
+        older: bool = False,
     ) -> bool:
         """Swap table in; False when it is the table already served (nothing changes).
 
         Raises GenerationConflict for a push older than the current table, and (when
-        fenced: a push over the admin API) StaleTerm for a push of an older term. The caller has
+        fenced: a push over the admin API) StaleTerm for a push of an older term; older lets
+        an older generation in (a worker put back on the table its pod claims). The caller has
         validated the table (Table.parse); listeners that cannot bind are reported in
         listener_errors and the rest of the table is served.
         """
@@ -278,7 +290,7 @@ class Dataplane:
         async with self._lock:
             if fenced:
                 self.admit(term)
-            if not await self._swap(table):
+            if not await self._swap(table, older=older):
                 return False
             if persist:
                 self._persist(table)
@@ -319,12 +331,12 @@ class Dataplane:
         )
         return True
 
-    async def _swap(self, table: Table) -> bool:
+    async def _swap(self, table: Table, *, older: bool = False) -> bool:
         """Serve table (the lock is held); False when it is the one already served."""
         current = self.table
         if current is not None and current.version == table.version:
             return False
-        if current is not None and table.generation <= current.generation:
+        if current is not None and table.generation <= current.generation and not older:
             self.tables_refused += 1
             raise GenerationConflict(table.generation, current.generation)
         scope = _scope(current, table)

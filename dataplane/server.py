@@ -31,7 +31,13 @@ async def open_dataplane(settings: Settings) -> Dataplane:
     from .workers import WorkerPool
 
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-    pool = WorkerPool(settings, settings.workers, sockets=settings.worker_sockets, log_level=level)
+    pool = WorkerPool(
+        settings,
+        settings.workers,
+        sockets=settings.worker_sockets,
+        apply_timeout=settings.worker_apply_timeout,
+        log_level=level,
+    )
     try:
         await pool.start()
     except BaseException:

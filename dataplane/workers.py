@@ -62,10 +62,11 @@ log = logging.getLogger("bilayer.workers")
 # A message on a worker's socketpair: payload length, kind, payload.
 FRAME = struct.Struct("!IB")
 MAX_FDS_PER_MESSAGE = 200  # the kernel takes at most 253 descriptors in one SCM_RIGHTS
+START_SECONDS = 60.0  # for a new worker to say hello
 BACKLOG = 4096  # of a shared listening socket, as the listeners ask for their own
 
 # Supervisor to worker.
-SETTINGS, TABLE, DELTA, SOCKETS, MARK, METRICS, STOP = 1, 2, 3, 4, 5, 6, 7
+SETTINGS, TABLE, DELTA, SOCKETS, MARK, METRICS, STOP, ROLLBACK = 1, 2, 3, 4, 5, 6, 7, 8
 # Worker to supervisor.
 HELLO, APPLIED, REFUSED, SAMPLES, EJECTED = 10, 11, 12, 13, 14
 
@@ -297,7 +298,8 @@ class WorkerPool(Dataplane):
             try:
                 await self._sync(worker)
             except (WorkerGone, TimeoutError, OSError, TableError) as err:
-                log.error("worker did not start", extra=fields(worker=index, error=str(err)))
+                why = str(err) or "no answer in time"
+                log.error("worker did not start", extra=fields(worker=index, error=why))
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.kill()
             code = await worker.process.wait()
@@ -349,7 +351,8 @@ class WorkerPool(Dataplane):
             if f.name not in ("listening_sockets", "state_dir")
         }
         settings["reuse_port"] = self.socket_mode == "reuseport"
-        await self._ask(worker, SETTINGS, _json(settings))
+        # Starting Python and importing the dataplane takes seconds on a busy node.
+        await self._ask(worker, SETTINGS, _json(settings), within=max(START_SECONDS, self.apply_timeout))
         async with self._lock:  # no push in between: the worker gets the claimed table
             if self.table is not None:
                 await self._send_sockets(worker, self.table)
@@ -430,12 +433,12 @@ class WorkerPool(Dataplane):
         finally:
             self._change = None
 
-    async def _swap(self, table: Table) -> bool:
+    async def _swap(self, table: Table, *, older: bool = False) -> bool:
         """Serve table in every worker (the lock is held); False when it is served already."""
         current = self.table
         if current is not None and current.version == table.version:
             return False
-        if current is not None and table.generation <= current.generation:
+        if current is not None and table.generation <= current.generation and not older:
             self.tables_refused += 1
             raise GenerationConflict(table.generation, current.generation)
         self._prepare_tls(table, None)  # a certificate that does not load is refused here, once
@@ -455,6 +458,9 @@ class WorkerPool(Dataplane):
         )
         refusal = next((r for r in results if isinstance(r, TableError)), None)
         failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            took = [w for w, r in zip(workers, results, strict=True) if not isinstance(r, BaseException)]
+            await self._put_back(took, current)
         if refusal is not None:
             self.tables_refused += 1
             raise refusal
@@ -470,6 +476,26 @@ class WorkerPool(Dataplane):
         self.table = table
         self.tables_applied += 1
         return True
+
+    async def _put_back(self, workers: list[Worker], claimed: Table | None) -> None:
+        """The workers that applied a table the pod does not claim (another worker failed
+        it) go back to the claimed one, or, when that cannot be, are started again."""
+        if not workers:
+            return
+        document = claimed.to_json().encode() if claimed is not None else b""
+        for worker in workers:
+            try:
+                if claimed is None:
+                    raise WorkerGone("no table was served before")
+                answer = await self._ask(worker, ROLLBACK, document)
+                worker.version = answer.get("version")
+            except (WorkerGone, TimeoutError, _Refused) as err:
+                log.error(
+                    "worker restarted to leave a table not every worker took",
+                    extra=fields(worker=worker.index, error=str(err)),
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
 
     async def _apply_on(
         self, worker: Worker, table: Table, change: delta.Delta | None, whole: Callable[[], bytes]
@@ -550,6 +576,12 @@ class WorkerPool(Dataplane):
         restarts.add_sample("bilayer_worker_restarts_total", {}, self.restarts)
         yield restarts
         yield from self._families
+
+    def worker_summary(self) -> list[dict[str, object]] | None:
+        return [
+            {"index": w.index, "pid": w.process.pid, "serving": w.synced, "version": w.version}
+            for _, w in sorted(self.workers.items())
+        ]
 
     # Stopping.
 
@@ -739,15 +771,15 @@ class WorkerProcess:
                 healthy=mark["healthy"],
                 ejected_until=mark["ejectedUntil"],
             )
-        elif kind in (TABLE, DELTA):
+        elif kind in (TABLE, DELTA, ROLLBACK):
             await self._apply(dataplane, kind, seq, body)
 
     async def _apply(self, dataplane: Dataplane, kind: int, seq: int, body: bytes) -> None:
         try:
-            if kind == TABLE:
+            if kind in (TABLE, ROLLBACK):
                 with gc_paused():
                     table = Table.parse(body)
-                await dataplane.apply(table, persist=False)
+                await dataplane.apply(table, persist=False, older=kind == ROLLBACK)
             else:
                 await dataplane.apply_delta(delta.parse(body))
         except delta.BaseMismatch as err:
@@ -781,6 +813,19 @@ class WorkerProcess:
             await self.channel.send(kind, payload)
 
 
+class _WorkerField(logging.Filter):
+    """Adds the worker's index to every line it logs."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        extra = getattr(record, "fields", None)
+        record.fields = {**extra, "worker": self.index} if isinstance(extra, dict) else {"worker": self.index}
+        return True
+
+
 async def run_worker(fd: int, index: int) -> None:
     """A worker's life: serve what the supervisor sends until it says stop (or is gone)."""
     worker = WorkerProcess(socket.socket(fileno=fd), index)
@@ -796,6 +841,7 @@ def main(argv: list[str]) -> None:
 
     fd, index, level = int(argv[0]), int(argv[1]), argv[2]
     logs.setup(level)
+    logging.getLogger().handlers[0].addFilter(_WorkerField(index))
     eventloop.raise_fd_limit()
     eventloop.run(run_worker(fd, index))
 

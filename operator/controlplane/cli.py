@@ -165,6 +165,7 @@ def _settings(args: argparse.Namespace) -> Any:
         trace_sampling=args.trace_sampling,
         workers=args.workers,
         worker_sockets=args.worker_sockets,
+        worker_apply_timeout=args.worker_apply_timeout,
     )
 
 
@@ -401,6 +402,14 @@ def _add_serving_options(p: argparse.ArgumentParser, address: str, admin_address
         "queued on an exiting worker's socket move to another); shared, one socket bound here "
         "and handed to every worker (nothing queued is lost, but the spread is uneven) "
         "(default reuseport)",
+    )
+    p.add_argument(
+        "--worker-apply-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with workers: how long each may take to apply a table; one slower fails the push "
+        "(503, the pod keeps claiming its table) and is started again (default 60)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
