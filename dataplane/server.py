@@ -26,25 +26,40 @@ def require_token(admin_host: str, token: str | None) -> None:
 async def open_dataplane(settings: Settings) -> Dataplane:
     """The dataplane settings ask for: this process (one worker), or a supervisor of
     settings.workers worker processes, all of them started."""
+    dataplane = new_dataplane(settings)
+    await start_workers(dataplane)
+    return dataplane
+
+
+def new_dataplane(settings: Settings) -> Dataplane:
+    """This process's dataplane (one worker), or a supervisor of settings.workers worker
+    processes, not started yet (start_workers)."""
     if settings.workers <= 1:
         return Dataplane(settings)
     from .workers import WorkerPool
 
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
-    pool = WorkerPool(
+    return WorkerPool(
         settings,
         settings.workers,
         sockets=settings.worker_sockets,
         apply_timeout=settings.worker_apply_timeout,
         log_level=level,
     )
+
+
+async def start_workers(dataplane: Dataplane) -> None:
+    """Start a supervisor's workers and wait until each is up; nothing for one process."""
+    from .workers import WorkerPool
+
+    if not isinstance(dataplane, WorkerPool):
+        return
     try:
-        await pool.start()
+        await dataplane.start()
     except BaseException:
-        await pool.close(0)
+        await dataplane.close(0)
         raise
-    log.info("workers started", extra=fields(workers=settings.workers, sockets=settings.worker_sockets))
-    return pool
+    log.info("workers started", extra=fields(workers=dataplane.count, sockets=dataplane.socket_mode))
 
 
 def stop_on_signals(stop: asyncio.Event | None) -> asyncio.Event:
@@ -72,11 +87,14 @@ async def run_dataplane(
     address and without the token.
     """
     require_token(admin_host, token)
-    dataplane = await open_dataplane(settings)
-    await dataplane.load_persisted()
+    dataplane = new_dataplane(settings)
+    # Probes have their answers while workers start (seconds on a busy node): /healthz is
+    # ok, /readyz waits for the table, a push before the workers are up gets a 503.
     runners = [await serve(build_app(dataplane, token), admin_host, admin_port)]
     if metrics_port:
         runners.append(await serve(build_metrics_app(dataplane), admin_host, metrics_port))
+    await start_workers(dataplane)
+    await dataplane.load_persisted()
     log.info(
         "dataplane started",
         extra=fields(

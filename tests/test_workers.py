@@ -202,8 +202,9 @@ def test_the_saved_table_serves_every_worker_at_start(tmp_path: Path, backend: B
     (state / "table.json").write_text(table.to_json())
     dataplane = DataplaneProcess("--workers", "2", state_dir=state)
     try:
-        summary = dataplane.request("GET", "/v1/table")[1]
-        assert summary["version"] == table.version  # no push: from disk, before answering
+        wait_for(lambda: dataplane.request("GET", "/readyz")[0] == 200, what="ready")
+        summary = dataplane.wait_workers(2)
+        assert summary["version"] == table.version  # no push: from disk
         assert all_serving(summary, 2)
         assert dataplane.request("GET", "/readyz")[0] == 200
         pids = [w["pid"] for w in workers(summary).values()]
@@ -221,6 +222,7 @@ def test_a_worker_that_falls_behind_fails_the_push_and_the_pod_keeps_its_version
     second = compile_yaml(routes(backend.port, l7, l4, header="v2"), generation=2).table.stamped(2)
     dataplane = DataplaneProcess("--workers", "2", "--worker-apply-timeout", "2")
     try:
+        dataplane.wait_workers(2)
         status, answer = dataplane.request("PUT", "/v1/table", first.to_json().encode())
         assert (status, answer["version"]) == (200, first.version)
         lagging = workers(dataplane.request("GET", "/v1/table")[1])[1]["pid"]

@@ -112,6 +112,19 @@ class DataplaneProcess:
         )
         wait_for(self._up, timeout=30, what="the dataplane's admin API")
 
+    def wait_workers(self, count: int) -> dict[str, Any]:
+        """GET /v1/table once count workers are up (and serve the claimed table, if any)."""
+
+        def up() -> dict[str, Any] | None:
+            summary = self.request("GET", "/v1/table")[1]
+            found = workers(summary or {})
+            ready = len(found) == count and all(w["serving"] for w in found.values())
+            return (
+                summary if ready and all(w["version"] == summary["version"] for w in found.values()) else None
+            )
+
+        return wait_for(up, timeout=60, what=f"{count} workers serving")
+
     def _up(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"bilayer dataplane exited: {self.output()}")
