@@ -147,9 +147,7 @@ def spread_and_cost(args: argparse.Namespace, directory: Path) -> list[dict[str,
                     for close in (False, True):
                         if close and target == "L4":
                             continue  # an L4 connection per request measures the backend's accept
-                        found = measure(
-                            pid, f"http://127.0.0.1:{port}/", port, args.seconds, args.connections, close
-                        )
+                        found = measure(pid, f"http://127.0.0.1:{port}/", port, args, close=close)
                         row = {
                             "setup": label,
                             "target": target,

@@ -49,12 +49,13 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from . import delta
+from . import delta, shared
 from .eventloop import gc_paused
 from .health import EndpointState
 from .logs import fields
 from .metrics import DataplaneCollector
 from .runtime import Dataplane, GenerationConflict, NotServed, Settings
+from .shared import SharedBuckets
 from .table import Table, TableError
 
 log = logging.getLogger("bilayer.workers")
@@ -275,6 +276,8 @@ class WorkerPool(Dataplane):
         self._families: list[Metric] = []
         self._background: set[asyncio.Task[None]] = set()
         self.health.on_health = self._tell_health
+        # Rate-limit buckets every worker maps (dataplane.shared): a limit is per pod.
+        self.buckets, self.buckets_fd = SharedBuckets.create()
 
     # Starting and restarting.
 
@@ -329,7 +332,9 @@ class WorkerPool(Dataplane):
                 str(theirs.fileno()),
                 str(index),
                 self.log_level,
-                pass_fds=[theirs.fileno()],
+                str(self.buckets_fd),
+                str(self.count),
+                pass_fds=[theirs.fileno(), self.buckets_fd],
                 stdin=asyncio.subprocess.DEVNULL,
             )
         finally:
@@ -351,6 +356,8 @@ class WorkerPool(Dataplane):
             if f.name not in ("listening_sockets", "state_dir")
         }
         settings["reuse_port"] = self.socket_mode == "reuseport"
+        # An L7 listener's connection cap is the pod's, split (dataplane.shared.share).
+        settings["max_client_connections"] = -(-self.worker_settings.max_client_connections // self.count)
         # Starting Python and importing the dataplane takes seconds on a busy node.
         await self._ask(worker, SETTINGS, _json(settings), within=max(START_SECONDS, self.apply_timeout))
         async with self._lock:  # no push in between: the worker gets the claimed table
@@ -608,6 +615,8 @@ class WorkerPool(Dataplane):
         for sock in self.shared_sockets.values():
             sock.close()
         self.shared_sockets.clear()
+        self.buckets.memory.close()
+        os.close(self.buckets_fd)
         await super().close(grace)
 
 
@@ -843,7 +852,8 @@ async def run_worker(fd: int, index: int) -> None:
 def main(argv: list[str]) -> None:
     from . import eventloop, logs
 
-    fd, index, level = int(argv[0]), int(argv[1]), argv[2]
+    fd, index, level, buckets, workers = int(argv[0]), int(argv[1]), argv[2], int(argv[3]), int(argv[4])
+    shared.use(SharedBuckets(buckets), workers)
     logs.setup(level)
     logging.getLogger().handlers[0].addFilter(_WorkerField(index))
     eventloop.raise_fd_limit()

@@ -20,7 +20,7 @@ from dataplane.workers import _cgroup_quota, merge_families, parse_workers, usab
 
 from .helpers import BilayerRun, compile_yaml, free_port, wait_for
 from .test_run import write
-from .workerkit import Backend, DataplaneProcess, all_serving, connect_spread, routes, workers
+from .workerkit import Backend, DataplaneProcess, all_serving, connect_spread, routes, serving_pid, workers
 
 
 @pytest.fixture
@@ -277,3 +277,43 @@ def test_log_lines_from_many_processes_never_interleave() -> None:
     assert sorted((e["writer"], e["i"]) for e in entries) == [(w, i) for w in range(6) for i in range(400)]
     assert all(len(line) < 4096 for line in lines)
     assert any(e.get("truncated") for e in entries)
+
+
+LIMITED = """
+apiVersion: bilayer.dev/v1alpha1
+kind: L7Route
+metadata: {{name: limited, namespace: demo}}
+spec:
+  port: {port}
+  rules:
+  - rateLimit: {{requests: 1, unit: Hour, burst: 12, key: ClientIP}}
+    backendRefs: [{{name: web, port: 80}}]
+"""
+
+
+def test_a_rate_limit_counts_for_the_pod_whichever_worker_serves(tmp_path: Path, backend: Backend) -> None:
+    l7, l4, limited = free_port(), free_port(), free_port()
+    write(tmp_path / "routes.yaml", routes(backend.port, l7, l4) + "---" + LIMITED.format(port=limited))
+    run = BilayerRun(str(tmp_path), "--workers", "2")
+    try:
+        wait_for(lambda: all_serving(run.get("/v1/table")[1], 2), what="both workers serving")
+        pids = [w["pid"] for w in workers(run.get("/v1/table")[1]).values()]
+        statuses: dict[int, list[int]] = {pid: [] for pid in pids}
+        for _ in range(200):  # a new connection each time: the kernel picks the worker
+            if all(len(s) >= 12 for s in statuses.values()):
+                break
+            conn = http.client.HTTPConnection("127.0.0.1", limited, timeout=10)
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            response.read()
+            pid = serving_pid(conn.sock.getsockname()[1], limited, pids)
+            assert pid is not None
+            statuses[pid].append(response.status)
+            conn.close()
+        assert all(len(s) >= 12 for s in statuses.values()), "both workers served requests"
+        served = [code for codes in statuses.values() for code in codes]
+        # The burst of 12 is the pod's: 12 answers in all, not 12 per worker.
+        assert served.count(200) == 12, statuses
+        assert set(served) == {200, 429}
+    finally:
+        assert run.stop() == 0, run.output()

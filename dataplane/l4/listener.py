@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .. import table
+from .. import shared, table
 from ..balancer import Balancer, build
 from ..health import EndpointState, HealthRegistry
 from ..limits import ClientLimiter
@@ -101,7 +101,7 @@ def build_config(
         connect_timeout=listener.connectTimeout,
         idle_timeout=listener.idleTimeout,
         proxy_protocol=listener.proxyProtocol,
-        max_connections=listener.maxConnections,
+        max_connections=shared.share(listener.maxConnections),  # the pod's cap, split over workers
     )
 
 
