@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Coroutine
+from typing import Any
 
 from .admin import build_app, build_metrics_app, is_loopback, serve
 from .logs import fields
@@ -48,7 +50,7 @@ def new_dataplane(settings: Settings) -> Dataplane:
     )
 
 
-async def start_workers(dataplane: Dataplane) -> None:
+async def start_workers(dataplane: Dataplane, *, close_on_failure: bool = True) -> None:
     """Start a supervisor's workers and wait until each is up; nothing for one process."""
     from .workers import WorkerPool
 
@@ -57,7 +59,8 @@ async def start_workers(dataplane: Dataplane) -> None:
     try:
         await dataplane.start()
     except BaseException:
-        await dataplane.close(0)
+        if close_on_failure:
+            await dataplane.close(0)
         raise
     log.info("workers started", extra=fields(workers=dataplane.count, sockets=dataplane.socket_mode))
 
@@ -87,13 +90,25 @@ async def run_dataplane(
     address and without the token.
     """
     require_token(admin_host, token)
+    stop = stop_on_signals(stop)  # before the workers start: SIGTERM then stops them too
     dataplane = new_dataplane(settings)
     # Probes have their answers while workers start (seconds on a busy node): /healthz is
     # ok, /readyz waits for the table, a push before the workers are up gets a 503.
     runners = [await serve(build_app(dataplane, token), admin_host, admin_port)]
     if metrics_port:
         runners.append(await serve(build_metrics_app(dataplane), admin_host, metrics_port))
-    await start_workers(dataplane)
+    try:
+        if await _until_stopped(_start(dataplane, admin_host, admin_port, metrics_port), stop):
+            await stop.wait()
+    finally:
+        log.info("shutting down", extra=fields(grace=settings.drain_grace))
+        await dataplane.close()
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def _start(dataplane: Dataplane, admin_host: str, admin_port: int, metrics_port: int | None) -> None:
+    await start_workers(dataplane, close_on_failure=False)
     await dataplane.load_persisted()
     log.info(
         "dataplane started",
@@ -103,11 +118,18 @@ async def run_dataplane(
             ready=dataplane.ready,
         ),
     )
-    stop = stop_on_signals(stop)
-    try:
-        await stop.wait()
-    finally:
-        log.info("shutting down", extra=fields(grace=settings.drain_grace))
-        await dataplane.close()
-        for runner in runners:
-            await runner.cleanup()
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> bool:
+    """Run work unless stop comes first (then cancel it); True when work finished."""
+    task = asyncio.create_task(work)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return False
+    task.result()  # its exception, if it failed
+    return True

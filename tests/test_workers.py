@@ -18,7 +18,7 @@ import pytest
 
 from dataplane.workers import _cgroup_quota, merge_families, parse_workers, usable_cpus
 
-from .helpers import BilayerRun, compile_yaml, free_port, wait_for
+from .helpers import BilayerRun, compile_yaml, free_port, service, wait_for
 from .test_run import write
 from .workerkit import Backend, DataplaneProcess, all_serving, connect_spread, routes, serving_pid, workers
 
@@ -315,5 +315,58 @@ def test_a_rate_limit_counts_for_the_pod_whichever_worker_serves(tmp_path: Path,
         # The burst of 12 is the pod's: 12 answers in all, not 12 per worker.
         assert served.count(200) == 12, statuses
         assert set(served) == {200, 429}
+    finally:
+        assert run.stop() == 0, run.output()
+
+
+CHECKED = """
+apiVersion: bilayer.dev/v1alpha1
+kind: L4Listener
+metadata: {{name: checked, namespace: demo}}
+spec:
+  port: {port}
+  backendRefs: [{{name: pair, port: 80}}]
+  loadBalancing: {{policy: RoundRobin}}
+  healthCheck: {{interval: 200ms, timeout: 100ms, unhealthyThreshold: 1, healthyThreshold: 1}}
+"""
+
+
+def _log(run: BilayerRun) -> list[dict[str, object]]:
+    return [json.loads(line) for line in run.output().splitlines() if line.startswith("{")]
+
+
+def _connect_failures(run: BilayerRun, endpoint: str) -> float:
+    for line in run.get("/metrics")[1].splitlines():
+        if line.startswith(f'bilayer_endpoint_connect_failures_total{{endpoint="{endpoint}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_health_checks_run_once_per_pod_and_every_worker_follows_the_verdict(
+    tmp_path: Path, backend: Backend
+) -> None:
+    l7, l4, checked, dead = free_port(), free_port(), free_port(), free_port()
+    pair = service("pair", 80, [("127.0.0.1", backend.port), ("127.0.0.1", dead)], namespace="demo")
+    write(
+        tmp_path / "routes.yaml",
+        routes(backend.port, l7, l4) + "---\n" + pair + "---" + CHECKED.format(port=checked),
+    )
+    run = BilayerRun(str(tmp_path), "--workers", "2")
+    try:
+        told = "endpoint health from the supervisor"
+        wait_for(
+            lambda: (
+                {e.get("worker") for e in _log(run) if e["msg"] == told and e["healthy"] is False} == {0, 1}
+            ),
+            what="both workers told the dead endpoint is down",
+        )
+        verdicts = [e for e in _log(run) if e["msg"] in ("endpoint unhealthy", "endpoint healthy")]
+        assert verdicts and all("worker" not in e for e in verdicts), "checks run in the supervisor only"
+        failures = _connect_failures(run, f"127.0.0.1:{dead}")
+        pids = [w["pid"] for w in workers(run.get("/v1/table")[1]).values()]
+        connect_spread(checked, pids, each=3)  # every one answered by the live endpoint
+        # Round robin over the two: a worker that had not heard the verdict would try the
+        # dead endpoint for about every other connection.
+        assert _connect_failures(run, f"127.0.0.1:{dead}") == failures
     finally:
         assert run.stop() == 0, run.output()

@@ -390,7 +390,8 @@ def _add_serving_options(p: argparse.ArgumentParser, address: str, admin_address
         "cgroup's cpu.max quota rounded up, else its CPU affinity). With more than one, this "
         "process supervises them: it serves the admin API, applies each table in every worker "
         "before answering, runs the health checks once and sums the workers' /metrics; a "
-        "worker that exits is started again. Rate limits and connection caps are per worker "
+        "worker that exits is started again. Route rate limits count for the pod; "
+        "maxConnections is split over the workers; L4 client limits count per worker "
         "(README, Workers). 1: one process, no supervisor (default 1)",
     )
     p.add_argument(
