@@ -198,6 +198,18 @@ def push(admin: int, times: dict[str, list[float]], kind: str, method: str, body
     times[kind].append(time.perf_counter() - started)
 
 
+def wait_serving(admin: int, count: int) -> None:
+    """Until the dataplane's count workers are up (the admin API answers before)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/v1/table", timeout=10) as response:
+            found = json.loads(response.read()).get("workers")
+        if found is None or (len(found) == count and all(w["serving"] for w in found)):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{count} workers did not start")
+
+
 def fan_out(args: argparse.Namespace) -> list[dict[str, object]]:
     from dataplane import delta
 
@@ -217,6 +229,7 @@ def fan_out(args: argparse.Namespace) -> list[dict[str, object]]:
             "warning",
         ]
         with process(argv, admin):
+            wait_serving(admin, count)
             times: dict[str, list[float]] = {"first put": [], "put": [], "patch": []}
 
             push(admin, times, "first put", "PUT", a.stamped(1).to_json().encode())
