@@ -141,7 +141,9 @@ def build_app(
             log.warning("table refused", extra=fields(error=str(err), remote=request.remote))
             return _json({"error": str(err)}, status=400)
         try:
-            changed = await dataplane.apply(table, term=request.headers.get(TERM_HEADER), fenced=True)
+            changed = await dataplane.apply(
+                table, term=request.headers.get(TERM_HEADER), fenced=True, document=body
+            )
         except StaleTerm as err:
             return _stale(err)
         except GenerationConflict as err:

@@ -277,12 +277,14 @@ class Dataplane:
         term: str | None = None,
         fenced: bool = False,
         older: bool = False,
+        document: bytes | None = None,
     ) -> bool:
         """Swap table in; False when it is the table already served (nothing changes).
 
         Raises GenerationConflict for a push older than the current table, and (when
         fenced: a push over the admin API) StaleTerm for a push of an older term; older lets
-        an older generation in (a worker put back on the table its pod claims). The caller has
+        an older generation in (a worker put back on the table its pod claims); document is
+        the JSON table was parsed from, if any (a pod of workers forwards it). The caller has
         validated the table (Table.parse); listeners that cannot bind are reported in
         listener_errors and the rest of the table is served.
         """

@@ -275,6 +275,7 @@ class WorkerPool(Dataplane):
         self._closing = False
         self._seq = 0
         self._change: delta.Delta | None = None  # the delta being applied, sent as it is
+        self._document: bytes | None = None  # the table being applied, as it was pushed
         self._families: list[Metric] = []
         self._background: set[asyncio.Task[None]] = set()
         self.health.on_health = self._tell_health
@@ -433,6 +434,25 @@ class WorkerPool(Dataplane):
 
     # Pushes.
 
+    async def apply(
+        self,
+        table: Table,
+        *,
+        persist: bool = True,
+        term: str | None = None,
+        fenced: bool = False,
+        older: bool = False,
+        document: bytes | None = None,
+    ) -> bool:
+        # The pushed bytes go to the workers as they came: serializing 10,000 routes again
+        # costs more than parsing them. A table without a version is stamped by each worker
+        # as here (the version is a hash of the content).
+        self._document = document
+        try:
+            return await super().apply(table, persist=persist, term=term, fenced=fenced, older=older)
+        finally:
+            self._document = None
+
     async def apply_delta(
         self, change: delta.Delta, *, term: str | None = None, fenced: bool = False
     ) -> bool:
@@ -455,7 +475,8 @@ class WorkerPool(Dataplane):
         workers = [w for w in self.workers.values() if w.synced]
         if not workers:
             raise NotServed("no worker is running (they are being started again); push again")
-        document: list[bytes] = []  # the table's JSON, made once and only if a worker needs it
+        # The table's JSON: as pushed, or made once and only if a worker needs it.
+        document: list[bytes] = [self._document] if self._document is not None else []
 
         def whole() -> bytes:
             if not document:
