@@ -474,7 +474,7 @@ class WorkerPool(Dataplane):
         change = self._change if self._change is not None and current is not None else None
         workers = [w for w in self.workers.values() if w.synced]
         if not workers:
-            raise NotServed("no worker is running (they are being started again); push again")
+            raise NotServed("no worker is serving yet (starting, or started again after exiting); push again")
         # The table's JSON: as pushed, or made once and only if a worker needs it.
         document: list[bytes] = [self._document] if self._document is not None else []
 
@@ -484,6 +484,7 @@ class WorkerPool(Dataplane):
                     document.append(table.to_json().encode())
             return document[0]
 
+        started = time.perf_counter()
         results = await asyncio.gather(
             *(self._apply_on(w, table, change, whole) for w in workers), return_exceptions=True
         )
@@ -502,6 +503,15 @@ class WorkerPool(Dataplane):
             assert isinstance(result, dict)
             for port, error in result.get("errors", {}).items():
                 self.listener_errors.setdefault(int(port), error)
+        log.info(
+            "table applied by every worker",
+            extra=fields(
+                version=table.version,
+                workers=len(workers),
+                sent="delta" if change is not None else "table",
+                seconds=round(time.perf_counter() - started, 3),
+            ),
+        )
         self._close_shared(table)
         self.health.retain(table)  # the pod's active checks, run here once
         self.table = table
