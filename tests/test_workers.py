@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -370,3 +371,47 @@ def test_health_checks_run_once_per_pod_and_every_worker_follows_the_verdict(
         assert _connect_failures(run, f"127.0.0.1:{dead}") == failures
     finally:
         assert run.stop() == 0, run.output()
+
+
+def test_a_worker_that_dies_mid_push_fails_it_and_the_others_go_back_to_the_claimed_table(
+    tmp_path: Path, backend: Backend
+) -> None:
+    l7, l4 = free_port(), free_port()
+    first = compile_yaml(routes(backend.port, l7, l4, header="v1"), generation=1).table.stamped(1)
+    second = compile_yaml(routes(backend.port, l7, l4, header="v2"), generation=2).table.stamped(2)
+    dataplane = DataplaneProcess("--workers", "2")
+    try:
+        dataplane.wait_workers(2)
+        assert dataplane.request("PUT", "/v1/table", first.to_json().encode())[0] == 200
+        pids = workers(dataplane.request("GET", "/v1/table")[1])
+        survivor, dying = pids[0]["pid"], pids[1]["pid"]
+        on_survivor = connect_spread(l7, [survivor, dying], each=1)[survivor][0]
+        os.kill(dying, signal.SIGSTOP)  # it cannot answer: the push waits for it
+        answers: list[tuple[int, Any]] = []
+        push = threading.Thread(
+            target=lambda: answers.append(dataplane.request("PUT", "/v1/table", second.to_json().encode()))
+        )
+        push.start()
+
+        def survivor_applied() -> bool:
+            lines = [json.loads(line) for line in dataplane.output().splitlines() if line.startswith("{")]
+            return any(
+                e["msg"] == "table applied" and e.get("worker") == 0 and e["version"] == second.version
+                for e in lines
+            )
+
+        wait_for(survivor_applied, what="worker 0 serving the pushed table")
+        assert _ask(on_survivor) == "v2"
+        os.kill(dying, signal.SIGKILL)
+        push.join(timeout=30)
+        status, answer = answers[0]
+        assert status == 503 and "worker 1" in answer["error"], answer
+        assert answer["version"] == first.version
+        # Worker 0 is put back on the claimed table (the same process, its connection kept),
+        # worker 1 starts again from it: the pod never claims what one of them lacks.
+        summary = dataplane.wait_workers(2)
+        assert summary["version"] == first.version
+        assert workers(summary)[0]["pid"] == survivor
+        assert _ask(on_survivor) == "v1"
+    finally:
+        assert dataplane.stop() == 0, dataplane.output()
