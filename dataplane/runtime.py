@@ -116,8 +116,9 @@ class Settings:
     workers: int = 1
     worker_sockets: str = "reuseport"  # how connections reach workers: reuseport | shared
     worker_apply_timeout: float = 60.0  # a worker slower to apply a table is restarted
-    # In a worker process (dataplane.workers): bind TCP and UDP ports with SO_REUSEPORT, so
-    # that every worker has a socket of its own on each port and the kernel spreads clients.
+    # In a worker process (dataplane.workers): bind TCP ports with SO_REUSEPORT, so that
+    # every worker has a socket of its own on each port and the kernel spreads clients
+    # (UDP ports always, with workers: a shared UDP socket would split a client's datagrams).
     reuse_port: bool = False
     # In a worker process: listening sockets the supervisor bound and handed over, by port
     # (one socket shared by every worker); a listener uses its port's instead of binding.

@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -415,3 +416,75 @@ def test_a_worker_that_dies_mid_push_fails_it_and_the_others_go_back_to_the_clai
         assert _ask(on_survivor) == "v1"
     finally:
         assert dataplane.stop() == 0, dataplane.output()
+
+
+ECHO_SERVICE = """
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: demo}}
+spec:
+  ports: [{{name: main, port: 80, protocol: UDP, targetPort: main}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: echo-0, namespace: demo, labels: {{kubernetes.io/service-name: echo}}}}
+addressType: IPv4
+ports: [{{name: main, port: {port}, protocol: UDP}}]
+endpoints:
+- addresses: [127.0.0.1]
+"""
+
+UDP = """
+apiVersion: bilayer.dev/v1alpha1
+kind: L4Listener
+metadata: {{name: echo, namespace: demo}}
+spec:
+  port: {port}
+  protocol: UDP
+  backendRefs: [{{name: echo, port: 80}}]
+"""
+
+
+def test_shared_sockets_serve_tcp_from_every_worker_and_udp_binds_in_each(
+    tmp_path: Path, backend: Backend
+) -> None:
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def answer() -> None:
+        echo.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                data, peer = echo.recvfrom(2048)
+            except TimeoutError:
+                continue
+            echo.sendto(data, peer)
+
+    responder = threading.Thread(target=answer)
+    responder.start()
+    l7, l4, udp = free_port(), free_port(), free_port()
+    udp_service = ECHO_SERVICE.format(port=echo.getsockname()[1])
+    text = routes(backend.port, l7, l4) + "---\n" + udp_service + "---" + UDP.format(port=udp)
+    write(tmp_path / "routes.yaml", text)
+    run = BilayerRun(str(tmp_path), "--workers", "2", "--worker-sockets", "shared")
+    try:
+        wait_for(lambda: all_serving(run.get("/v1/table")[1], 2), what="both workers serving")
+        summary = run.get("/v1/table")[1]
+        assert {p: v["state"] for p, v in summary["listeners"].items()} == {
+            str(l7): "serving",
+            str(l4): "serving",
+            str(udp): "serving",
+        }, summary
+        pids = [w["pid"] for w in workers(summary).values()]
+        for conns in connect_spread(l7, pids, each=2).values():  # one socket, both workers accept
+            assert [_ask(c) for c in conns] == ["v1", "v1"]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            client.sendto(b"ping", ("127.0.0.1", udp))
+            assert client.recvfrom(2048)[0] == b"ping"
+    finally:
+        stop.set()
+        responder.join()
+        echo.close()
+        assert run.stop() == 0, run.output()
