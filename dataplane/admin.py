@@ -25,7 +25,7 @@ from . import delta
 from .eventloop import gc_paused
 from .logs import fields
 from .metrics import DataplaneCollector
-from .runtime import Dataplane, GenerationConflict, StaleTerm
+from .runtime import Dataplane, GenerationConflict, NotServed, StaleTerm
 from .table import Table, TableError
 
 log = logging.getLogger("bilayer.admin")
@@ -51,6 +51,13 @@ def _too_deep(dataplane: Dataplane) -> web.Response:
 def _stale(err: StaleTerm) -> web.Response:
     log.warning("push from an older leader term refused", extra=fields(error=str(err)))
     return _json({"error": str(err)}, status=403)
+
+
+def _not_served(err: NotServed, served: dict[str, Any]) -> web.Response:
+    """503: the push was valid but not every worker took it; the answer names the table
+    the pod still serves everywhere, and the pusher retries."""
+    log.error("table not applied by every worker", extra=fields(error=str(err)))
+    return _json({"error": str(err), **served}, status=503)
 
 
 def build_app(
@@ -84,12 +91,16 @@ def build_app(
                     "state": "error" if error else "serving",
                     **({"error": error} if error else {}),
                 }
-        return {
+        summary: dict[str, Any] = {
             "version": table.version if table else None,
             "generation": table.generation if table else None,
             "term": dataplane.term_text,
             "listeners": listeners,
         }
+        workers = dataplane.worker_summary()
+        if workers is not None:
+            summary["workers"] = workers
+        return summary
 
     def brief() -> dict[str, Any]:
         """The answer to a push: what is served now, and only the listeners that failed
@@ -130,11 +141,15 @@ def build_app(
             log.warning("table refused", extra=fields(error=str(err), remote=request.remote))
             return _json({"error": str(err)}, status=400)
         try:
-            changed = await dataplane.apply(table, term=request.headers.get(TERM_HEADER), fenced=True)
+            changed = await dataplane.apply(
+                table, term=request.headers.get(TERM_HEADER), fenced=True, document=body
+            )
         except StaleTerm as err:
             return _stale(err)
         except GenerationConflict as err:
             return _json({"error": str(err), **brief()}, status=409)
+        except NotServed as err:
+            return _not_served(err, brief())
         except TableError as err:  # found while preparing, e.g. a certificate that does not load
             log.warning("table refused", extra=fields(error=str(err), remote=request.remote))
             return _json({"error": str(err)}, status=400)
@@ -158,6 +173,8 @@ def build_app(
             return _json({"error": str(err), **brief()}, status=412)
         except GenerationConflict as err:
             return _json({"error": str(err), **brief()}, status=409)
+        except NotServed as err:
+            return _not_served(err, brief())
         except TableError as err:
             dataplane.tables_refused += 1
             log.warning("delta refused", extra=fields(error=str(err), remote=request.remote))
@@ -202,6 +219,7 @@ def _add_read_only_routes(app: web.Application, dataplane: Dataplane) -> None:
         return web.Response(status=503, text="no table loaded yet\n")
 
     async def metrics(_: web.Request) -> web.Response:
+        await dataplane.gather_metrics()
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app.router.add_get("/healthz", healthz)

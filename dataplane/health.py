@@ -84,12 +84,19 @@ class HealthRegistry:
         eject_after: int = EJECT_AFTER_FAILURES,
         eject_base: float = EJECT_BASE_SECONDS,
         clock: Callable[[], float] | None = None,
+        *,
+        active_checks: bool = True,
     ) -> None:
         self.endpoints: dict[tuple[str, int, str], EndpointState] = {}
         self.eject_after = eject_after
         self.eject_base = eject_base
         self._checks: dict[tuple[str, int, str], _Check] = {}
         self.clock = clock or time.monotonic
+        # A worker process runs no checks: the supervisor runs them once for the pod and
+        # tells every worker (on_health there, mark here).
+        self.active_checks = active_checks
+        self.on_health: Callable[[EndpointState], None] | None = None  # an active verdict changed
+        self.on_eject: Callable[[EndpointState], None] | None = None  # traffic ejected an endpoint
 
     def endpoint(self, address: str, port: int, protocol: str = "tcp") -> EndpointState:
         key = (address, port, protocol)
@@ -118,12 +125,16 @@ class HealthRegistry:
         for key in list(self.endpoints):
             if key not in present and self.endpoints[key].active == 0:
                 del self.endpoints[key]
+        if not self.active_checks:
+            return
         for key, check in list(self._checks.items()):
             if wanted.get(key) != check.config:
                 check.task.cancel()
                 del self._checks[key]
                 if key not in wanted and key in self.endpoints:
                     self.endpoints[key].healthy = True  # no checks: trust it again
+                    if self.on_health is not None:
+                        self.on_health(self.endpoints[key])
         loop = asyncio.get_running_loop()
         for key, config in wanted.items():
             if key not in self._checks:
@@ -143,6 +154,24 @@ class HealthRegistry:
                 "endpoint ejected",
                 extra=fields(endpoint=state.key, seconds=backoff, ejections=state.ejections),
             )
+            if self.on_eject is not None:
+                self.on_eject(state)
+
+    def mark(
+        self, address: str, port: int, protocol: str, *, healthy: bool | None, ejected_until: float
+    ) -> None:
+        """What another process of the pod found: an active check's verdict (healthy; None:
+        unchanged), or an ejection until ejected_until (time.monotonic, one clock for
+        every process of the machine). An endpoint this table does not have is ignored."""
+        state = self.endpoints.get((address, port, protocol))
+        if state is None:
+            return
+        if healthy is not None:
+            state.healthy = healthy
+            if healthy:
+                state.ejected_until = 0.0
+        # The ejecting worker counts the ejection (bilayer_endpoint_ejections sums them).
+        state.ejected_until = max(state.ejected_until, ejected_until)
 
     @staticmethod
     def report_success(state: EndpointState) -> None:
@@ -153,14 +182,16 @@ class HealthRegistry:
     async def _check_loop(self, state: EndpointState, config: HealthCheck) -> None:
         while True:
             ok = await probe(state.address, state.port, limit=config.timeout)
-            self._record(state, ok, config)
+            if self._record(state, ok, config) and self.on_health is not None:
+                self.on_health(state)
             await asyncio.sleep(config.interval)
 
     @staticmethod
-    def _record(state: EndpointState, ok: bool, config: HealthCheck) -> None:
+    def _record(state: EndpointState, ok: bool, config: HealthCheck) -> bool:
+        """Count one check's result; True when the endpoint's verdict changed."""
         if ok == state.healthy:
             state.check_streak = 0
-            return
+            return False
         state.check_streak += 1
         needed = config.healthyThreshold if ok else config.unhealthyThreshold
         if state.check_streak >= needed:
@@ -170,6 +201,8 @@ class HealthRegistry:
                 state.ejected_until = 0.0
             level = logging.INFO if ok else logging.WARNING
             log.log(level, "endpoint " + ("healthy" if ok else "unhealthy"), extra=fields(endpoint=state.key))
+            return True
+        return False
 
     async def close(self) -> None:
         for check in self._checks.values():

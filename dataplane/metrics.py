@@ -41,26 +41,31 @@ class DataplaneCollector(Collector):
         )
         refused.add_metric([], dp.tables_refused)
         yield refused
-        up = GaugeMetricFamily(
-            "bilayer_listener_up",
-            "1 when the listener is accepting, 0 when it failed to bind.",
-            labels=["port", "kind"],
-        )
-        if dp.table is not None:
-            for port, listener in sorted(dp.table.listeners.items()):
-                kinds = [listener.tcp_kind] + (["udp"] if listener.udp is not None else [])
-                for kind in kinds:
-                    running = dp.udp_listeners if kind == "udp" else dp.listeners
-                    if kind is not None:
-                        up.add_metric([str(port), kind], 1 if port in running else 0)
-        yield up
-        # Each listener class reports all of its instances in one set of metric families.
-        by_class: dict[type, list[object]] = {}
-        for serving in [*dp.listeners.values(), *dp.udp_listeners.values()]:
-            by_class.setdefault(type(serving), []).append(serving)
-        for cls, group in by_class.items():
-            collect: Callable[[list[object]], Iterator[Metric]] = getattr(cls, "collect")  # noqa: B009
-            yield from collect(group)
-        yield from dp.health.collect()
-        if dp.tracer is not None:
-            yield from dp.tracer.collect()
+        yield from dp.serving_metrics()
+
+
+def serving_metrics(dp: Dataplane) -> Iterator[Metric]:
+    """What a dataplane's listeners, health checks and tracer report."""
+    up = GaugeMetricFamily(
+        "bilayer_listener_up",
+        "1 when the listener is accepting, 0 when it failed to bind.",
+        labels=["port", "kind"],
+    )
+    if dp.table is not None:
+        for port, listener in sorted(dp.table.listeners.items()):
+            kinds = [listener.tcp_kind] + (["udp"] if listener.udp is not None else [])
+            for kind in kinds:
+                running = dp.udp_listeners if kind == "udp" else dp.listeners
+                if kind is not None:
+                    up.add_metric([str(port), kind], 1 if port in running else 0)
+    yield up
+    # Each listener class reports all of its instances in one set of metric families.
+    by_class: dict[type, list[object]] = {}
+    for serving in [*dp.listeners.values(), *dp.udp_listeners.values()]:
+        by_class.setdefault(type(serving), []).append(serving)
+    for cls, group in by_class.items():
+        collect: Callable[[list[object]], Iterator[Metric]] = getattr(cls, "collect")  # noqa: B009
+        yield from collect(group)
+    yield from dp.health.collect()
+    if dp.tracer is not None:
+        yield from dp.tracer.collect()

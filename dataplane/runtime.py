@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import tempfile
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -27,6 +28,8 @@ from .logs import fields
 from .table import TLS, Backend, Listener, Table, TableError
 
 if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
     from .tracing import Tracer
 
 log = logging.getLogger("bilayer.dataplane")
@@ -41,6 +44,11 @@ class GenerationConflict(Exception):
             f"push with a generation above {current}"
         )
         self.current = current
+
+
+class NotServed(Exception):
+    """A valid table that not every worker of the pod applied (one exited, refused or did
+    not answer in time): the pod keeps claiming the table it served before."""
 
 
 class StaleTerm(Exception):
@@ -104,6 +112,17 @@ class Settings:
     via: bool = False  # add "Via: 1.1 bilayer" to forwarded requests
     otlp_endpoint: str | None = None  # OTLP/HTTP collector for spans; None: tracing off
     trace_sampling: float = 0.01  # share of traces started here that are sampled (0-1)
+    # Processes serving the listeners (dataplane.workers); 1: this process, as always.
+    workers: int = 1
+    worker_sockets: str = "reuseport"  # how connections reach workers: reuseport | shared
+    worker_apply_timeout: float = 60.0  # a worker slower to apply a table is restarted
+    # In a worker process (dataplane.workers): bind TCP ports with SO_REUSEPORT, so that
+    # every worker has a socket of its own on each port and the kernel spreads clients
+    # (UDP ports always, with workers: a shared UDP socket would split a client's datagrams).
+    reuse_port: bool = False
+    # In a worker process: listening sockets the supervisor bound and handed over, by port
+    # (one socket shared by every worker); a listener uses its port's instead of binding.
+    listening_sockets: dict[int, socket.socket] = field(default_factory=dict, compare=False, repr=False)
 
 
 class Dataplane:
@@ -143,6 +162,19 @@ class Dataplane:
     @property
     def ready(self) -> bool:
         return self.table is not None
+
+    def worker_summary(self) -> list[dict[str, object]] | None:
+        """The worker processes and what each serves; None: this process serves."""
+        return None
+
+    async def gather_metrics(self) -> None:
+        """Called before /metrics is rendered; a pod of workers asks them for theirs."""
+
+    def serving_metrics(self) -> Iterator[Metric]:
+        """The metric families of what serves: listeners, endpoint health, tracing."""
+        from .metrics import serving_metrics
+
+        return serving_metrics(self)
 
     @property
     def state_file(self) -> Path | None:
@@ -239,12 +271,21 @@ class Dataplane:
         return True
 
     async def apply(
-        self, table: Table, *, persist: bool = True, term: str | None = None, fenced: bool = False
+        self,
+        table: Table,
+        *,
+        persist: bool = True,
+        term: str | None = None,
+        fenced: bool = False,
+        older: bool = False,
+        document: bytes | None = None,
     ) -> bool:
         """Swap table in; False when it is the table already served (nothing changes).
 
         Raises GenerationConflict for a push older than the current table, and (when
-        fenced: a push over the admin API) StaleTerm for a push of an older term. The caller has
+        fenced: a push over the admin API) StaleTerm for a push of an older term; older lets
+        an older generation in (a worker put back on the table its pod claims); document is
+        the JSON table was parsed from, if any (a pod of workers forwards it). The caller has
         validated the table (Table.parse); listeners that cannot bind are reported in
         listener_errors and the rest of the table is served.
         """
@@ -252,7 +293,7 @@ class Dataplane:
         async with self._lock:
             if fenced:
                 self.admit(term)
-            if not await self._swap(table):
+            if not await self._swap(table, older=older):
                 return False
             if persist:
                 self._persist(table)
@@ -293,12 +334,12 @@ class Dataplane:
         )
         return True
 
-    async def _swap(self, table: Table) -> bool:
+    async def _swap(self, table: Table, *, older: bool = False) -> bool:
         """Serve table (the lock is held); False when it is the one already served."""
         current = self.table
         if current is not None and current.version == table.version:
             return False
-        if current is not None and table.generation <= current.generation:
+        if current is not None and table.generation <= current.generation and not older:
             self.tables_refused += 1
             raise GenerationConflict(table.generation, current.generation)
         scope = _scope(current, table)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from .runtime import Settings
 
 C = TypeVar("C")
 
@@ -40,3 +43,12 @@ class Serving(Generic[C]):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await self._emptied.wait()
+
+
+def listen_on(settings: Settings, address: str, port: int) -> dict[str, Any]:
+    """The create_server arguments that put a TCP listener on port: the socket the
+    supervisor handed this worker, or a bind of its own (SO_REUSEPORT in a worker)."""
+    shared = settings.listening_sockets.get(port)
+    if shared is not None:  # kept: a listener reopened on the port (L4 to L7) needs it again
+        return {"sock": shared.dup()}
+    return {"host": address, "port": port, "reuse_address": True, "reuse_port": settings.reuse_port or None}

@@ -257,6 +257,8 @@ def test_probes_and_scrapes_use_the_read_only_port() -> None:
         (["--set-string", "dataplane.routeMetrics=no"], "/dataplane/routeMetrics"),
         (["--set", "imagePullSecrets[0].nam=regcred"], "nam"),
         (["--set", "className=Internal_Ingress"], "/className"),
+        (["--set", "dataplane.workers=0"], "/dataplane/workers"),
+        (["--set", "dataplane.workers=many"], "/dataplane/workers"),
     ],
 )
 def test_schema_rejects_bad_values(values: list[str], message: str) -> None:
@@ -289,6 +291,19 @@ def test_the_route_metrics_switch_reaches_the_dataplane() -> None:
         _, container = next((d, c) for d, c in containers(render(*values)) if c["name"] == "dataplane")
         assert ("--no-route-metrics" in _args(container)) is not expected
         assert parser().parse_args(_args(container)).route_metrics is expected
+
+
+def test_the_worker_count_reaches_the_dataplane() -> None:
+    from controlplane.cli import parser
+    from dataplane.workers import usable_cpus
+
+    for values, expected in (([], usable_cpus()), (["--set", "dataplane.workers=3"], 3)):
+        rendered = render(*values)
+        _, container = next((d, c) for d, c in containers(rendered) if c["name"] == "dataplane")
+        assert parser().parse_args(_args(container)).workers == expected
+    _, default = next((d, c) for d, c in containers(render()) if c["name"] == "dataplane")
+    assert "--workers=auto" in _args(default)
+    assert default["resources"]["limits"]["cpu"] == "2"  # what auto counts in a pod
 
 
 def test_chart_crds_are_the_generated_ones() -> None:

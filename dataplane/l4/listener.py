@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .. import table
+from .. import shared, table
 from ..balancer import Balancer, build
 from ..health import EndpointState, HealthRegistry
 from ..limits import ClientLimiter
-from ..serving import Serving
+from ..serving import Serving, listen_on
 from .connection import Connection, log_connection
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def build_config(
         connect_timeout=listener.connectTimeout,
         idle_timeout=listener.idleTimeout,
         proxy_protocol=listener.proxyProtocol,
-        max_connections=listener.maxConnections,
+        max_connections=shared.share(listener.maxConnections),  # the pod's cap, split over workers
     )
 
 
@@ -132,7 +132,7 @@ class ServingL4(Serving[Connection]):
     async def start(self, address: str) -> None:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: Connection(self).client, address, self.port, reuse_address=True, backlog=BACKLOG
+            lambda: Connection(self).client, **listen_on(self.settings, address, self.port), backlog=BACKLOG
         )
         self._expiry = loop.call_later(CLIENT_EXPIRY_PERIOD, self.expire_clients)
 

@@ -11,11 +11,12 @@ import bisect
 import math
 import random
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .. import table
+from .. import shared, table
 from ..balancer import Balancer, build
 from ..health import EndpointState, HealthRegistry
 from .cors import CorsPolicy
@@ -91,14 +92,20 @@ class Cluster:
 class TokenBuckets:
     """A local rate limit: one token bucket per key, least recently used keys forgotten."""
 
-    def __init__(self, limit: table.RateLimit) -> None:
+    def __init__(self, limit: table.RateLimit, rule: str = "") -> None:
         self.rate = limit.rate
         self.burst = float(limit.burst)
         self.key = limit.key
         self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
+        # In a worker process the pod's buckets, shared with the other workers; a changed
+        # limit starts from full buckets, as a new TokenBuckets here does.
+        self.shared = shared.buckets()
+        self.rule = zlib.crc32(f"{rule}#{limit.rate}#{limit.burst}".encode())
 
     def take(self, key: bytes, now: float) -> float:
         """0 when allowed; otherwise seconds until a token is available."""
+        if self.shared is not None:
+            return self.shared.take(self.rule, key, self.rate, self.burst, now)
         tokens, last = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - last) * self.rate)
         if tokens >= 1.0:
@@ -370,7 +377,7 @@ def _rule(rule: table.Rule, clusters: dict[str, Cluster], memory: Memory) -> Rul
         if kept is not None and kept[0] == rule.rateLimit:
             limiter = kept[1]  # same limit: keep the buckets' state
         else:
-            limiter = TokenBuckets(rule.rateLimit)
+            limiter = TokenBuckets(rule.rateLimit, f"{rule.route}#{rule.index}")
             memory.limiters[key] = (rule.rateLimit, limiter)
     return Rule(rule, clusters, memory.rules.setdefault(key, RuleStats()), limiter)
 

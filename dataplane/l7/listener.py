@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from .. import table
 from ..health import EndpointState
 from ..logs import fields
-from ..serving import Serving
+from ..serving import Serving, listen_on
 from .client import ClientConnection
 from .config import BUCKETS, L7Config, Memory, build_config
 from .dial import PLAIN, Dial
@@ -80,9 +80,7 @@ class ServingL7(Serving[ClientConnection | H2Client]):
         context = server_context(self._contexts) if self.tls else None
         self.server = await loop.create_server(
             lambda: ClientConnection(self),
-            address,
-            self.port,
-            reuse_address=True,
+            **listen_on(self.settings, address, self.port),
             backlog=BACKLOG,
             ssl=context,
             # A TLS client that never finishes its handshake is cut like a slow head.

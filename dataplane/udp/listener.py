@@ -103,6 +103,10 @@ class ServingUDP(asyncio.DatagramProtocol):
             sock.setblocking(False)
             with contextlib.suppress(OSError):  # the kernel's default then
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            # Workers (with either --worker-sockets) each bind the port: the kernel hashes
+            # a client's address and port to one of them, so its datagrams stay together.
+            if self.settings.workers > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((address, self.port))
         except BaseException:
             sock.close()

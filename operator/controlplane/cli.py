@@ -163,6 +163,9 @@ def _settings(args: argparse.Namespace) -> Any:
         via=args.via,
         otlp_endpoint=args.otlp_endpoint,
         trace_sampling=args.trace_sampling,
+        workers=args.workers,
+        worker_sockets=args.worker_sockets,
+        worker_apply_timeout=args.worker_apply_timeout,
     )
 
 
@@ -378,7 +381,47 @@ def _add_serving_options(p: argparse.ArgumentParser, address: str, admin_address
         help="share of the traces started at the proxy that are recorded, 0-1; a request whose "
         "traceparent is sampled is always recorded (default 0.01)",
     )
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N|auto",
+        help="processes serving the listeners: N, or auto for the CPUs this process may use (its "
+        "cgroup's cpu.max quota rounded up, else its CPU affinity). With more than one, this "
+        "process supervises them: it serves the admin API, applies each table in every worker "
+        "before answering, runs the health checks once and sums the workers' /metrics; a "
+        "worker that exits is started again. Route rate limits count for the pod; "
+        "maxConnections is split over the workers; L4 client limits count per worker "
+        "(README, Workers). 1: one process, no supervisor (default 1)",
+    )
+    p.add_argument(
+        "--worker-sockets",
+        choices=["reuseport", "shared"],
+        default="reuseport",
+        help="how connections reach the workers: reuseport, a socket per worker with SO_REUSEPORT "
+        "(the kernel spreads connections evenly; set net.ipv4.tcp_migrate_req=1 so that those "
+        "queued on an exiting worker's socket move to another); shared, one socket bound here "
+        "and handed to every worker (nothing queued is lost, but the spread is uneven) "
+        "(default reuseport)",
+    )
+    p.add_argument(
+        "--worker-apply-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="with workers: how long each may take to apply a table; one slower fails the push "
+        "(503, the pod keeps claiming its table) and is started again (default 60)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _workers(text: str) -> int:
+    from dataplane.workers import parse_workers
+
+    try:
+        return parse_workers(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parser() -> argparse.ArgumentParser:

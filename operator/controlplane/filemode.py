@@ -10,8 +10,8 @@ from typing import Any
 
 from dataplane.admin import build_app, serve
 from dataplane.logs import fields
-from dataplane.runtime import Dataplane, GenerationConflict, Settings
-from dataplane.server import require_token, stop_on_signals
+from dataplane.runtime import Dataplane, GenerationConflict, NotServed, Settings
+from dataplane.server import open_dataplane, require_token, stop_on_signals
 
 from . import status
 from .compiler import Compiled, ObjectKey
@@ -48,6 +48,12 @@ class FileMode:
             self.loop.advance_generation(err.current)
             self.loop.version = ""
             self.loop.mark_dirty()
+            return
+        except NotServed as err:
+            # A worker exited or lagged mid-apply; it is started again from the table served
+            # before. Publish again shortly (the same table: its generation is kept).
+            log.error("table not applied by every worker; retrying", extra=fields(error=str(err)))
+            asyncio.get_running_loop().call_later(1.0, self.loop.mark_dirty)
             return
         now = now_rfc3339()
         port_errors = self._port_errors(compiled)
@@ -160,7 +166,7 @@ async def run_files(
 ) -> None:
     """Serve the objects in directory until stop is set (or SIGINT/SIGTERM)."""
     require_token(admin_host, token)
-    dataplane = Dataplane(settings)
+    dataplane = await open_dataplane(settings)
     await dataplane.load_persisted()
     mode = FileMode(directory, dataplane, class_name)
     if dataplane.table is not None:
