@@ -8,8 +8,9 @@ object (kernel = system calls and the loopback TCP they drive; libpython = the i
 uvloop, httptools, libc) and the top symbols. py-spy (PyPI) then samples its Python stacks
 (--native, so time inside C extensions stays under the Python function that called them):
 the share of samples under each Python function (inclusive), grouped by what the request
-path does. HAProxy (`nbthread 1`) gets the same perf run, for the kernel's share of its CPU. Both are shares of the process's busy time: divide by the requests/s wrk reports
-to get microseconds per request. Prints tables; keeps the raw files in bench/results/.
+path does. HAProxy (`nbthread 1`) gets the same perf run, for the kernel's share of its CPU.
+All are shares of a process's busy time: times the CPU per request printed with each run,
+they give microseconds per request. Prints tables; keeps the raw files in bench/results/.
 """
 
 from __future__ import annotations
