@@ -168,7 +168,10 @@ def h2load(port: int, load: list[str], seconds: int, url: str = f"https://{HOST}
     binary = need("h2load", "nghttp2-client")
     args = [binary, "-t", "1", *load, "-D", str(seconds), "--warm-up-time", "1"]
     args += ["--connect-to", f"127.0.0.1:{port}", url]
-    out = subprocess.run(args, check=False, capture_output=True, text=True, timeout=seconds + 60).stdout
+    try:
+        out = subprocess.run(args, check=False, capture_output=True, text=True, timeout=seconds + 60).stdout
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"h2load against {port} had not finished {seconds + 60} s later") from None
     rate = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
     done = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", out)
     if not rate or not done or int(done[1]) == 0:
@@ -346,8 +349,12 @@ def main() -> None:
             for name in order:
                 port, pid, loads = targets[name]
                 for load in loads:
-                    with cpu_meter(pid) as spent:
-                        per_second, done = h2load(port, LOADS[load], args.seconds)
+                    try:
+                        with cpu_meter(pid) as spent:
+                            per_second, done = h2load(port, LOADS[load], args.seconds)
+                    except RuntimeError as err:  # one target's failure leaves the others' rows
+                        print(f"round {round_index + 1} {name:8} {load:15} FAILED: {err}", flush=True)
+                        continue
                     rate[load].add(name, per_second)
                     cpu[load].add(name, spent[0] / done * 1e6)
                     print(
