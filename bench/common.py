@@ -110,28 +110,76 @@ def nginx(directory: Path) -> Iterator[int]:
 
 
 @contextmanager
-def haproxy(directory: Path, config: str, ports: list[int]) -> Iterator[None]:
+def haproxy(
+    directory: Path, config: str, ports: list[int], name: str = "haproxy"
+) -> Iterator[subprocess.Popen[bytes]]:
     binary = need("haproxy", "haproxy")
-    path = directory / "haproxy.cfg"
+    path = directory / f"{name}.cfg"
     path.write_text(config)
     subprocess.run([binary, "-c", "-q", "-f", str(path)], check=True)
-    with process([binary, "-f", str(path)]):
+    with process([binary, "-f", str(path)]) as proc:
         for port in ports:
             wait_port(port)
-        yield
+        yield proc
+
+
+def bilayer_accepts(flag: str) -> bool:
+    """Whether this checkout's `bilayer run` has an option (--workers arrives with issue 14)."""
+    out = subprocess.run([str(BILAYER), "run", "--help"], capture_output=True, text=True, check=True).stdout
+    return re.search(rf"(^|[\s\[]){re.escape(flag)}\b", out) is not None
 
 
 @contextmanager
-def bilayer_run(directory: Path, manifests: str, ports: list[int]) -> Iterator[subprocess.Popen[bytes]]:
+def bilayer_run(
+    directory: Path, manifests: str, ports: list[int], flags: list[str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     folder = directory / "objects"
     folder.mkdir(exist_ok=True)
     (folder / "bench.yaml").write_text(manifests)
     admin = free_port()
     args = [str(BILAYER), "run", "-f", str(folder), "--address", "127.0.0.1", "--admin-port", str(admin)]
-    with process([*args, "--no-access-log", "--log-level", "warning"], admin) as proc:
+    with process([*args, "--no-access-log", "--log-level", "warning", *(flags or [])], admin) as proc:
         for port in ports:
             wait_port(port, timeout=180)
         yield proc
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid and every process below it (Bilayer's workers, nginx's worker), as far as /proc shows them."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                queue += [int(child) for child in (task / "children").read_text().split()]
+            except OSError:  # the thread or process ended meanwhile
+                continue
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) spent so far by pid and its descendants, the ones still alive
+    and the ones that ended and were waited for (a restarted worker keeps counting)."""
+    ticks = 0
+    for each in _descendants(pid):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[11:15] are utime, stime, cutime, cstime (proc(5) numbers them 14-17)
+        ticks += sum(int(value) for value in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def cpu_meter(pid: int | None) -> Iterator[list[float]]:
+    """Measures the CPU seconds pid's process tree spends inside the block: the list holds
+    one value once the block ends (0.0 without a pid, for targets that are not proxies)."""
+    spent: list[float] = []
+    before = cpu_seconds(pid) if pid else 0.0
+    yield spent
+    spent.append(cpu_seconds(pid) - before if pid else 0.0)
 
 
 def service(name: str, port: int, target: int) -> str:
@@ -153,6 +201,7 @@ endpoints: [{{addresses: [127.0.0.1]}}]
 
 @dataclass
 class WrkResult:
+    requests: int  # completed in the run
     requests_per_second: float
     transfer_per_second: float  # bytes
     p50_ms: float
@@ -178,6 +227,7 @@ def wrk(
         args += ["-H", header]
     out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    done = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     transfer = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
     assert transfer, out
     p50 = re.search(r"^\s+50%\s+(\S+)", out, re.MULTILINE)
@@ -186,11 +236,11 @@ def wrk(
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: (.*)", out)
     if errors and errors[1]:
         raise RuntimeError(f"wrk saw errors against {url}:\n{out}")
-    return WrkResult(rps, float(transfer[1]) * _BYTES[transfer[2]], _ms(p50[1]), _ms(p99[1]))
+    return WrkResult(done, rps, float(transfer[1]) * _BYTES[transfer[2]], _ms(p50[1]), _ms(p99[1]))
 
 
 def redis_benchmark(port: int, pipeline: int, requests: int = 400000) -> float:
-    """ops/s of SET and GET (their mean) with the given pipeline depth."""
+    """ops/s of SET and GET (their mean) with the given pipeline depth; 2 x requests ops in all."""
     binary = need("redis-benchmark", "redis-tools")
     args = [
         binary,
@@ -236,6 +286,39 @@ def table(title: str, rows: list[tuple[str, str, float, float | None, str]]) -> 
     for metric, target, value, ratio, unit in rows:
         shown = f"{value:,.0f} {unit}" if value >= 100 else f"{value:.2f} {unit}"
         lines.append(f"| {metric} | {target} | {shown} | {'' if ratio is None else f'{ratio:.2f}x'} |")
+    return "\n".join(lines)
+
+
+def cpu_table(
+    title: str,
+    names: list[str],
+    rate: Series,
+    cpu: Series,
+    base: str,
+    *,
+    rate_unit: str = "req/s",
+    cpu_unit: str = "µs/req",
+    latency: Series | None = None,
+) -> str:
+    """Markdown: per target the median rate and proxy CPU per unit of work, each with its
+    ratio to base (HAProxy); CPU per unit does not depend on how much of the machine the
+    load generator left to the proxy, the rate does."""
+    head = f"| target | {rate_unit} | ratio |" + (" p99 ms |" if latency else "")
+    head += f" proxy CPU, {cpu_unit} | CPU ratio |"
+    lines = [f"### {title}", "", head, "|---|" + "---:|" * (head.count("|") - 2)]
+    for name in names:
+        if name not in rate.rounds:
+            continue
+        value = rate.median(name)
+        row = f"| {name} | {value:,.0f} | {value / rate.median(base):.2f}x |"
+        if latency:
+            row += f" {latency.median(name):.2f} |"
+        if name in cpu.rounds and cpu.median(name) > 0:
+            per = cpu.median(name)
+            row += f" {per:,.1f} | {per / cpu.median(base):.2f}x |"
+        else:
+            row += " | |"
+        lines.append(row)
     return "\n".join(lines)
 
 

@@ -64,7 +64,9 @@ def main() -> None:
         ports = {"haproxy": free_port()}
         stack.enter_context(
             haproxy(
-                directory, HAPROXY_HTTP.format(port=ports["haproxy"], nginx=nginx_port), [ports["haproxy"]]
+                directory,
+                HAPROXY_HTTP.format(port=ports["haproxy"], nginx=nginx_port, threads=1),
+                [ports["haproxy"]],
             )
         )
         otlp = stack.enter_context(sink()) if any("{otlp}" in f for _, f in variants) else ""
