@@ -131,6 +131,37 @@ async def test_h2c_streams_route_filter_and_carry_bodies_both_ways(web: HTTPBack
         await probe.close()
 
 
+async def test_rate_limit_retry_and_timeout_apply_to_streams(web: HTTPBackend) -> None:
+    port = free_port()
+    rules: list[dict[str, Any]] = [
+        {
+            "matches": [{"path": {"value": "/limited"}}],
+            "rateLimit": {"requests": 1, "unit": "Hour"},
+            "backendRefs": [backend_ref("a")],
+        },
+        {
+            "matches": [{"path": {"type": "PathPrefix", "value": "/flaky"}}],
+            "retry": {"attempts": 3, "codes": [503], "backoff": "1ms"},
+            "backendRefs": [backend_ref("a")],
+        },
+        {
+            "matches": [{"path": {"type": "PathPrefix", "value": "/slow"}}],
+            "timeouts": {"request": "100ms"},
+            "backendRefs": [backend_ref("a")],
+        },
+    ]
+    async with serving(l7_table([route("r", port, rules, hostnames=["h2.test"])], {"a": [web.port]})):
+        probe = await H2Probe.open(port)
+        assert (await get(probe, "/limited"))[0] == 200
+        status, headers, _ = await get(probe, "/limited")
+        assert status == 429 and b"retry-after" in headers
+        status, _, body = await get(probe, "/flaky/2")
+        assert (status, body) == (200, b"ok after 3")
+        assert (await get(probe, "/slow/2000"))[0] == 504
+        assert probe.goaway() is None
+        await probe.close()
+
+
 async def test_malformed_heads_are_refused_per_stream(web: HTTPBackend) -> None:
     port = free_port()
     async with serving(plain_table(port, web)):
@@ -343,6 +374,19 @@ async def test_reader_that_never_opens_its_window_holds_memory_bounded(web: HTTP
             held.append(stream.out_bytes + conn.transport.get_write_buffer_size())
         assert max(held) <= h2server.STREAM_BUFFER + 256 * 1024, held
         assert conn.streams[sid].client_full
+        await probe.close()
+
+
+async def test_whole_response_waiting_for_a_window_never_opened_is_reset(web: HTTPBackend) -> None:
+    """The exchange is over (its backend done) but the client never opens its window for
+    the rest: after the idle timeout the stream is reset, so the connection can end."""
+    port = free_port()
+    async with serving(plain_table(port, web), idle_timeout=0.5):
+        probe = await H2Probe.open(port)
+        probe.ack = False
+        sid = probe.request("/big/100000")  # over the window, under the window and buffer
+        await probe.until(lambda p: p.ended(sid), 10)
+        assert probe.reset_code(sid) == h2.errors.ErrorCodes.INTERNAL_ERROR
         await probe.close()
 
 

@@ -636,6 +636,10 @@ class H2Client(asyncio.Protocol):
         for stream in list(self.streams.values()):
             exchange = stream.exchange
             if exchange is None or exchange.done:
+                # The response is whole but waits for a window the client never opens.
+                if not stream.finished and now - stream.moved_at >= settings.idle_timeout:
+                    listener.timeouts["slow_reader"] += 1
+                    stream.abort()
                 continue
             if now - stream.moved_at >= settings.idle_timeout:
                 if stream.client_full:
