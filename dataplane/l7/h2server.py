@@ -192,8 +192,11 @@ class Stream:
     def _send_headers(self, fields: Headers, end: bool) -> bool:
         try:
             self.owner.h2.send_headers(self.stream_id, fields, end_stream=end)
-        except h2.exceptions.ProtocolError:  # the stream or the connection is gone
+        except h2.exceptions.ProtocolError:
+            # The stream or the connection is gone, or a field h2 will not send: the
+            # client must not wait for a response that never comes.
             self.finished = True
+            self.owner.reset(self, h2.errors.ErrorCodes.INTERNAL_ERROR)
             return False
         return True
 
@@ -336,13 +339,6 @@ class H2Client(asyncio.Protocol):
         self.deadline = 0.0
         self.last_active = listener.loop.time()
         self.requests = 0
-        # What the listener's drain looks at (shared with HTTP/1.1 connections).
-        self.tunnel = None
-        self.queue: tuple[()] = ()
-
-    @property
-    def current(self) -> Stream | None:
-        return next(iter(self.streams.values()), None)
 
     # --- asyncio.Protocol ---
 
