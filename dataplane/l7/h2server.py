@@ -58,6 +58,10 @@ RESET_SECONDS = 10.0
 # Frames that make the proxy work (or answer) without a request moving: per CONTROL_SECONDS.
 MAX_CONTROL_FRAMES = 1000
 CONTROL_SECONDS = 1.0
+# After a connection error, what the client still sends is read and dropped this long before
+# the close: closing with unread bytes resets the connection, and the reset can overtake
+# the GOAWAY that says why.
+SHUT_LINGER = 1.0
 
 # Connection-specific fields (RFC 9113 8.2.2) and framing: never in an HTTP/2 response.
 _NOT_FORWARDED = HOP_BY_HOP | FRAMING
@@ -188,8 +192,11 @@ class Stream:
     def _send_headers(self, fields: Headers, end: bool) -> bool:
         try:
             self.owner.h2.send_headers(self.stream_id, fields, end_stream=end)
-        except h2.exceptions.ProtocolError:  # the stream or the connection is gone
+        except h2.exceptions.ProtocolError:
+            # The stream or the connection is gone, or a field h2 will not send: the
+            # client must not wait for a response that never comes.
             self.finished = True
+            self.owner.reset(self, h2.errors.ErrorCodes.INTERNAL_ERROR)
             return False
         return True
 
@@ -314,6 +321,7 @@ class H2Client(asyncio.Protocol):
         self.reading = False  # events of one read are being handled: write once, after
         self.closing = False
         self.goaway_sent = False
+        self.shut = False  # a connection error was sent: reading only to close cleanly
         self.last_stream = 0  # the last stream a graceful GOAWAY lets finish
         self.write_blocked = False
         self.unacked = 0  # connection window bytes not yet given back
@@ -331,13 +339,6 @@ class H2Client(asyncio.Protocol):
         self.deadline = 0.0
         self.last_active = listener.loop.time()
         self.requests = 0
-        # What the listener's drain looks at (shared with HTTP/1.1 connections).
-        self.tunnel = None
-        self.queue: tuple[()] = ()
-
-    @property
-    def current(self) -> Stream | None:
-        return next(iter(self.streams.values()), None)
 
     # --- asyncio.Protocol ---
 
@@ -349,7 +350,7 @@ class H2Client(asyncio.Protocol):
         self.deadline = self.listener.loop.time() + self.listener.tick
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self.shut:
             return
         self.last_active = self.listener.loop.time()
         if not self._scan(data):
@@ -386,12 +387,18 @@ class H2Client(asyncio.Protocol):
         self.listener.forget(self)
 
     def pause_writing(self) -> None:
+        # The client is not reading: nor are we, so what it sends cannot make us answer
+        # (PING and SETTINGS acknowledgements) into a buffer that does not drain.
+        if self.transport is not None:
+            self.transport.pause_reading()
         self.write_blocked = True
         for stream in list(self.streams.values()):
             stream.write_blocked = True
             stream._check_full()
 
     def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing() and not self.shut:
+            self.transport.resume_reading()
         self.write_blocked = False
         for stream in list(self.streams.values()):
             stream.write_blocked = False
@@ -625,6 +632,10 @@ class H2Client(asyncio.Protocol):
         for stream in list(self.streams.values()):
             exchange = stream.exchange
             if exchange is None or exchange.done:
+                # The response is whole but waits for a window the client never opens.
+                if not stream.finished and now - stream.moved_at >= settings.idle_timeout:
+                    listener.timeouts["slow_reader"] += 1
+                    stream.abort()
                 continue
             if now - stream.moved_at >= settings.idle_timeout:
                 if stream.client_full:
@@ -680,11 +691,18 @@ class H2Client(asyncio.Protocol):
         if transport is None:
             return
         log.debug("HTTP/2 connection closed", extra={"client": self.client_ip, "reason": why})
-        self.closing = True
+        self.closing = self.shut = True
         data = self.h2.data_to_send()
-        if data and not transport.is_closing():
+        if not data:  # an error h2 raised before it could queue its GOAWAY (a bad preface)
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = self.h2.highest_inbound_stream_id
+            frame.error_code = h2.errors.ErrorCodes.PROTOCOL_ERROR
+            data = frame.serialize()
+        if not transport.is_closing():
             transport.write(data)
-        transport.close()
+            if transport.can_write_eof():
+                transport.write_eof()
+            self.listener.loop.call_later(SHUT_LINGER, transport.close)
         streams = list(self.streams.values())
         self.streams.clear()
         for stream in streams:
