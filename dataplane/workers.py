@@ -809,12 +809,14 @@ class WorkerProcess:
                 dataplane.settings.listening_sockets[port] = sock
         elif kind == MARK:
             mark = json.loads(body)
+            endpoint = f"{mark['address']}:{mark['port']}"
             if mark["healthy"] is not None:  # rare: an active check's verdict changed
-                endpoint = f"{mark['address']}:{mark['port']}"
                 log.info(
                     "endpoint health from the supervisor",
                     extra=fields(endpoint=endpoint, healthy=mark["healthy"]),
                 )
+            elif mark["ejectedUntil"] > time.monotonic():  # as rare: another worker ejected it
+                log.info("endpoint ejected by another worker", extra=fields(endpoint=endpoint))
             dataplane.health.mark(
                 mark["address"],
                 mark["port"],
