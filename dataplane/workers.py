@@ -7,6 +7,7 @@ table as its JSON); the push is answered, and the pod claims the new version, on
 every running worker has applied it. A worker that exits, refuses or does not answer in
 time fails the push with NotServed (the pod keeps claiming the version it served before;
 the pusher pushes again), and a worker that exits is started again from the claimed table.
+A worker is dataplane.worker; what they say to each other, dataplane.channel.
 
 Workers get connections in one of two ways (--worker-sockets):
 
@@ -30,7 +31,6 @@ an L4 listener's client limits (README "Workers").
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import dataclasses
@@ -43,36 +43,40 @@ import socket
 import struct
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 
-from . import delta, shared
+from . import delta
+from .channel import (
+    DELTA,
+    EJECTED,
+    MARK,
+    MAX_FDS_PER_MESSAGE,
+    METRICS,
+    REFUSED,
+    ROLLBACK,
+    SETTINGS,
+    SOCKETS,
+    STOP,
+    TABLE,
+    Channel,
+    encode,
+    mark,
+)
 from .eventloop import gc_paused
 from .health import EndpointState
 from .logs import fields
-from .metrics import DataplaneCollector
 from .runtime import Dataplane, GenerationConflict, NotServed, Settings
 from .shared import SharedBuckets
 from .table import Table, TableError
 
 log = logging.getLogger("bilayer.workers")
 
-# A message on a worker's socketpair: payload length, kind, payload.
-FRAME = struct.Struct("!IB")
-MAX_FDS_PER_MESSAGE = 200  # the kernel takes at most 253 descriptors in one SCM_RIGHTS
 START_SECONDS = 60.0  # for a new worker to say hello
 BACKLOG = 4096  # of a shared listening socket, as the listeners ask for their own
-
-# Supervisor to worker.
-SETTINGS, TABLE, DELTA, SOCKETS, MARK, METRICS, STOP, ROLLBACK = 1, 2, 3, 4, 5, 6, 7, 8
-# Worker to supervisor.
-HELLO, APPLIED, REFUSED, SAMPLES, EJECTED = 10, 11, 12, 13, 14
-
 SOCKET_MODES = ("reuseport", "shared")
 # Gauges that say whether something works: the pod's value is the worst worker's.
 WORST_OF = frozenset({"bilayer_listener_up", "bilayer_endpoint_healthy"})
@@ -116,108 +120,6 @@ def parse_workers(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"--workers is a number of processes (1 or more) or auto, not {text!r}")
     return int(text)
-
-
-class Channel:
-    """Length-prefixed messages on a stream socket, and descriptors sent beside them (a
-    descriptor rides on the first byte of its message, so it has arrived by the time the
-    message has)."""
-
-    def __init__(
-        self, sock: socket.socket, on_message: Callable[[int, bytes], None], on_closed: Callable[[], None]
-    ) -> None:
-        self.sock = sock
-        sock.setblocking(False)
-        self.loop = asyncio.get_running_loop()
-        self.on_message = on_message
-        self.on_closed = on_closed
-        self.buffer = bytearray()
-        self.fds: deque[int] = deque()
-        self.closed = False
-        self._sending = asyncio.Lock()
-        self._waiting: asyncio.Future[None] | None = None
-        self.loop.add_reader(sock.fileno(), self._readable)
-
-    def _readable(self) -> None:
-        try:
-            data, ancillary, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * 4))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data, ancillary = b"", []
-        for level, kind, cdata in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
-                self.fds.extend(fds)
-        if not data:
-            self.close()
-            self.on_closed()
-            return
-        self.buffer += data
-        while len(self.buffer) >= FRAME.size:
-            length, kind = FRAME.unpack_from(self.buffer)
-            end = FRAME.size + length
-            if len(self.buffer) < end:
-                break
-            payload = bytes(self.buffer[FRAME.size : end])
-            del self.buffer[:end]
-            self.on_message(kind, payload)
-            if self.closed:
-                return
-
-    def take_fds(self, count: int) -> list[int]:
-        return [self.fds.popleft() for _ in range(min(count, len(self.fds)))]
-
-    async def send(self, kind: int, payload: bytes = b"", fds: list[int] | None = None) -> None:
-        """Send one message; OSError when the peer is gone."""
-        data = memoryview(FRAME.pack(len(payload), kind) + payload)
-        async with self._sending:
-            while fds:
-                try:
-                    socket.send_fds(self.sock, [data[:1]], fds)
-                    data = data[1:]
-                    break
-                except (BlockingIOError, InterruptedError):
-                    await self._writable()
-            while data:
-                try:
-                    data = data[self.sock.send(data) :]
-                except (BlockingIOError, InterruptedError):
-                    await self._writable()
-
-    async def _writable(self) -> None:
-        if self.closed:
-            raise ConnectionResetError("the channel is closed")
-        self._waiting = ready = self.loop.create_future()
-        self.loop.add_writer(self.sock.fileno(), self._wake)
-        try:
-            await ready
-        finally:
-            self._waiting = None
-            if not self.closed:
-                self.loop.remove_writer(self.sock.fileno())
-
-    def _wake(self) -> None:
-        if self._waiting is not None and not self._waiting.done():
-            self._waiting.set_result(None)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.loop.remove_reader(self.sock.fileno())
-        self.loop.remove_writer(self.sock.fileno())
-        if self._waiting is not None and not self._waiting.done():
-            self._waiting.set_exception(ConnectionResetError("the channel is closed"))
-        self.sock.close()
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
-
-
-def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
 
 
 # The supervisor.
@@ -331,7 +233,7 @@ class WorkerPool(Dataplane):
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "dataplane.workers",
+                "dataplane.worker",
                 str(theirs.fileno()),
                 str(index),
                 self.log_level,
@@ -362,7 +264,7 @@ class WorkerPool(Dataplane):
         # An L7 listener's connection cap is the pod's, split (dataplane.shared.share).
         settings["max_client_connections"] = -(-self.worker_settings.max_client_connections // self.count)
         # Starting Python and importing the dataplane takes seconds on a busy node.
-        await self._ask(worker, SETTINGS, _json(settings), within=max(START_SECONDS, self.apply_timeout))
+        await self._ask(worker, SETTINGS, encode(settings), within=max(START_SECONDS, self.apply_timeout))
         async with self._lock:  # no push in between: the worker gets the claimed table
             if self.table is not None:
                 await self._send_sockets(worker, self.table)
@@ -370,7 +272,7 @@ class WorkerPool(Dataplane):
                 worker.version = answer.get("version")
             for state in self.health.endpoints.values():
                 if not state.healthy or state.ejected_until > time.monotonic():
-                    await self._tell(worker, MARK, _mark(state, healthy=state.healthy))
+                    await self._tell(worker, MARK, mark(state, healthy=state.healthy))
             worker.synced = True
         log.info(
             "worker serving",
@@ -423,7 +325,7 @@ class WorkerPool(Dataplane):
                 await worker.channel.send(kind, struct.pack("!Q", 0) + payload)
 
     def _tell_health(self, state: EndpointState) -> None:
-        self._tell_all(_mark(state, healthy=state.healthy))
+        self._tell_all(mark(state, healthy=state.healthy))
 
     def _tell_all(self, mark: bytes, but: Worker | None = None) -> None:
         for worker in self.workers.values():
@@ -585,7 +487,7 @@ class WorkerPool(Dataplane):
             batch = ports[start : start + MAX_FDS_PER_MESSAGE]
             fds = [self.shared_sockets[p].fileno() for p in batch]
             try:
-                await worker.channel.send(SOCKETS, struct.pack("!Q", 0) + _json(batch), fds)
+                await worker.channel.send(SOCKETS, struct.pack("!Q", 0) + encode(batch), fds)
             except OSError as err:
                 raise WorkerGone(f"worker {worker.index}: {err}") from None
             worker.ports_sent.update(batch)
@@ -635,7 +537,7 @@ class WorkerPool(Dataplane):
         self._closing = True
         workers = list(self.workers.values())
         for worker in workers:
-            await self._tell(worker, STOP, _json({"grace": grace}))
+            await self._tell(worker, STOP, encode({"grace": grace}))
         for worker in workers:
             try:
                 async with asyncio.timeout(grace + 10):
@@ -659,19 +561,6 @@ class _Refused(Exception):
     def __init__(self, error: str, mismatch: bool) -> None:
         super().__init__(error)
         self.mismatch = mismatch
-
-
-def _mark(state: EndpointState, *, healthy: bool | None) -> bytes:
-    protocol = "udp" if state.key.endswith("/udp") else "tcp"
-    return _json(
-        {
-            "address": state.address,
-            "port": state.port,
-            "protocol": protocol,
-            "healthy": healthy,
-            "ejectedUntil": state.ejected_until,
-        }
-    )
 
 
 def _exit_text(code: int) -> str:
@@ -718,188 +607,3 @@ def merge_families(per_worker: list[list[dict[str, Any]]]) -> list[Metric]:
         for (sample, labels), value in values[name].items():
             metric.add_sample(sample, dict(labels), value)
     return list(merged.values())
-
-
-# A worker process.
-
-
-class WorkerProcess:
-    """One worker: a Dataplane serving what the supervisor sends over fd."""
-
-    def __init__(self, sock: socket.socket, index: int) -> None:
-        self.index = index
-        self.queue: asyncio.Queue[tuple[int, int, bytes, list[socket.socket]]] = asyncio.Queue()
-        self.channel = Channel(sock, self._on_message, self._on_closed)
-        self.dataplane: Dataplane | None = None
-        self.registry = CollectorRegistry()
-        self.stopping = asyncio.Event()
-        self.grace: float | None = None
-        self._background: set[asyncio.Task[None]] = set()
-
-    def _on_message(self, kind: int, payload: bytes) -> None:
-        (seq,) = struct.unpack_from("!Q", payload)
-        body = payload[8:]
-        sockets: list[socket.socket] = []
-        if kind == SOCKETS:  # taken now: the descriptors queue in the order messages came
-            sockets = [socket.socket(fileno=fd) for fd in self.channel.take_fds(len(json.loads(body)))]
-        if kind == METRICS:  # answered at once, even while a table is being applied
-            task = asyncio.create_task(self._reply(SAMPLES, {"seq": seq, "families": self._families()}))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            return
-        if kind == STOP:
-            self.grace = json.loads(body).get("grace")
-            self.stopping.set()
-            return
-        self.queue.put_nowait((kind, seq, body, sockets))
-
-    def _on_closed(self) -> None:
-        log.warning("the supervisor is gone; draining", extra=fields(worker=self.index))
-        self.stopping.set()
-
-    async def _reply(self, kind: int, message: dict[str, Any]) -> None:
-        with contextlib.suppress(OSError):
-            await self.channel.send(kind, _json(message))
-
-    def _families(self) -> list[dict[str, Any]]:
-        families = []
-        for metric in self.registry.collect():
-            if metric.name.startswith("bilayer_table_"):
-                continue  # the supervisor's: it claims the version
-            samples = [[s.name, s.labels, s.value] for s in metric.samples if not s.name.endswith("_created")]
-            families.append(
-                {"name": metric.name, "help": metric.documentation, "type": metric.type, "samples": samples}
-            )
-        return families
-
-    async def serve(self) -> None:
-        consumer = asyncio.create_task(self._consume())
-        await self.stopping.wait()
-        consumer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await consumer
-        if self.dataplane is not None:
-            await self.dataplane.close(self.grace)
-            for sock in self.dataplane.settings.listening_sockets.values():
-                sock.close()
-        self.channel.close()
-
-    async def _consume(self) -> None:
-        while True:
-            kind, seq, body, sockets = await self.queue.get()
-            await self._handle(kind, seq, body, sockets)
-
-    async def _handle(self, kind: int, seq: int, body: bytes, sockets: list[socket.socket]) -> None:
-        if kind == SETTINGS:
-            document = json.loads(body)
-            self.dataplane = Dataplane(Settings(**document))
-            self.dataplane.health.active_checks = False
-            self.dataplane.health.on_eject = self._ejected
-            self.registry.register(DataplaneCollector(self.dataplane))
-            await self._reply(HELLO, {"seq": seq, "pid": os.getpid()})
-            return
-        dataplane = self.dataplane
-        assert dataplane is not None, "settings come first"
-        if kind == SOCKETS:
-            ports = json.loads(body)
-            for port, sock in zip(ports, sockets, strict=False):
-                old = dataplane.settings.listening_sockets.pop(port, None)
-                if old is not None:
-                    old.close()
-                dataplane.settings.listening_sockets[port] = sock
-        elif kind == MARK:
-            mark = json.loads(body)
-            if mark["healthy"] is not None:  # rare: an active check's verdict changed
-                endpoint = f"{mark['address']}:{mark['port']}"
-                log.info(
-                    "endpoint health from the supervisor",
-                    extra=fields(endpoint=endpoint, healthy=mark["healthy"]),
-                )
-            dataplane.health.mark(
-                mark["address"],
-                mark["port"],
-                mark["protocol"],
-                healthy=mark["healthy"],
-                ejected_until=mark["ejectedUntil"],
-            )
-        elif kind in (TABLE, DELTA, ROLLBACK):
-            await self._apply(dataplane, kind, seq, body)
-
-    async def _apply(self, dataplane: Dataplane, kind: int, seq: int, body: bytes) -> None:
-        try:
-            # No collection while the table and the listeners' structures for it are built:
-            # at 10,000 routes the collector otherwise walks millions of new objects, again
-            # and again (seconds per push); apply freezes them afterwards.
-            with gc_paused():
-                if kind in (TABLE, ROLLBACK):
-                    table = Table.parse(body)
-                    await dataplane.apply(table, persist=False, older=kind == ROLLBACK)
-                else:
-                    await dataplane.apply_delta(delta.parse(body))
-        except delta.BaseMismatch as err:
-            await self._reply(REFUSED, {"seq": seq, "error": str(err), "mismatch": True})
-            return
-        except (TableError, GenerationConflict) as err:
-            log.error("table refused by a worker", extra=fields(worker=self.index, error=str(err)))
-            await self._reply(REFUSED, {"seq": seq, "error": str(err)})
-            return
-        table_now = dataplane.table
-        shared = dataplane.settings.listening_sockets
-        for port in [p for p in shared if table_now is None or p not in table_now.listeners]:
-            shared.pop(port).close()  # the supervisor closed its copy too
-        await self._reply(
-            APPLIED,
-            {
-                "seq": seq,
-                "version": table_now.version if table_now else None,
-                "generation": table_now.generation if table_now else None,
-                "errors": {str(p): e for p, e in dataplane.listener_errors.items()},
-            },
-        )
-
-    def _ejected(self, state: EndpointState) -> None:
-        task = asyncio.create_task(self._send_quietly(EJECTED, _mark(state, healthy=None)))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _send_quietly(self, kind: int, payload: bytes) -> None:
-        with contextlib.suppress(OSError):
-            await self.channel.send(kind, payload)
-
-
-class _WorkerField(logging.Filter):
-    """Adds the worker's index to every line it logs."""
-
-    def __init__(self, index: int) -> None:
-        super().__init__()
-        self.index = index
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        extra = getattr(record, "fields", None)
-        record.fields = {**extra, "worker": self.index} if isinstance(extra, dict) else {"worker": self.index}
-        return True
-
-
-async def run_worker(fd: int, index: int) -> None:
-    """A worker's life: serve what the supervisor sends until it says stop (or is gone)."""
-    worker = WorkerProcess(socket.socket(fileno=fd), index)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        # A terminal's Ctrl-C reaches the whole process group: drain as the supervisor does.
-        loop.add_signal_handler(sig, worker.stopping.set)
-    await worker.serve()
-
-
-def main(argv: list[str]) -> None:
-    from . import eventloop, logs
-
-    fd, index, level, buckets, workers = int(argv[0]), int(argv[1]), argv[2], int(argv[3]), int(argv[4])
-    shared.use(SharedBuckets(buckets), workers)
-    logs.setup(level)
-    logging.getLogger().handlers[0].addFilter(_WorkerField(index))
-    eventloop.raise_fd_limit()
-    eventloop.run(run_worker(fd, index))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -488,3 +488,58 @@ def test_shared_sockets_serve_tcp_from_every_worker_and_udp_binds_in_each(
         responder.join()
         echo.close()
         assert run.stop() == 0, run.output()
+
+
+PAIR_ROUTE = """
+apiVersion: bilayer.dev/v1alpha1
+kind: L7Route
+metadata: {{name: pair, namespace: demo}}
+spec:
+  port: {port}
+  rules: [{{backendRefs: [{{name: pair, port: 80}}]}}]
+"""
+
+
+def test_an_ejection_by_one_worker_reaches_the_others(tmp_path: Path, backend: Backend) -> None:
+    l7, l4, paired, dead = free_port(), free_port(), free_port(), free_port()
+    pair = service("pair", 80, [("127.0.0.1", backend.port), ("127.0.0.1", dead)], namespace="demo")
+    text = routes(backend.port, l7, l4) + "---\n" + pair + "---" + PAIR_ROUTE.format(port=paired)
+    write(tmp_path / "routes.yaml", text)
+    run = BilayerRun(str(tmp_path), "--workers", "2")
+    try:
+        wait_for(lambda: all_serving(run.get("/v1/table")[1], 2), what="both workers serving")
+        pids = {w["pid"]: i for i, w in workers(run.get("/v1/table")[1]).items()}
+
+        def ejected_by() -> set[object]:
+            return {e.get("worker") for e in _log(run) if e["msg"] == "endpoint ejected"}
+
+        def load_one_worker() -> int | None:
+            """Requests on one connection (so on one worker) until that worker ejects."""
+            conn = http.client.HTTPConnection("127.0.0.1", paired, timeout=10)
+            try:
+                conn.connect()
+                pid = serving_pid(conn.sock.getsockname()[1], paired, list(pids))
+                for _ in range(50):
+                    conn.request("GET", "/")
+                    conn.getresponse().read()
+                    if ejected_by():
+                        return pid
+            except (OSError, http.client.HTTPException):
+                return None  # the connection ended: take another
+            finally:
+                conn.close()
+            return None
+
+        loaded = wait_for(load_one_worker, what="one worker ejecting the dead endpoint")
+        ejecting = pids[loaded]
+        assert ejected_by() == {ejecting}, "only the loaded worker saw the failures"
+        other = 1 - ejecting
+        wait_for(
+            lambda: any(
+                e["msg"] == "endpoint ejected by another worker" and e.get("worker") == other
+                for e in _log(run)
+            ),
+            what="the other worker told of the ejection",
+        )
+    finally:
+        assert run.stop() == 0, run.output()
