@@ -52,11 +52,13 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 
 @contextmanager
-def process(args: list[str], port: int | None = None, **kwargs: object) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    args: list[str], port: int | None = None, wait: float = 20.0, **kwargs: object
+) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
     try:
         if port:
-            wait_port(port)
+            wait_port(port, wait)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -138,7 +140,8 @@ def bilayer_run(
     (folder / "bench.yaml").write_text(manifests)
     admin = free_port()
     args = [str(BILAYER), "run", "-f", str(folder), "--address", "127.0.0.1", "--admin-port", str(admin)]
-    with process([*args, "--no-access-log", "--log-level", "warning", *(flags or [])], admin) as proc:
+    # (worker processes start before the admin API answers: seconds on a busy machine)
+    with process([*args, "--no-access-log", "--log-level", "warning", *(flags or [])], admin, 180) as proc:
         for port in ports:
             wait_port(port, timeout=180)
         yield proc
