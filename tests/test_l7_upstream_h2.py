@@ -9,6 +9,9 @@ import json
 import math
 from typing import Any
 
+import pytest
+
+from dataplane.l7 import upstream
 from dataplane.table import Table
 
 from .h2kit import H2Backend
@@ -260,3 +263,18 @@ async def test_a_mirror_reached_over_h2c_gets_its_copy() -> None:
     copy = mirror.calls[0]
     assert copy.header(":authority") == "shop.test-shadow" and copy.header(":method") == "PUT"
     assert bytes(copy.body) == body
+
+
+async def test_an_idle_h2_connection_closes_after_the_pools_idle_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.0)
+    backend = await H2Backend().start()
+    port = free_port()
+    try:
+        async with serving(h2_table(port, backend.port)):
+            status, _, _ = await ask(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status == 200 and backend.accepted == 1
+            await async_wait_for(lambda: not backend.connections, what="the idle connection closed")
+    finally:
+        await backend.stop()
