@@ -9,11 +9,14 @@ import json
 import math
 from typing import Any
 
+import pytest
+
+from dataplane.l7 import upstream
 from dataplane.table import Table
 
 from .h2backend import H2Backend
 from .helpers import async_wait_for, free_port
-from .l7kit import backend_ref, l7_table, read_response, route, serving
+from .l7kit import HTTPBackend, backend_ref, l7_table, read_response, route, serving
 
 
 def h2_table(
@@ -231,3 +234,47 @@ async def test_a_dead_h2c_endpoint_is_a_503() -> None:
         # Concurrent requests wait for one connection being made: each gets the failure.
         answers = await asyncio.gather(*(ask(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(5)))
     assert [status for status, _, _ in answers] == [503] * 5
+
+
+async def test_a_mirror_reached_over_h2c_gets_its_copy() -> None:
+    """Mirrors use the same neutral request: a copy (with its chunked body and shadow host)
+    goes to an h2c mirror while the primary is HTTP/1.1."""
+    primary = await HTTPBackend("a").start()
+    mirror = await H2Backend().start()
+    port = free_port()
+    mirrored = {"type": "RequestMirror", "requestMirror": {"backendRef": {"name": "m", "port": 80}}}
+    rules = [{"filters": [mirrored], "backendRefs": [backend_ref("a")]}]
+    data = l7_table([route("r", port, rules)], {"a": [primary.port], "m": [mirror.port]}).model_dump(
+        by_alias=True
+    )
+    data["clusters"]["default/m:80"]["protocol"] = "h2"
+    body = b"0123456789" * 10_000
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (body[:30_000], body[30_000:])) + b"0\r\n\r\n"
+    try:
+        async with serving(Table.model_validate(data)):
+            status, _, _ = await ask(
+                port, b"PUT /put HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+            )
+            assert status == 200
+            await async_wait_for(lambda: len(mirror.calls) == 1, what="the copy")
+    finally:
+        await primary.stop()
+        await mirror.stop()
+    copy = mirror.calls[0]
+    assert copy.header(":authority") == "shop.test-shadow" and copy.header(":method") == "PUT"
+    assert bytes(copy.body) == body
+
+
+async def test_an_idle_h2_connection_closes_after_the_pools_idle_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.0)
+    backend = await H2Backend().start()
+    port = free_port()
+    try:
+        async with serving(h2_table(port, backend.port)):
+            status, _, _ = await ask(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert status == 200 and backend.accepted == 1
+            await async_wait_for(lambda: not backend.connections, what="the idle connection closed")
+    finally:
+        await backend.stop()

@@ -385,6 +385,7 @@ class H2Connection(asyncio.Protocol):
             self.transport.abort()
 
     def close(self) -> None:
+        self.draining = True  # (no stream starts on it while it closes)
         if self.transport is not None and not self.transport.is_closing():
             if not self.closed:
                 try:
