@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from dataplane import table
 from dataplane.delta import Changes, carry_parts_sum
-from dataplane.table import PartPath
+from dataplane.parts import PartPath
 
 from ..resources.common import Condition
 from .backends import BackendResolver

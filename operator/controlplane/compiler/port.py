@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dataplane import table
-from dataplane.table import PartPath
+from dataplane.parts import PartPath
 
 from ..resources.common import Condition
 from ..resources.l4listener import L4Listener
