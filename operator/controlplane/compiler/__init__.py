@@ -343,7 +343,7 @@ def _references(snapshot: Snapshot, cache: CompileCache) -> tuple[BackendResolve
     kept = cache.references
     same = kept is not None and kept[0] is not None and len(kept[0]) == len(objects)
     if same and kept is not None and kept[0] is not None and all(map(operator.is_, kept[0], objects)):
-        return kept[1]  # type: ignore[no-any-return]
+        return kept[1]
     references = Snapshot(objects)
     secrets = SecretIndex(references)
     built = (BackendResolver(references, secrets), secrets)

@@ -176,11 +176,11 @@ def _route_out(parsed: Parsed, context: Context) -> _RouteOut:
     # changed (force): no lookups needed.
     if kept is not None and kept[0] is parsed:
         if kept[1] is resolver and parsed.key not in context.force:
-            return kept[3]  # type: ignore[no-any-return]
+            return kept[3]
         signature = _route_signature(parsed, resolver, secrets)
         if kept[2] == signature:
             cache.routes[parsed.key] = (parsed, resolver, signature, kept[3])
-            return kept[3]  # type: ignore[no-any-return]
+            return kept[3]
     else:
         signature = _route_signature(parsed, resolver, secrets)
     out = _compile_route(parsed, resolver, secrets)
