@@ -6,9 +6,10 @@ dataplane validates each new part, checks references only where the delta touche
 table, and refuses the delta unless the result has the promised version, so a pod
 patched from any base ends exactly where a full push would have taken it.
 
-Paths are those of ``Table.parts()``. A port has a TCP face and a UDP face. Setting
-``listeners/<port>/l4``, ``.../passthrough`` or ``.../l7`` (an L7 head: its TLS and http2) replaces
-a TCP listener of another kind; removing one removes the whole TCP face (an L7
+Paths are those of ``Table.parts()`` (``dataplane.parts.PartPath``; on the wire, lists
+of strings). A port has a TCP face and a UDP face. Setting ``listeners/<port>/l4``,
+``.../passthrough`` or ``.../l7`` (an L7 head: its TLS and http2) replaces a TCP listener
+of another kind; removing one removes the whole TCP face (an L7
 listener's rules and host groups with it). ``listeners/<port>/udp`` sets or removes the
 UDP face alone. A delta lists heads before the rules and host groups under them.
 """

@@ -12,9 +12,12 @@ no sorting:
   path (exact map, regex list, prefix map); each list is in precedence order.
 
 The table is also a flat set of *parts* (``parts()``): a cluster, an L4 listener, an L7
-listener's head (its TLS), one rule, one host group. Parts are what a delta changes
-(``dataplane.delta``), and the version is a sum of per-part hashes, so a change of one
-route costs work in proportion to that route, not to the table.
+listener's head (its TLS), one rule, one host group, each named by a ``PartPath``
+(``dataplane.parts``). Parts are what a delta changes (``dataplane.delta``), and the
+version is a sum of per-part hashes, so a change of one route costs work in proportion to
+that route, not to the table. Each operation on a part has one function here: its hash
+(``part_hash``), its model (``part_model``) and its checks (``check_part``); applying a
+part to a table being patched is ``delta._Patch.apply``.
 """
 
 from __future__ import annotations
