@@ -6,9 +6,10 @@ dataplane validates each new part, checks references only where the delta touche
 table, and refuses the delta unless the result has the promised version, so a pod
 patched from any base ends exactly where a full push would have taken it.
 
-Paths are those of ``Table.parts()``. A port has a TCP face and a UDP face. Setting
-``listeners/<port>/l4``, ``.../passthrough`` or ``.../l7`` (an L7 head: its TLS and http2) replaces
-a TCP listener of another kind; removing one removes the whole TCP face (an L7
+Paths are those of ``Table.parts()`` (``dataplane.parts.PartPath``; on the wire, lists
+of strings). A port has a TCP face and a UDP face. Setting ``listeners/<port>/l4``,
+``.../passthrough`` or ``.../l7`` (an L7 head: its TLS and http2) replaces a TCP listener
+of another kind; removing one removes the whole TCP face (an L7
 listener's rules and host groups with it). ``listeners/<port>/udp`` sets or removes the
 UDP face alone. A delta lists heads before the rules and host groups under them.
 """
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from .parts import PartPath, PathError
 from .table import (
     HASH_SPACE,
     TLS,
@@ -32,28 +35,22 @@ from .table import (
     L4Listener,
     L7Listener,
     Listener,
-    PartPath,
     Passthrough,
-    Rule,
     Table,
     TableError,
     UDPListener,
     _Model,
-    check_cluster,
-    check_host_group,
-    check_host_key,
     check_l4_faces,
-    check_rule,
+    check_part,
     entries_of,
     l7_parts,
     part_hash,
+    part_model,
     rule_refs,
     version_of,
 )
 
 Change = tuple[PartPath, _Model | None]  # the new value, or None: removed
-
-HOST_KINDS = ("exact", "wildcard", "any")
 
 
 class BaseMismatch(Exception):
@@ -71,11 +68,11 @@ class Delta:
         changes: list[dict[str, Any]] = []
         for path, value in self.changes:
             if value is None:
-                changes.append({"path": list(path)})
+                changes.append({"path": list(path.segments())})
                 continue
             exclude = {"rules", "hosts"} if isinstance(value, L7Listener) else None
             dumped = value.model_dump(mode="json", by_alias=True, exclude_defaults=True, exclude=exclude)
-            changes.append({"path": list(path), "value": dumped})
+            changes.append({"path": list(path.segments()), "value": dumped})
         document = {"base": self.base, "version": self.version, "generation": self.generation}
         return json.dumps({**document, "changes": changes}, separators=(",", ":")).encode()
 
@@ -118,7 +115,7 @@ def carry_parts_sum(old: Table, new: Table, changes: Changes | None = None) -> N
 
 def _steps(old: Table, new: Table, changes: Changes | None) -> Iterator[_Step]:
     if changes is None or changes.clusters:
-        yield from _diff_map(("clusters",), old.clusters, new.clusters)
+        yield from _diff_map(PartPath.cluster, old.clusters, new.clusters)
     ports = set(old.listeners) | set(new.listeners) if changes is None else set(changes.ports)
     for port in sorted(ports):
         was, now = old.listeners.get(port), new.listeners.get(port)
@@ -133,7 +130,7 @@ def _steps(old: Table, new: Table, changes: Changes | None) -> Iterator[_Step]:
         was_udp = was.udp if was is not None else None
         now_udp = now.udp if now is not None else None
         if was_udp is not now_udp and was_udp != now_udp:
-            yield ("listeners", key, "udp"), was_udp, now_udp, False
+            yield PartPath.head(key, "udp"), was_udp, now_udp, False
 
 
 def _tcp_head(listener: Listener | None) -> str | None:
@@ -159,7 +156,7 @@ def _tcp_steps(key: str, was: Listener | None, now: Listener | None) -> Iterator
     if now is None or now_head is None:
         return
     if now_head != "l7":
-        path = ("listeners", key, now_head)
+        path = PartPath.head(key, now_head)
         before = getattr(was, now_head) if was is not None else None
         after = getattr(now, now_head)
         if before is not after and before != after:
@@ -174,14 +171,14 @@ def _tcp_steps(key: str, was: Listener | None, now: Listener | None) -> Iterator
 
 
 def _diff_l7(port: str, was: L7Listener, now: L7Listener) -> Iterator[_Step]:
-    base = ("listeners", port, "l7")
     if was.tls != now.tls or was.http2 != now.http2:
-        yield base, was, now, False
-    yield from _diff_map((*base, "rules"), was.rules, now.rules)
-    yield from _diff_map((*base, "exact"), was.hosts.exact, now.hosts.exact)
-    yield from _diff_map((*base, "wildcard"), was.hosts.wildcard, now.hosts.wildcard)
+        yield PartPath.head(port, "l7"), was, now, False
+    yield from _diff_map(partial(PartPath.rule, port), was.rules, now.rules)
+    for kind in ("exact", "wildcard"):
+        groups_was, groups_now = getattr(was.hosts, kind), getattr(now.hosts, kind)
+        yield from _diff_map(partial(PartPath.host_group, port, kind), groups_was, groups_now)
     if was.hosts.any is not now.hosts.any and was.hosts.any != now.hosts.any:
-        yield (*base, "any", ""), was.hosts.any, now.hosts.any, False
+        yield PartPath.host_group(port, "any", ""), was.hosts.any, now.hosts.any, False
 
 
 def _listed(port: str, was_port: Listener, now_port: Listener, paths: set[PartPath]) -> Iterator[_Step]:
@@ -191,16 +188,16 @@ def _listed(port: str, was_port: Listener, now_port: Listener, paths: set[PartPa
     for path in sorted(paths):
         before: _Model | None
         after: _Model | None
-        if len(path) == 3 and path[2] == "udp":
+        if path.face == "udp":
             if was_port.udp is not now_port.udp and was_port.udp != now_port.udp:
                 yield path, was_port.udp, now_port.udp, False
             continue
-        if len(path) == 3:
+        if path.is_head:
             if was.tls != now.tls or was.http2 != now.http2:
                 yield path, was, now, False
             continue
-        kind, key = path[3], path[4]
-        if kind == "rules":
+        kind, key = path.kind, path.key
+        if path.is_rule:
             before, after = was.rules.get(key), now.rules.get(key)
         elif kind == "any":
             before, after = was.hosts.any, now.hosts.any
@@ -210,32 +207,23 @@ def _listed(port: str, was_port: Listener, now_port: Listener, paths: set[PartPa
             yield path, before, after, False
 
 
-def _diff_map(prefix: PartPath, was: Mapping[str, _Model], now: Mapping[str, _Model]) -> Iterator[_Step]:
+def _diff_map(
+    path: Callable[[str], PartPath], was: Mapping[str, _Model], now: Mapping[str, _Model]
+) -> Iterator[_Step]:
+    """The steps between two maps of parts; path makes a key's part path."""
     if was is now:
         return
     for key, value in now.items():
         before = was.get(key)
         # Identity first: the compiler reuses the parts of routes that did not change.
         if before is not value and before != value:
-            yield (*prefix, key), before, value, False
+            yield path(key), before, value, False
     for key, value in was.items():
         if key not in now:
-            yield (*prefix, key), value, None, False
+            yield path(key), value, None, False
 
 
 # --- receiving ---
-
-_MODEL_OF: dict[str, type[BaseModel]] = {
-    "clusters": Cluster,
-    "l4": L4Listener,
-    "l7": L7Listener,
-    "passthrough": Passthrough,
-    "udp": UDPListener,
-    "rules": Rule,
-    "exact": HostRoutes,
-    "wildcard": HostRoutes,
-    "any": HostRoutes,
-}
 
 
 def parse(body: bytes | str) -> Delta:
@@ -260,14 +248,17 @@ def parse(body: bytes | str) -> Delta:
 
 def _change(i: int, item: Any) -> Change:
     where = f"delta.changes.{i}"
-    path = item.get("path") if isinstance(item, dict) else None
-    if not isinstance(path, list) or not all(isinstance(p, str) for p in path):
+    segments = item.get("path") if isinstance(item, dict) else None
+    if not isinstance(segments, list) or not all(isinstance(p, str) for p in segments):
         raise TableError(f"{where}.path: must be a list of strings")
-    kind = _kind_of(where, tuple(path))
-    if "value" not in item or item["value"] is None:
-        return tuple(path), None
     try:
-        value = _MODEL_OF[kind].model_validate(item["value"])
+        path = PartPath.from_wire(segments)
+    except PathError as err:
+        raise TableError(f"{where}.path: {err}") from None
+    if "value" not in item or item["value"] is None:
+        return path, None
+    try:
+        value = part_model(path).model_validate(item["value"])
     except ValidationError as err:
         first = err.errors()[0]
         inner = ".".join(str(p) for p in first["loc"])
@@ -275,23 +266,7 @@ def _change(i: int, item: Any) -> Change:
     if isinstance(value, L7Listener) and (value.rules or value.hosts != HostIndex()):
         raise TableError(f"{where}.value: an L7 head carries tls and http2 only; rules and hosts are parts")
     assert isinstance(value, _Model)
-    return tuple(path), value
-
-
-def _kind_of(where: str, path: PartPath) -> str:
-    """Which part a path names; raises TableError for a path that names none."""
-    if len(path) == 2 and path[0] == "clusters":
-        return "clusters"
-    if len(path) >= 3 and path[0] == "listeners":
-        if not path[1].isdigit() or not 1 <= int(path[1]) <= 65535:
-            raise TableError(f"{where}.path: port must be 1-65535, not {path[1]!r}")
-        if len(path) == 3 and path[2] in ("l4", "l7", "passthrough", "udp"):
-            return path[2]
-        if len(path) == 5 and path[2] == "l7" and path[3] in ("rules", *HOST_KINDS):
-            if path[3] == "any" and path[4] != "":
-                raise TableError(f"{where}.path: the any host group has the key ''")
-            return path[3]
-    raise TableError(f"{where}.path: {'/'.join(path)!r} names no part of a table")
+    return path, value
 
 
 # --- applying ---
@@ -339,6 +314,16 @@ class _Patch:
         self.touched_l4: set[int] = set()
         self.changed: set[PartPath] = set()  # every part path added, replaced or removed
 
+    def apply(self, path: PartPath, value: _Model | None) -> None:
+        """Set the part at path to value, or remove it (None): the one way a part changes."""
+        if path.is_cluster:
+            assert value is None or isinstance(value, Cluster)
+            self.cluster(path.name, value)
+        elif path.is_head:
+            self.head(path.port, path, value)
+        else:
+            self.sub_part(path.port, path, value)
+
     def add(self, path: PartPath, value: _Model) -> None:
         self.sum += part_hash(path, value)
         self.changed.add(path)
@@ -352,14 +337,15 @@ class _Patch:
             self.clusters = dict(self.table.clusters)
         before = self.clusters.pop(name, None)
         if before is not None:
-            self.subtract(("clusters", name), before)
+            self.subtract(PartPath.cluster(name), before)
         if value is None:
             self.removed_clusters.add(name)
             return
-        check_cluster(name, value)
+        path = PartPath.cluster(name)
+        check_part(path, value, self.clusters)
         self.clusters[name] = value
         self.removed_clusters.discard(name)
-        self.add(("clusters", name), value)
+        self.add(path, value)
 
     def drop_tcp(self, port: int) -> None:
         """Remove whatever listens on the TCP port, with all its parts; keep its UDP face."""
@@ -399,24 +385,24 @@ class _Patch:
         if draft is None:
             existing = self.listeners.get(port)
             if existing is None or existing.l7 is None:
-                raise TableError(f"delta: {'/'.join(path)}: port {port} has no L7 listener")
+                raise TableError(f"delta: {path}: port {port} has no L7 listener")
             draft = self.drafts[port] = _L7Draft(existing.l7)
         return draft
 
     def head(self, port: int, path: PartPath, value: _Model | None) -> None:
         """Set or remove a port's UDP face, or the head of its TCP face (an L4 or
         passthrough listener, an L7 head)."""
-        if path[2] == "udp":
+        if path.face == "udp":
             assert value is None or isinstance(value, UDPListener)
             self.set_udp(port, path, value)
             return
         current = self.listeners.get(port)
         is_l7 = port in self.drafts or (current is not None and current.l7 is not None)
-        if value is None or path[2] != "l7" or not is_l7:
+        if value is None or path.face != "l7" or not is_l7:
             self.drop_tcp(port)
             if isinstance(value, (L4Listener, Passthrough)):
                 udp = self.listeners.get(port)
-                face = {path[2]: value, **({"udp": udp.udp} if udp is not None else {})}
+                face = {path.face: value, **({"udp": udp.udp} if udp is not None else {})}
                 self.listeners[port] = Listener.build(**face)
                 self.touched_l4.add(port)
                 self.add(path, value)
@@ -433,13 +419,13 @@ class _Patch:
     def sub_part(self, port: int, path: PartPath, value: _Model | None) -> None:
         """Set or remove a rule or a host group of an L7 listener."""
         draft = self.draft(port, path)
-        kind, key = path[3], path[4]
-        target: dict[str, Any] = draft.rules if kind == "rules" else draft.groups[kind]
+        kind, key = path.kind, path.key
+        target: dict[str, Any] = draft.rules if path.is_rule else draft.groups[kind]
         before = target.get(key)
         if before is not None:
             del target[key]
             self.subtract(path, before)
-            if kind != "rules":
+            if not path.is_rule:
                 gone = [e.rule for e in entries_of(before)]
                 draft.rule_refs.subtract(gone)
                 for rid in gone:
@@ -450,7 +436,7 @@ class _Patch:
             self.add(path, value)
             if isinstance(value, HostRoutes):
                 draft.rule_refs.update(e.rule for e in entries_of(value))
-        if kind == "rules":
+        if path.is_rule:
             self.touched_rules.setdefault(port, set()).add(key)
             if value is None:
                 self.removed_rules.setdefault(port, set()).add(key)
@@ -486,28 +472,25 @@ class _Patch:
         """Check references where the delta changed something; the rest held before."""
         for port in self.touched_l4:
             if port in table.listeners:
-                check_l4_faces(f"listeners.{port}", table.listeners[port], table.clusters)
+                check_l4_faces(port, table.listeners[port], table.clusters)
         for port, ids in self.touched_rules.items():
             l7 = table.listeners[port].l7
             assert l7 is not None
             for rid in ids & set(l7.rules):
-                check_rule(f"listeners.{port}.l7.rules.{rid}", l7.rules[rid], table.clusters)
+                check_part(PartPath.rule(port, rid), l7.rules[rid], table.clusters)
         for port, groups in self.touched_groups.items():
             l7 = table.listeners[port].l7
             assert l7 is not None
             for kind, key in groups:
                 group = l7.hosts.any if kind == "any" else getattr(l7.hosts, kind).get(key)
-                where = f"listeners.{port}.l7.hosts.{kind}" + (f".{key}" if kind != "any" else "")
                 if group is not None:
-                    if kind != "any":
-                        check_host_key(where, kind, key)
-                    check_host_group(where, group, l7.rules)
+                    check_part(PartPath.host_group(port, kind, key), group, table.clusters, l7.rules)
         gone_clusters = self.removed_clusters - set(table.clusters)
         if gone_clusters:  # rare (a Service went away): look at every backend once
             for port, listener in table.listeners.items():
-                check_l4_faces(f"listeners.{port}", listener, table.clusters)
+                check_l4_faces(port, listener, table.clusters)
                 for rid, rule in (listener.l7.rules if listener.l7 is not None else {}).items():
-                    check_rule(f"listeners.{port}.l7.rules.{rid}", rule, table.clusters)
+                    check_part(PartPath.rule(port, rid), rule, table.clusters)
         for port, ids in self.removed_rules.items():
             draft = self.drafts.get(port)
             l7 = table.listeners[port].l7 if port in table.listeners else None
@@ -527,11 +510,5 @@ def patch(table: Table, delta: Delta) -> Table:
         raise BaseMismatch(f"the delta applies to {delta.base}, this dataplane serves {table.version}")
     work = _Patch(table)
     for path, value in delta.changes:
-        if path[0] == "clusters":
-            assert value is None or isinstance(value, Cluster)
-            work.cluster(path[1], value)
-        elif len(path) == 3:
-            work.head(int(path[1]), path, value)
-        else:
-            work.sub_part(int(path[1]), path, value)
+        work.apply(path, value)
     return work.result(delta)

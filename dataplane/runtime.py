@@ -486,9 +486,9 @@ def _scope(current: Table | None, table: Table) -> set[int] | None:
     """The ports a delta changed, when table came from current by a delta that changed no
     cluster; None: look at every port."""
     paths = table.changed_since(current.version) if current is not None else None
-    if paths is None or any(path[0] == "clusters" for path in paths):
+    if paths is None or any(path.is_cluster for path in paths):
         return None
-    return {int(path[1]) for path in paths}
+    return {path.port for path in paths}
 
 
 def _unchanged(port: int, listener: Listener, current: Table, table: Table) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .. import shared, table
 from ..balancer import Balancer, build
 from ..health import EndpointState, HealthRegistry
+from ..parts import PartPath
 from .cors import CorsPolicy
 from .dial import dial_for
 from .headers import Modifier
@@ -314,7 +315,7 @@ def build_config(
     contexts: Contexts | None,
     *,
     previous: L7Config | None = None,
-    changed: frozenset[tuple[str, ...]] | None = None,
+    changed: frozenset[PartPath] | None = None,
 ) -> L7Config:
     """The serving form of listener. What previous built from the same table objects is
     reused: a table patched by a delta shares every unchanged part with the one before.
@@ -342,7 +343,7 @@ def build_config(
         memory.forget_clusters(clusters.keys())
     if previous is not None and changed is not None and not rebuilt:
         rules = dict(previous.rules)
-        for rid in {path[4] for path in changed if len(path) == 5 and path[3] == "rules"}:
+        for rid in {path.key for path in changed if path.is_rule}:
             rule = listener.rules.get(rid)
             if rule is None:
                 gone = rules.pop(rid, None)
@@ -350,7 +351,7 @@ def build_config(
                     memory.forget_rule((gone.route, gone.index))
             else:
                 rules[rid] = _rule(rule, clusters, memory)
-        groups = {(path[3], path[4]) for path in changed if len(path) == 5 and path[3] != "rules"}
+        groups = {(path.kind, path.key) for path in changed if path.is_host_group}
         router = Router(listener, previous.router, groups)
         return L7Config(router=router, rules=rules, tls=tls, source=listener, clusters=clusters)
     old_rules = previous.rules if previous is not None else {}

@@ -117,7 +117,7 @@ class ServingL7(Serving[ClientConnection | H2Client]):
             paths = tbl.changed_since(self._built_from)
             if paths is not None:
                 port = str(self.port)
-                changed = frozenset(p for p in paths if p[0] == "clusters" or p[1] == port)
+                changed = frozenset(p for p in paths if p.is_cluster or p.name == port)
         self.config = build_config(
             l7, tbl, self.health, self.memory, contexts, previous=previous, changed=changed
         )

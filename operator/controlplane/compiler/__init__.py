@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from dataplane import table
 from dataplane.delta import Changes, carry_parts_sum
-from dataplane.table import PartPath
+from dataplane.parts import PartPath
 
 from ..resources.common import Condition
 from .backends import BackendResolver
@@ -343,7 +343,7 @@ def _references(snapshot: Snapshot, cache: CompileCache) -> tuple[BackendResolve
     kept = cache.references
     same = kept is not None and kept[0] is not None and len(kept[0]) == len(objects)
     if same and kept is not None and kept[0] is not None and all(map(operator.is_, kept[0], objects)):
-        return kept[1]  # type: ignore[no-any-return]
+        return kept[1]
     references = Snapshot(objects)
     secrets = SecretIndex(references)
     built = (BackendResolver(references, secrets), secrets)

@@ -16,12 +16,25 @@ their part hashes cost work in proportion to what changed.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .snapshot import Object, ObjectKey
 
+if TYPE_CHECKING:
+    from dataplane import table
 
-def fingerprint(obj: Object) -> Any:
+    from ..resources.common import Condition
+    from . import _State
+    from .backends import BackendResolver, Resolution
+    from .l7 import _RouteOut
+    from .ports import Invalid, Parsed
+    from .tls import SecretIndex
+
+# What a fingerprint is made of: hashable values that compare by content.
+Fingerprint = tuple[object, ...]
+
+
+def fingerprint(obj: Object) -> Fingerprint:
     meta = obj.get("metadata") or {}
     version = meta.get("resourceVersion")
     if version:
@@ -40,20 +53,25 @@ class CompileCache:
 
     def __init__(self) -> None:
         # id(obj) -> (obj, key, Parsed or the validation error), for objects seen last time
-        self.by_identity: dict[int, tuple[Object, ObjectKey, Any]] = {}
+        self.by_identity: dict[int, tuple[Object, ObjectKey, Parsed | Invalid]] = {}
         # key -> (fingerprint, Parsed or the validation error), for objects read again
-        self._entries: dict[ObjectKey, tuple[Any, Any]] = {}
+        self._entries: dict[ObjectKey, tuple[Fingerprint, Parsed | Invalid]] = {}
         # The Services, EndpointSlices and Secrets of the last compile, and what was
         # built from them (the backend resolver and the secret index).
-        self.references: tuple[tuple[Object, ...] | None, Any] | None = None
-        self.routes: dict[ObjectKey, tuple[Any, ...]] = {}  # L7Route -> its compiled output
-        self.l4: dict[ObjectKey, tuple[Any, ...]] = {}  # L4Listener -> its listener
-        self.statuses: dict[ObjectKey, tuple[tuple[Any, ...], Any]] = {}
-        self.state: Any = None  # the last compile's result and ports, to start the next from
+        self.references: tuple[tuple[Object, ...] | None, tuple[BackendResolver, SecretIndex]] | None = None
+        # L7Route -> (its parse, the resolver and the signature of its references it was
+        # compiled with, its compiled output)
+        self.routes: dict[ObjectKey, tuple[Parsed, BackendResolver, tuple[object, ...], _RouteOut]] = {}
+        # L4Listener -> (its parse, the resolver, its listener and how its backends resolved)
+        self.l4: dict[ObjectKey, tuple[Parsed, BackendResolver, tuple[table.Listener, Resolution]]] = {}
+        # object -> ((the function that made its conditions, its parse, its other inputs),
+        # the conditions); see port.memo_status
+        self.statuses: dict[ObjectKey, tuple[tuple[object, ...], list[Condition]]] = {}
+        self.state: _State | None = None  # the last compile's result and ports, to start the next from
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: ObjectKey, print_: Any) -> Any | None:
+    def get(self, key: ObjectKey, print_: Fingerprint) -> Parsed | Invalid | None:
         entry = self._entries.get(key)
         if entry is not None and entry[0] == print_:
             self.hits += 1
@@ -61,7 +79,7 @@ class CompileCache:
         self.misses += 1
         return None
 
-    def put(self, key: ObjectKey, print_: Any, result: Any) -> None:
+    def put(self, key: ObjectKey, print_: Fingerprint, result: Parsed | Invalid) -> None:
         self._entries[key] = (print_, result)
 
     def retain(self, keys: set[ObjectKey]) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from dataplane import table
-from dataplane.table import PartPath
+from dataplane.parts import PartPath
 
 from ..resources.common import HeaderKey, parse_duration
 from ..resources.l7route import (
@@ -176,11 +176,11 @@ def _route_out(parsed: Parsed, context: Context) -> _RouteOut:
     # changed (force): no lookups needed.
     if kept is not None and kept[0] is parsed:
         if kept[1] is resolver and parsed.key not in context.force:
-            return kept[3]  # type: ignore[no-any-return]
+            return kept[3]
         signature = _route_signature(parsed, resolver, secrets)
         if kept[2] == signature:
             cache.routes[parsed.key] = (parsed, resolver, signature, kept[3])
-            return kept[3]  # type: ignore[no-any-return]
+            return kept[3]
     else:
         signature = _route_signature(parsed, resolver, secrets)
     out = _compile_route(parsed, resolver, secrets)
@@ -270,12 +270,12 @@ class L7Port:
         self.changed = None
         if before is not None and self.listener is not None and changed is not None:
             port = str(self.port)
-            self.changed = {("listeners", port, "l7", "rules", rid) for rid in changed_rules}
-            self.changed |= {("listeners", port, "l7", kind, k) for kind, k in touched}
+            self.changed = {PartPath.rule(port, rid) for rid in changed_rules}
+            self.changed |= {PartPath.host_group(port, kind, k) for kind, k in touched}
             head = self.listener.l7
             assert head is not None
             if before.l7 is None or before.l7.tls is not head.tls or before.l7.http2 != head.http2:
-                self.changed.add(("listeners", port, "l7"))
+                self.changed.add(PartPath.head(port, "l7"))
 
     def _refreeze(self, touched: set[Group]) -> None:
         """Rebuild the host groups in touched; keep the key order of the groups map."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dataplane import table
-from dataplane.table import PartPath
+from dataplane.parts import PartPath
 
 from ..resources.common import Condition
 from ..resources.l4listener import L4Listener
@@ -195,7 +195,7 @@ def l4_listener(
     assert isinstance(p.model, L4Listener)
     kept = cache.l4.get(p.key)
     if kept is not None and kept[0] is p and kept[1] is resolver and not force:
-        return kept[2]  # type: ignore[no-any-return]
+        return kept[2]
     spec = p.model.spec
     resolution = resolver.resolve(p.key.namespace, spec.backendRefs, "spec.backendRefs", spec.protocol)
     if spec.protocol == "UDP":
@@ -227,7 +227,7 @@ def memo_status(
     comes back, which tells the operator the status did not change."""
     kept = cache.statuses.get(p.key)
     if kept is not None and kept[0][0] is make and kept[0][1] is p and kept[0][2:] == inputs:
-        return kept[1]  # type: ignore[no-any-return]
+        return kept[1]
     conditions = make(p, *inputs)
     cache.statuses[p.key] = ((make, p, *inputs), conditions)
     return conditions
