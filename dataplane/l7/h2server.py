@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import TYPE_CHECKING, Any, cast
 
 import h2.config
@@ -66,6 +67,16 @@ SHUT_LINGER = 1.0
 # Connection-specific fields (RFC 9113 8.2.2) and framing: never in an HTTP/2 response.
 _NOT_FORWARDED = HOP_BY_HOP | FRAMING
 _STATUS = {status: b"%d" % status for status in range(100, 600)}
+
+# What an HTTP/1.1 backend will read as one request line and one field line. h2 itself only
+# refuses NUL, CR and LF (RFC 9113 8.2.1), so a :method or :path with a space, a :path in
+# absolute form or a field with another control character would reach an HTTP/1.1 backend
+# as bytes llhttp never lets through from an HTTP/1.1 client: a request line another
+# parser may split differently, a Host the target's authority overrides.
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_NAME = _METHOD
+_PATH = re.compile(rb"/[\x21-\x7e\x80-\xff]*")
+_FIELD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _ServerConnection(h2.connection.H2Connection):
@@ -744,6 +755,14 @@ def h2_request_head(fields: Headers, ended: bool, max_fields: int) -> RequestHea
             regular.append((name, value))
     if len(regular) > max_fields:
         raise BadMessage(431, "too many header fields")
+    if _METHOD.fullmatch(method) is None:
+        raise BadMessage(400, ":method is not a token (RFC 9110 9.1)")
+    if _PATH.fullmatch(path) is None:
+        # (also "*" and the absolute form: the target is :scheme and :authority, RFC 9113 8.3.1)
+        raise BadMessage(400, ":path must be an absolute path with no space or control character")
+    for name, value in regular:
+        if _FIELD_NAME.fullmatch(name) is None or _FIELD_CONTROL.search(value) is not None:
+            raise BadMessage(400, f"header {name[:64]!r} has a character HTTP/1.1 does not allow")
     if authority:
         if any(h != authority for h in hosts):
             raise BadMessage(400, "the Host header differs from :authority")
