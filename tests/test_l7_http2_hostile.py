@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import h2.errors
 import pytest
 
 from .h2kit import H2Probe, get
@@ -63,4 +64,91 @@ async def test_heads_http1_cannot_carry_are_refused_before_the_backend(
         status, _, _ = await get(probe, "/after")
         assert status == 200 and [r.target for r in backend.requests] == ["/after"]
         assert probe.goaway() is None
+        await probe.close()
+
+
+# Heads RFC 9113 calls malformed (8.1.1, 8.2, 8.3), which h2 refuses: each must reset its
+# own stream (PROTOCOL_ERROR), never the connection with the other streams on it.
+MALFORMED: dict[str, list[tuple[str, str]]] = {
+    "CRLF in a value": [("x-a", "1\r\nx-injected: 1")],
+    "LF in a value": [("x-a", "1\nx-injected: 1")],
+    "NUL in a value": [("x-a", "1\x00x")],
+    "CRLF in a name": [("x-a\r\nx-injected", "1")],
+    "colon in a name": [("x-a:b", "1")],
+    "space in a name": [("x-a b", "1")],
+    "uppercase name": [("X-A", "1")],
+    "leading space in a value": [("x-a", " 1")],
+    "transfer-encoding": [("transfer-encoding", "chunked")],
+    "connection": [("connection", "close")],
+    "keep-alive": [("keep-alive", "timeout=5")],
+    "upgrade": [("upgrade", "websocket")],
+    "te other than trailers": [("te", "gzip")],
+    "host differing from :authority": [("host", "evil.test")],
+    "content-length list": [("content-length", "0, 0")],
+    "content-length signed": [("content-length", "+0")],
+    "unknown pseudo-header": [(":foo", "1")],
+    "pseudo-header after a field": [("x-a", "1"), (":path", "/again")],
+    ":protocol without the setting": [(":protocol", "websocket")],
+}
+
+
+async def in_flight(probe: H2Probe) -> tuple[int, bytes]:
+    """A POST whose body is half sent: a stream the malformed one must not take down."""
+    body = b"0123456789" * 100
+    sid = probe.request("/in-flight", method="POST", headers=[("content-length", str(len(body)))], end=False)
+    await probe.send_body(sid, body[:500], end=False)
+    return sid, body
+
+
+async def finish(probe: H2Probe, backend: RawBackend, sid: int, body: bytes) -> None:
+    await probe.send_body(sid, body[500:])
+    await probe.until(lambda p: p.ended(sid))
+    status, _, echoed = probe.response(sid)
+    assert status == 200 and b'"body_length": 1000' in echoed
+    assert probe.goaway() is None and not backend.malformed
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+async def test_malformed_head_resets_its_stream_only(backend: RawBackend, name: str) -> None:
+    port = free_port()
+    async with serving(raw_table(port, backend)):
+        probe = await hostile_probe(port)
+        sid, body = await in_flight(probe)
+        bad = probe.h2.get_next_available_stream_id()
+        fields = [(":method", "GET"), (":path", "/bad"), (":scheme", "http"), (":authority", "h2.test")]
+        probe.h2.send_headers(bad, fields + MALFORMED[name], end_stream=True)
+        probe.flush()
+        await probe.until(lambda p: p.ended(bad))
+        assert probe.reset_code(bad) == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        await finish(probe, backend, sid, body)
+        assert [r.target for r in backend.requests] == ["/in-flight"]
+        assert b"injected" not in b"".join(c.received for c in backend.connections)
+        await probe.close()
+
+
+@pytest.mark.parametrize(("declared", "sent"), [(10, 5), (3, 5), (10, 15)])
+async def test_content_length_disagreeing_with_data_resets_the_stream_and_smuggles_nothing(
+    backend: RawBackend, declared: int, sent: int
+) -> None:
+    """Less DATA than content-length, more, and more in a second frame (the first forwarded):
+    the stream is reset, the backend connection that took a partial body is not reused (the
+    next request would be read as the rest of it), the other streams go on."""
+    port = free_port()
+    async with serving(raw_table(port, backend)):
+        probe = await hostile_probe(port)
+        sid, body = await in_flight(probe)
+        bad = probe.request("/lying", method="POST", headers=[("content-length", str(declared))], end=False)
+        first = min(sent, declared - 1)
+        probe.h2.send_data(bad, b"GET /smuggled HTTP/1.1\r\n"[:first])
+        probe.flush()
+        probe.h2.send_data(bad, b"x" * (sent - first), end_stream=True)
+        probe.flush()
+        await probe.until(lambda p: p.ended(bad))
+        assert probe.reset_code(bad) == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        await finish(probe, backend, sid, body)
+        for _ in range(3):
+            assert (await get(probe, "/after"))[0] == 200
+        targets = [r.target for r in backend.requests]
+        assert "/smuggled" not in targets and targets.count("/after") == 3
+        assert all(r.target != "/lying" or len(r.body) == declared for r in backend.requests)
         await probe.close()
