@@ -5,16 +5,24 @@ is refused on its own (4xx or RST_STREAM) while the connection's other streams g
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
 
+import h2.config
+import h2.connection
 import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
 import pytest
 
 from .h2kit import H2Probe, get
 from .helpers import free_port
 from .l7kit import serving
 from .rawkit import RawBackend, raw_table
+from .test_l7_upstream_h2 import ask, h2_table
 
 
 @pytest.fixture
@@ -152,3 +160,88 @@ async def test_content_length_disagreeing_with_data_resets_the_stream_and_smuggl
         assert "/smuggled" not in targets and targets.count("/after") == 3
         assert all(r.target != "/lying" or len(r.body) == declared for r in backend.requests)
         await probe.close()
+
+
+# --- a hostile h2c backend ---
+
+
+class HostileBackend(asyncio.Protocol):
+    """An h2c server that answers every request with what `answer` writes, valid or not."""
+
+    def __init__(self, answer: Callable[[h2.connection.H2Connection, int], None], max_streams: int) -> None:
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self.h2 = h2.connection.H2Connection(config)
+        self.h2.local_settings = h2.settings.Settings(
+            client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams}
+        )
+        self.answer = answer
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.initiate_connection()
+        self.transport.write(self.h2.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            self.transport.close()
+            return
+        for event in events:
+            if isinstance(event, h2.events.StreamEnded) and event.stream_id:
+                self.answer(self.h2, event.stream_id)
+        self.transport.write(self.h2.data_to_send())
+
+
+@contextlib.asynccontextmanager
+async def hostile_backend(
+    answer: Callable[[h2.connection.H2Connection, int], None], *, max_streams: int = 100
+) -> AsyncIterator[tuple[int, list[HostileBackend]]]:
+    made: list[HostileBackend] = []
+
+    def protocol() -> HostileBackend:
+        made.append(HostileBackend(answer, max_streams))
+        return made[-1]
+
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], made
+    finally:
+        server.close()
+        for conn in made:
+            if conn.transport is not None:
+                conn.transport.close()
+
+
+def head_only(*fields: tuple[bytes, bytes]) -> Callable[[h2.connection.H2Connection, int], None]:
+    def answer(conn: h2.connection.H2Connection, sid: int) -> None:
+        conn.send_headers(sid, list(fields), end_stream=True)
+
+    return answer
+
+
+HOSTILE_ANSWERS: dict[str, Callable[[h2.connection.H2Connection, int], None]] = {
+    "a status of four digits": head_only((b":status", b"2000")),
+    "a status under 100": head_only((b":status", b"099")),
+    "a status that is no number": head_only((b":status", b"2x0")),
+    "no status": head_only((b"x-a", b"1")),
+    "connection-specific fields": head_only((b":status", b"200"), (b"transfer-encoding", b"chunked")),
+    "CRLF in a field": head_only((b":status", b"200"), (b"x-a", b"1\r\nx-injected: 1")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_ANSWERS))
+async def test_a_broken_h2c_response_is_a_502(name: str) -> None:
+    async with hostile_backend(HOSTILE_ANSWERS[name]) as (backend_port, _):
+        port = free_port()
+        async with serving(h2_table(port, backend_port)):
+            status, headers, body = await ask(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert status == 502, (status, headers, body)
+            assert "x-injected" not in headers and "transfer-encoding" not in headers
