@@ -245,3 +245,12 @@ async def test_a_broken_h2c_response_is_a_502(name: str) -> None:
             status, headers, body = await ask(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
             assert status == 502, (status, headers, body)
             assert "x-injected" not in headers and "transfer-encoding" not in headers
+
+
+async def test_a_backend_that_allows_no_stream_is_a_502_without_a_connection_storm() -> None:
+    async with hostile_backend(head_only((b":status", b"200")), max_streams=0) as (backend_port, made):
+        port = free_port()
+        async with serving(h2_table(port, backend_port)):
+            status, _, body = await ask(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert status in (502, 503), body
+            assert len(made) <= 2  # (it was one connection per SETTINGS, in a loop, until a timeout)
