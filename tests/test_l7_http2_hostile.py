@@ -17,6 +17,9 @@ import h2.events
 import h2.exceptions
 import h2.settings
 import pytest
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
+
+from dataplane.l7 import h2server
 
 from .h2kit import H2Probe, get
 from .helpers import free_port
@@ -227,7 +230,20 @@ def head_only(*fields: tuple[bytes, bytes]) -> Callable[[h2.connection.H2Connect
     return answer
 
 
+def pseudo_trailers(conn: h2.connection.H2Connection, sid: int) -> None:
+    conn.send_headers(sid, [(b":status", b"200")])
+    conn.send_data(sid, b"ok")
+    conn.send_headers(sid, [(b":status", b"500"), (b"x-t", b"1")], end_stream=True)
+
+
+def short_body(conn: h2.connection.H2Connection, sid: int) -> None:
+    conn.send_headers(sid, [(b":status", b"200"), (b"content-length", b"100")])
+    conn.send_data(sid, b"ok", end_stream=True)
+
+
 HOSTILE_ANSWERS: dict[str, Callable[[h2.connection.H2Connection, int], None]] = {
+    "a pseudo-header in trailers": pseudo_trailers,
+    "a body shorter than its content-length": short_body,
     "a status of four digits": head_only((b":status", b"2000")),
     "a status under 100": head_only((b":status", b"099")),
     "a status that is no number": head_only((b":status", b"2x0")),
@@ -254,3 +270,72 @@ async def test_a_backend_that_allows_no_stream_is_a_502_without_a_connection_sto
             status, _, body = await ask(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
             assert status in (502, 503), body
             assert len(made) <= 2  # (it was one connection per SETTINGS, in a loop, until a timeout)
+
+
+# --- resource exhaustion ---
+
+
+async def test_resets_the_client_makes_the_server_send_count_too(backend: RawBackend) -> None:
+    """MadeYouReset (CVE-2025-8671): DATA on a stream the client already ended makes the
+    server reset it (STREAM_CLOSED); a cap counting only the client's RST_STREAM frames
+    would let it start backend requests without bound. The backend never holds more than
+    MAX_STREAMS of its requests at once, and the connection gets GOAWAY ENHANCE_YOUR_CALM."""
+    never = RawBackend(lambda conn, request: b"")  # holds every request
+    await never.start()
+    port = free_port()
+    try:
+        async with serving(raw_table(port, never)):
+            probe = await H2Probe.open(port)
+            await probe.until(lambda p: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in p.events))
+            probe.h2.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 100_000
+            probe.h2.remote_settings.acknowledge()
+            for n in range(h2server.MAX_RESETS * 2):
+                sid = probe.request(f"/held/{n}")
+                frame = DataFrame(sid)
+                frame.data = b"x"
+                probe.write(frame.serialize())
+                if probe.writer.is_closing():
+                    break
+                with contextlib.suppress(ConnectionError):
+                    await probe.writer.drain()
+            await probe.until(lambda p: p.goaway() is not None, 10)
+            goaway = probe.goaway()
+            assert goaway is not None and goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+            assert never.count <= h2server.MAX_STREAMS
+    finally:
+        await never.stop()
+
+
+async def test_empty_continuation_frames_cannot_hold_a_header_block_open(backend: RawBackend) -> None:
+    """Zero-length CONTINUATION frames add nothing to the block's size: h2's cap on their
+    number ends the connection."""
+    port = free_port()
+    async with serving(raw_table(port, backend)):
+        probe = await H2Probe.open(port)
+        headers = HeadersFrame(1)
+        headers.data = probe.h2.encoder.encode([(":method", "GET"), (":path", "/")])
+        probe.write(headers.serialize())
+        empty = ContinuationFrame(1).serialize()
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):
+                probe.write(empty * 100)
+                await probe.writer.drain()
+        await probe.until(lambda p: p.closed or p.goaway() is not None, 10)
+        assert probe.closed or probe.goaway() is not None
+        assert backend.count == 0
+
+
+async def test_pseudo_header_in_request_trailers_resets_that_stream_only(backend: RawBackend) -> None:
+    port = free_port()
+    async with serving(raw_table(port, backend)):
+        probe = await hostile_probe(port)
+        sid, body = await in_flight(probe)
+        bad = probe.request("/trailing", method="POST", end=False)
+        await probe.send_body(bad, b"abc", end=False)
+        probe.h2.send_headers(bad, [(":path", "/evil"), ("x-t", "1")], end_stream=True)
+        probe.flush()
+        await probe.until(lambda p: p.ended(bad))
+        assert probe.reset_code(bad) == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        await finish(probe, backend, sid, body)
+        assert b"evil" not in b"".join(c.received for c in backend.connections)
+        await probe.close()
