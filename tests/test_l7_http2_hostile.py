@@ -339,3 +339,48 @@ async def test_pseudo_header_in_request_trailers_resets_that_stream_only(backend
         await finish(probe, backend, sid, body)
         assert b"evil" not in b"".join(c.received for c in backend.connections)
         await probe.close()
+
+
+async def test_a_body_still_coming_after_the_backend_answered_never_reaches_a_reused_connection() -> None:
+    """The backend answers after the head; the client's DATA goes on. The backend connection
+    holding half a body is never given another request (it would be read as the body)."""
+    received: list[bytearray] = []
+
+    async def answer_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen = bytearray()
+        received.append(seen)
+        answered = 0
+        while data := await reader.read(65536):
+            seen += data
+            while seen.count(b"\r\n\r\n") > answered:
+                answered += 1
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        writer.close()
+
+    server = await asyncio.start_server(answer_at_once, "127.0.0.1", 0)
+    origin = RawBackend()
+    origin.port = server.sockets[0].getsockname()[1]
+    port = free_port()
+    try:
+        async with serving(raw_table(port, origin)):
+            probe = await H2Probe.open(port)
+            for fields in ([("content-length", "100")], []):  # forwarded with a length, and chunked
+                sid = probe.request("/early", method="POST", headers=fields, end=False)
+                await probe.send_body(sid, b"a" * 10, end=False)
+                await probe.until(lambda p, sid=sid: p.response(sid)[0] != 0 or p.ended(sid))
+                assert probe.response(sid)[0] == 200
+                await probe.send_body(
+                    sid, b"GET /smuggled HTTP/1.1\r\nhost: h2.test\r\n\r\n".ljust(90), end=True
+                )
+                for _ in range(2):
+                    assert (await get(probe, "/after"))[0] == 200
+            for seen in received:
+                if b"POST /early" in seen:  # its connection carries nothing after that request
+                    assert (
+                        seen.count(b"HTTP/1.1\r\n")
+                        == seen[: seen.index(b"POST /early")].count(b"HTTP/1.1\r\n") + 1
+                    )
+            assert not any(b"/smuggled" in seen for seen in received)
+            await probe.close()
+    finally:
+        server.close()
