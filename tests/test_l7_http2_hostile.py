@@ -384,3 +384,41 @@ async def test_a_body_still_coming_after_the_backend_answered_never_reaches_a_re
             await probe.close()
     finally:
         server.close()
+
+
+def refuse_every_stream(conn: h2.connection.H2Connection, sid: int) -> None:
+    conn.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+
+
+def goaway_every_stream(conn: h2.connection.H2Connection, sid: int) -> None:
+    conn.close_connection(last_stream_id=0)
+
+
+def overflow_the_window(conn: h2.connection.H2Connection, sid: int) -> None:
+    # A connection WINDOW_UPDATE taking the proxy's send window past 2^31-1 (RFC 9113 6.9.1),
+    # written past h2, which would refuse to send it.
+    increment = (2**31 - 1).to_bytes(4, "big")
+    conn._data_to_send += (4).to_bytes(3, "big") + bytes([8, 0]) + bytes(4) + increment
+    conn.send_headers(sid, [(b":status", b"200")], end_stream=True)
+
+
+@pytest.mark.parametrize(
+    ("answer", "status"),
+    [(refuse_every_stream, 503), (goaway_every_stream, 503), (overflow_the_window, 502)],
+)
+async def test_an_h2c_backend_that_refuses_everything_is_tried_a_bounded_number_of_times(
+    answer: Callable[[h2.connection.H2Connection, int], None], status: int
+) -> None:
+    """A request refused (REFUSED_STREAM, or above a GOAWAY's last stream) is safe to send
+    again: it is, once, never in a loop; a window overflow is the backend's broken HTTP/2."""
+    streams: list[int] = []
+
+    def counted(conn: h2.connection.H2Connection, sid: int) -> None:
+        streams.append(sid)
+        answer(conn, sid)
+
+    async with hostile_backend(counted) as (backend_port, made):
+        port = free_port()
+        async with serving(h2_table(port, backend_port)):
+            assert (await ask(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"))[0] == status
+            assert len(streams) <= 2 and len(made) <= 2
