@@ -422,3 +422,16 @@ async def test_an_h2c_backend_that_refuses_everything_is_tried_a_bounded_number_
         async with serving(h2_table(port, backend_port)):
             assert (await ask(port, b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"))[0] == status
             assert len(streams) <= 2 and len(made) <= 2
+
+
+async def test_a_grpc_call_to_a_broken_h2c_backend_ends_internal() -> None:
+    """h2 end to end: the client's gRPC call gets a gRPC status (13 INTERNAL), not a bare 502."""
+    async with hostile_backend(HOSTILE_ANSWERS["a status of four digits"]) as (backend_port, _):
+        port = free_port()
+        async with serving(h2_table(port, backend_port)):
+            probe = await H2Probe.open(port)
+            grpc = [("content-type", "application/grpc"), ("te", "trailers")]
+            status, headers, _ = await get(probe, "/pkg.Svc/Call", method="POST", headers=grpc, body=bytes(5))
+            assert status == 200 and headers.get(b"grpc-status") == b"13", headers
+            assert probe.goaway() is None
+            await probe.close()
