@@ -435,3 +435,27 @@ async def test_a_grpc_call_to_a_broken_h2c_backend_ends_internal() -> None:
             assert status == 200 and headers.get(b"grpc-status") == b"13", headers
             assert probe.goaway() is None
             await probe.close()
+
+
+@pytest.mark.parametrize("sent", [0, 3])
+async def test_a_stream_ending_short_of_its_content_length_without_data_is_reset(
+    backend: RawBackend, sent: int
+) -> None:
+    """END_STREAM on the HEADERS (0 bytes), or on trailers after 3 bytes, of a request whose
+    content-length is 5: h2 checks only DATA that ends a stream, and the backend was left
+    waiting for a body that never came (stream and backend connection held to the timeout)."""
+    port = free_port()
+    async with serving(raw_table(port, backend)):
+        probe = await hostile_probe(port)
+        sid, body = await in_flight(probe)
+        bad = probe.request("/short", method="POST", headers=[("content-length", "5")], end=not sent)
+        if sent:
+            await probe.send_body(bad, b"x" * sent, end=False)
+            probe.h2.send_headers(bad, [("x-t", "1")], end_stream=True)
+            probe.flush()
+        await probe.until(lambda p: p.ended(bad), 5)
+        assert probe.reset_code(bad) == h2.errors.ErrorCodes.PROTOCOL_ERROR
+        await finish(probe, backend, sid, body)
+        assert (await get(probe, "/after"))[0] == 200
+        assert all(len(r.body) == 5 for r in backend.requests if r.target == "/short")
+        await probe.close()

@@ -87,6 +87,20 @@ class _ServerStream(h2.stream.H2Stream):
     """h2's stream, whose malformed-message errors (field rules, content-length) are told
     apart from the connection errors h2 raises them as."""
 
+    def receive_headers(self, headers: Any, end_stream: bool, header_encoding: Any) -> Any:
+        declared = self._expected_content_length
+        done = super().receive_headers(headers, end_stream, header_encoding)
+        if declared is not None:
+            # Trailers: h2 reads content-length from them too, and forgets the request's.
+            self._expected_content_length = declared
+        # h2 compares content-length with the DATA only when DATA ends the stream: a HEADERS
+        # or trailers with END_STREAM after fewer bytes got through, and the backend was
+        # sent a content-length whose body never came (its connection held until a timeout).
+        expected = self._expected_content_length
+        if end_stream and expected is not None and expected != self._actual_content_length:
+            raise _Malformed(f"content-length {expected}, {self._actual_content_length} bytes of DATA")
+        return done
+
     def _process_received_headers(self, *args: Any) -> Any:
         try:
             return super()._process_received_headers(*args)
