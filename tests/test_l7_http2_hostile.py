@@ -459,3 +459,25 @@ async def test_a_stream_ending_short_of_its_content_length_without_data_is_reset
         assert (await get(probe, "/after"))[0] == 200
         assert all(len(r.body) == 5 for r in backend.requests if r.target == "/short")
         await probe.close()
+
+
+def short_body_then_trailers(conn: h2.connection.H2Connection, sid: int) -> None:
+    conn.send_headers(sid, [(b":status", b"200"), (b"content-length", b"100")])
+    conn.send_data(sid, b"ok")
+    conn.send_headers(sid, [(b"x-t", b"1")], end_stream=True)
+
+
+async def test_an_h2c_body_short_of_its_content_length_ended_by_trailers_cuts_the_client() -> None:
+    """The HTTP/1.1 client was told content-length 100 and given 2 bytes; its connection went
+    on, and it read the next response on it as the other 98 (response queue poisoning)."""
+    async with hostile_backend(short_body_then_trailers) as (backend_port, _):
+        port = free_port()
+        async with serving(h2_table(port, backend_port)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+            received = b""
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(65536):
+                    received += chunk
+            writer.close()
+            assert b"okHTTP/1.1" not in received  # (the connection is closed: the loop ended)
