@@ -21,7 +21,7 @@ from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
 from dataplane.l7 import h2server
 
-from .h2kit import H2Probe, get
+from .h2kit import H2Probe, get, poll
 from .helpers import free_port
 from .l7kit import serving
 from .rawkit import RawBackend, raw_table
@@ -481,3 +481,25 @@ async def test_an_h2c_body_short_of_its_content_length_ended_by_trailers_cuts_th
                     received += chunk
             writer.close()
             assert b"okHTTP/1.1" not in received  # (the connection is closed: the loop ended)
+
+
+async def test_streams_that_never_end_their_request_are_timed_out_and_free_the_backend(
+    backend: RawBackend,
+) -> None:
+    """A full connection of streams whose request never ends (no END_STREAM, no DATA): each
+    one is answered (408) or reset after the idle timeout, and no backend connection stays
+    open for them."""
+    port = free_port()
+    async with serving(raw_table(port, backend), idle_timeout=0.5):
+        probe = await H2Probe.open(port)
+        await probe.until(lambda p: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in p.events))
+        sids = [
+            probe.request(f"/open/{n}", method="POST", headers=[("content-length", "10")], end=False)
+            for n in range(h2server.MAX_STREAMS)
+        ]
+        await probe.until(lambda p: all(p.ended(s) for s in sids), 20)
+        assert all(probe.response(s)[0] in (408, 504) or probe.reset_code(s) is not None for s in sids)
+        await poll(lambda: all(c.closed for c in backend.connections))
+        assert len(backend.connections) == h2server.MAX_STREAMS  # (the heads were forwarded)
+        assert probe.goaway() is None
+        await probe.close()
