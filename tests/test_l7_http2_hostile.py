@@ -243,6 +243,7 @@ def short_body(conn: h2.connection.H2Connection, sid: int) -> None:
 
 HOSTILE_ANSWERS: dict[str, Callable[[h2.connection.H2Connection, int], None]] = {
     "a pseudo-header in trailers": pseudo_trailers,
+    "ten thousand fields": head_only((b":status", b"200"), *[(b"x-%d" % n, b"1") for n in range(10_000)]),
     "a body shorter than its content-length": short_body,
     "a status of four digits": head_only((b":status", b"2000")),
     "a status under 100": head_only((b":status", b"099")),
