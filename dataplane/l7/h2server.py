@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from typing import TYPE_CHECKING, Any, cast
 
 import h2.config
@@ -35,7 +36,7 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 from h2.connection import _decode_headers  # (keeps HPACK in step for a refused stream)
-from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from .exchange import Exchange
 from .framing import FRAMING, HOP_BY_HOP, NO_BODY, BadMessage, Headers, RequestHead, request_head
@@ -67,14 +68,92 @@ SHUT_LINGER = 1.0
 _NOT_FORWARDED = HOP_BY_HOP | FRAMING
 _STATUS = {status: b"%d" % status for status in range(100, 600)}
 
+# What an HTTP/1.1 backend will read as one request line and one field line. h2 itself only
+# refuses NUL, CR and LF (RFC 9113 8.2.1), so a :method or :path with a space, a :path in
+# absolute form or a field with another control character would reach an HTTP/1.1 backend
+# as bytes llhttp never lets through from an HTTP/1.1 client: a request line another
+# parser may split differently, a Host the target's authority overrides.
+_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_NAME = _METHOD
+_PATH = re.compile(rb"/[\x21-\x7e\x80-\xff]*")
+_FIELD_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class _Malformed(h2.exceptions.ProtocolError):
+    """One stream's message is malformed (RFC 9113 8.1.1): a stream error, not the connection's."""
+
+
+class _ServerStream(h2.stream.H2Stream):
+    """h2's stream, whose malformed-message errors (field rules, content-length) are told
+    apart from the connection errors h2 raises them as."""
+
+    def receive_headers(self, headers: Any, end_stream: bool, header_encoding: Any) -> Any:
+        declared = self._expected_content_length
+        done = super().receive_headers(headers, end_stream, header_encoding)
+        if declared is not None:
+            # Trailers: h2 reads content-length from them too, and forgets the request's.
+            self._expected_content_length = declared
+        # h2 compares content-length with the DATA only when DATA ends the stream: a HEADERS
+        # or trailers with END_STREAM after fewer bytes got through, and the backend was
+        # sent a content-length whose body never came (its connection held until a timeout).
+        expected = self._expected_content_length
+        if end_stream and expected is not None and expected != self._actual_content_length:
+            raise _Malformed(f"content-length {expected}, {self._actual_content_length} bytes of DATA")
+        return done
+
+    def _process_received_headers(self, *args: Any) -> Any:
+        try:
+            return super()._process_received_headers(*args)
+        except h2.exceptions.ProtocolError as err:
+            raise _Malformed(str(err)) from err
+
+    def _initialize_content_length(self, *args: Any) -> None:
+        try:
+            super()._initialize_content_length(*args)
+        except h2.exceptions.ProtocolError as err:
+            raise _Malformed(str(err)) from err
+
+    def _track_content_length(self, *args: Any) -> None:
+        try:
+            super()._track_content_length(*args)
+        except h2.exceptions.ProtocolError as err:
+            raise _Malformed(str(err)) from err
+
 
 class _ServerConnection(h2.connection.H2Connection):
     """h2's connection, with a stream over SETTINGS_MAX_CONCURRENT_STREAMS refused on its
-    own (RST_STREAM REFUSED_STREAM, RFC 9113 5.1.2) rather than the whole connection."""
+    own (RST_STREAM REFUSED_STREAM, RFC 9113 5.1.2) rather than the whole connection, and
+    a malformed request reset on its own (RST_STREAM PROTOCOL_ERROR, RFC 9113 8.1.1): h2
+    makes both connection errors, so one bad stream cut every stream a client (or the
+    many users a front proxy multiplexes) had on the connection."""
+
+    def _begin_new_stream(self, stream_id: int, allowed_ids: Any) -> h2.stream.H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _ServerStream  # (h2 builds its own class; this adds no state)
+        return stream
+
+    def _malformed(self, stream_id: int) -> Any:
+        """Reset the stream, and tell H2Client as a reset (its exchange ends, and the reset
+        counts against the rapid-reset cap: resets the client makes us send count too)."""
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.reset_stream(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        code = h2.errors.ErrorCodes.PROTOCOL_ERROR
+        return [], [h2.events.StreamReset(stream_id=stream_id, error_code=code, remote_reset=False)]
+
+    def _receive_data_frame(self, frame: DataFrame) -> Any:
+        try:
+            return super()._receive_data_frame(frame)
+        except _Malformed:
+            # The connection window was spent on it and no DataReceived will give it back.
+            if frame.flow_controlled_length:
+                self.increment_flow_control_window(frame.flow_controlled_length)
+            return self._malformed(frame.stream_id)
 
     def _receive_headers_frame(self, frame: HeadersFrame) -> Any:
         try:
             return super()._receive_headers_frame(frame)
+        except _Malformed:
+            return self._malformed(frame.stream_id)
         except h2.exceptions.TooManyStreamsError:
             _decode_headers(self.decoder, frame.data)  # the HPACK table must stay in step
             self.highest_inbound_stream_id = max(self.highest_inbound_stream_id, frame.stream_id)
@@ -744,6 +823,14 @@ def h2_request_head(fields: Headers, ended: bool, max_fields: int) -> RequestHea
             regular.append((name, value))
     if len(regular) > max_fields:
         raise BadMessage(431, "too many header fields")
+    if _METHOD.fullmatch(method) is None:
+        raise BadMessage(400, ":method is not a token (RFC 9110 9.1)")
+    if _PATH.fullmatch(path) is None:
+        # (also "*" and the absolute form: the target is :scheme and :authority, RFC 9113 8.3.1)
+        raise BadMessage(400, ":path must be an absolute path with no space or control character")
+    for name, value in regular:
+        if _FIELD_NAME.fullmatch(name) is None or _FIELD_CONTROL.search(value) is not None:
+            raise BadMessage(400, f"header {name[:64]!r} has a character HTTP/1.1 does not allow")
     if authority:
         if any(h != authority for h in hosts):
             raise BadMessage(400, "the Host header differs from :authority")

@@ -92,9 +92,11 @@ class H2Stream:
         "flow",
         "full",
         "id",
+        "length",
         "method",
         "pending",
         "pending_bytes",
+        "received",
         "reserved",
         "reused",
         "sent_end",
@@ -121,6 +123,8 @@ class H2Stream:
         self.full = False  # the user was told the backend is full
         self.answered = False  # a response head arrived
         self.unacked = 0  # response bytes received while paused: the window to reopen
+        self.length = -1  # the response's content-length, when the client is told it
+        self.received = 0  # response body bytes
         self.reserved = True  # counted in conn.reserved until attached or unused
 
     # --- backend.Backend ---
@@ -260,7 +264,9 @@ class H2Stream:
         except ValueError:
             self._fail("the backend sent an invalid :status or content-length")
             return
-        if status < 100 or (status < 200) != interim or status == 101:
+        # (h2 checks no range: a :status of 2000 went to HTTP/1.1 clients as a status line
+        # no client parses, RFC 9110 15 says three digits)
+        if status < 100 or status > 599 or (status < 200) != interim or status == 101:
             self._fail(f"the backend answered with status {status}")
             return
         if interim:
@@ -278,6 +284,7 @@ class H2Stream:
             body, announced = 0, -1
         else:
             body, announced = (length if length >= 0 else CHUNKED), -1
+            self.length = length
         user.response_head(ResponseHead(status, headers, body, announced, True))
 
     def data(self, data: bytes, flow_length: int) -> None:
@@ -289,17 +296,32 @@ class H2Stream:
                 h2c.increment_flow_control_window(flow_length)
         else:
             h2c.acknowledge_received_data(flow_length, self.id)
+        self.received += len(data)
         if self.user is not None and data:
             self.user.response_body(data)
 
     def trailers_received(self, fields: Headers) -> None:
-        if self.user is not None:
+        if self.user is not None and self._whole():
             self.user.response_trailers([(n, v) for n, v in fields if n[:1] != b":"])
 
     def ended(self) -> None:
         user = self.user
-        if user is not None:
+        if user is not None and self._whole():
             user.response_end()
+
+    def _whole(self) -> bool:
+        """The body came to its content-length. h2 checks only DATA that ends the stream and
+        forgets the length when trailers come: a short body ended by trailers reached an
+        HTTP/1.1 client under the backend's content-length, and the client read the next
+        response on its connection as the rest of it. The client's connection is cut instead."""
+        if self.length < 0 or self.received == self.length:
+            return True
+        user = self.user
+        self._close(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        if user is not None:
+            why = f"the backend's body ended after {self.received} of its content-length {self.length} bytes"
+            user.upstream_lost(ConnectionResetError(why))
+        return False
 
     def reset(self, code: int) -> None:
         user = self.user

@@ -175,6 +175,15 @@ class ServingL7(Serving[ClientConnection | H2Client]):
                 if waiting is not user:
                     self.connect(waiting, endpoint, dial)
             return
+        if made.h2.remote_settings.max_concurrent_streams == 0:
+            # A server that takes no stream: asking another connection for one would open
+            # connections to it in a loop, one per SETTINGS, for as long as the requests wait.
+            made.close()
+            for waiting in users:
+                waiting.connect_failed(
+                    endpoint, "the backend allows no HTTP/2 stream (SETTINGS_MAX_CONCURRENT_STREAMS 0)"
+                )
+            return
         for waiting in users:
             stream = made.open_stream() if made.available() else self.pool.take(endpoint, dial)
             if stream is not None:
