@@ -56,7 +56,8 @@ def process(args: list[str], port: int | None = None, **kwargs: object) -> Itera
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
     try:
         if port:
-            wait_port(port)
+            # Generous: `bilayer run` on a loaded 2-core machine can take 20 s to start.
+            wait_port(port, timeout=120)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -204,7 +204,7 @@ class Stream:
         self.abort()  # (an HTTP/2 request never asks for an upgrade: never called)
 
     def send_batch(self, batch: list[bytes]) -> None:
-        self.owner.write_out()
+        self.owner.write_soon()
 
     def _written(self, exchange: Exchange) -> None:
         self.moved_at = self.owner.listener.loop.time()
@@ -212,7 +212,7 @@ class Stream:
         if batch is not None:
             batch.append(b"")  # frames are in h2's buffer: written at flush
         else:
-            self.owner.write_out()
+            self.owner.write_soon()
 
     def pump(self) -> None:
         """Send what the client's windows allow; then the end, when all is out."""
@@ -324,6 +324,7 @@ class H2Client(asyncio.Protocol):
         self.shut = False  # a connection error was sent: reading only to close cleanly
         self.last_stream = 0  # the last stream a graceful GOAWAY lets finish
         self.write_blocked = False
+        self.write_pending = False  # write_out is called soon (write_soon)
         self.unacked = 0  # connection window bytes not yet given back
         self.data_frames = 0  # DATA frames sent: WINDOW_UPDATEs answering them do work
         self.resets = 0
@@ -495,7 +496,7 @@ class H2Client(asyncio.Protocol):
             self.h2.increment_flow_control_window(stream.unacked, stream.stream_id)
         stream.unacked = 0
         if not self.reading:
-            self.write_out()
+            self.write_soon()
 
     def _window_opened(self, stream_id: int | None) -> None:
         if stream_id:
@@ -507,7 +508,7 @@ class H2Client(asyncio.Protocol):
                 if stream.out or stream.ended:
                     stream.pump()
         if not self.reading:
-            self.write_out()
+            self.write_soon()
 
     def _reset_by_client(self, event: h2.events.StreamReset) -> None:
         now = self.listener.loop.time()
@@ -558,13 +559,22 @@ class H2Client(asyncio.Protocol):
         except h2.exceptions.ProtocolError:
             return
         if not self.reading:
-            self.write_out()
+            self.write_soon()
 
     # --- writing ---
+
+    def write_soon(self) -> None:
+        """Write what h2 holds at the end of this turn of the event loop: responses
+        finished by different backend reads in one turn then leave in one system call,
+        not one each (with many streams in flight, most of the CPU of a write)."""
+        if not self.reading and not self.write_pending:
+            self.write_pending = True
+            self.listener.loop.call_soon(self.write_out)
 
     def write_out(self) -> None:
         if self.reading:
             return
+        self.write_pending = False
         data = self.h2.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
