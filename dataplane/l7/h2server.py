@@ -35,6 +35,7 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 from h2.connection import _decode_headers  # (keeps HPACK in step for a refused stream)
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from .exchange import Exchange
@@ -66,6 +67,30 @@ SHUT_LINGER = 1.0
 # Connection-specific fields (RFC 9113 8.2.2) and framing: never in an HTTP/2 response.
 _NOT_FORWARDED = HOP_BY_HOP | FRAMING
 _STATUS = {status: b"%d" % status for status in range(100, 600)}
+# Kept out of HPACK's dynamic table (what h2's outbound normalization did: CRIME-style
+# guessing of a secret through the compressed size).
+_NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
+
+
+def _response_fields(fields: list[tuple[bytes, bytes]], headers: Headers) -> list[tuple[bytes, bytes]]:
+    """fields plus the headers an HTTP/2 response may carry, as h2 would send them.
+
+    h2's outbound normalization and validation are off (their generator chain cost more per
+    response than the HPACK encoding): this does the same in one pass. Names lowercased;
+    connection-specific fields and framing dropped (h2 refused connection, keep-alive,
+    proxy-connection, transfer-encoding, upgrade and a te other than trailers: all in
+    _NOT_FORWARDED); no pseudo-header but the :status put first by the caller; values
+    without surrounding whitespace (RFC 9113 8.2.1); secrets never indexed."""
+    for raw_name, raw_value in headers:
+        name = raw_name.lower()
+        if name in _NOT_FORWARDED or name[:1] == b":":
+            continue
+        value = raw_value.strip(b" \t") if raw_value[:1] in b" \t" or raw_value[-1:] in b" \t" else raw_value
+        if name in _NEVER_INDEXED or (name == b"cookie" and len(value) < 20):
+            fields.append(NeverIndexedHeaderTuple(name, value))
+        else:
+            fields.append((name, value))
+    return fields
 
 
 class _ServerConnection(h2.connection.H2Connection):
@@ -132,8 +157,7 @@ class Stream:
     # --- Downstream: the response ---
 
     def send_head(self, exchange: Exchange, status: int, headers: Headers, body: int, length: int) -> None:
-        fields = [(b":status", _STATUS.get(status) or b"%d" % status)]
-        fields += [(n.lower(), v) for n, v in headers if n.lower() not in _NOT_FORWARDED]
+        fields = _response_fields([(b":status", _STATUS.get(status) or b"%d" % status)], headers)
         if body >= 0:
             fields.append((b"content-length", b"%d" % body))
         elif body == NO_BODY and length >= 0:
@@ -150,7 +174,11 @@ class Stream:
             return
         self.out.append(data)
         self.out_bytes += len(data)
-        self.pump()
+        if exchange.batch is None:
+            self.pump()
+        # else at send_end or send_batch, whichever comes first: a response whose body
+        # and end come in one backend read then leaves as one DATA frame with END_STREAM,
+        # not a DATA frame and an empty one (each a pass through h2's state machine).
         self._written(exchange)
 
     def send_end(self, exchange: Exchange, trailers: Headers | None) -> None:
@@ -158,14 +186,12 @@ class Stream:
             return
         self.ended = True
         if trailers:
-            kept = [(n.lower(), v) for n, v in trailers if n.lower() not in _NOT_FORWARDED]
-            self.trailers = [(n, v) for n, v in kept if n[:1] != b":"] or None
+            self.trailers = _response_fields([], trailers) or None
         self.pump()
         self._written(exchange)
 
     def send_interim(self, exchange: Exchange, status: int, headers: Headers) -> None:
-        fields = [(b":status", b"%d" % status)]
-        fields += [(n.lower(), v) for n, v in headers if n.lower() not in _NOT_FORWARDED]
+        fields = _response_fields([(b":status", b"%d" % status)], headers)
         if self._send_headers(fields, False):
             self._written(exchange)
 
@@ -175,7 +201,7 @@ class Stream:
         if body:
             fields.append((b"content-type", b"text/plain; charset=utf-8"))
             fields.append((b"content-length", b"%d" % len(body)))
-        fields += [(n.lower(), v) for n, v in headers or [] if n.lower() not in _NOT_FORWARDED]
+        fields = _response_fields(fields, headers or [])
         if exchange.head.method == "HEAD":
             body = b""
         if not self._send_headers(fields, not body):
@@ -204,6 +230,8 @@ class Stream:
         self.abort()  # (an HTTP/2 request never asks for an upgrade: never called)
 
     def send_batch(self, batch: list[bytes]) -> None:
+        if self.out:
+            self.pump()  # the body send_data held back
         self.owner.write_soon()
 
     def _written(self, exchange: Exchange) -> None:
@@ -300,7 +328,13 @@ class H2Client(asyncio.Protocol):
         self.client_ip = client_ip
         self.sni = sni
         settings = listener.settings
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            # _response_fields does both, in one pass, for every field this side sends.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = _ServerConnection(config=config)
         self.h2.local_settings = h2.settings.Settings(
             client=False,
