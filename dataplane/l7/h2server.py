@@ -69,7 +69,7 @@ _NOT_FORWARDED = HOP_BY_HOP | FRAMING
 _STATUS = {status: b"%d" % status for status in range(100, 600)}
 # Kept out of HPACK's dynamic table (what h2's outbound normalization did: CRIME-style
 # guessing of a secret through the compressed size).
-_NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
+_SECRETS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})  # cookie: short ones
 
 
 def _response_fields(fields: list[tuple[bytes, bytes]], headers: Headers) -> list[tuple[bytes, bytes]]:
@@ -81,15 +81,16 @@ def _response_fields(fields: list[tuple[bytes, bytes]], headers: Headers) -> lis
     proxy-connection, transfer-encoding, upgrade and a te other than trailers: all in
     _NOT_FORWARDED); no pseudo-header but the :status put first by the caller; values
     without surrounding whitespace (RFC 9113 8.2.1); secrets never indexed."""
+    append = fields.append
     for raw_name, raw_value in headers:
         name = raw_name.lower()
         if name in _NOT_FORWARDED or name[:1] == b":":
             continue
-        value = raw_value.strip(b" \t") if raw_value[:1] in b" \t" or raw_value[-1:] in b" \t" else raw_value
-        if name in _NEVER_INDEXED or (name == b"cookie" and len(value) < 20):
-            fields.append(NeverIndexedHeaderTuple(name, value))
+        value = raw_value.strip(b" \t")  # (the same object when there is nothing to strip)
+        if name in _SECRETS and (name != b"cookie" or len(value) < 20):
+            append(NeverIndexedHeaderTuple(name, value))
         else:
-            fields.append((name, value))
+            append((name, value))
     return fields
 
 
