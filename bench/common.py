@@ -53,11 +53,12 @@ def wait_port(port: int, timeout: float = 20.0) -> None:
 
 @contextmanager
 def process(
-    args: list[str], port: int | None = None, wait: float = 20.0, **kwargs: object
+    args: list[str], port: int | None = None, wait: float = 120.0, **kwargs: object
 ) -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
     try:
         if port:
+            # Generous: `bilayer run` on a loaded 2-core machine can take 20 s to start.
             wait_port(port, wait)
         yield proc
     finally:

@@ -18,6 +18,7 @@ import h2.events
 import h2.settings
 import pytest
 import trustme
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import ContinuationFrame, DataFrame, Frame, GoAwayFrame, HeadersFrame
 
 from dataplane import delta
@@ -160,6 +161,52 @@ async def test_rate_limit_retry_and_timeout_apply_to_streams(web: HTTPBackend) -
         assert (await get(probe, "/slow/2000"))[0] == 504
         assert probe.goaway() is None
         await probe.close()
+
+
+async def test_a_small_response_is_one_data_frame_carrying_the_end(web: HTTPBackend) -> None:
+    """Body and end from one backend read: one DATA frame with END_STREAM, not DATA and then
+    an empty DATA (twice the frames for the client and for h2 to make)."""
+    port = free_port()
+    async with serving(plain_table(port, web)):
+        probe = await H2Probe.open(port)
+        sid = probe.request("/echo")
+        await probe.until(lambda p: p.ended(sid))
+        data = [e for e in probe.events if isinstance(e, h2.events.DataReceived) and e.stream_id == sid]
+        assert len(data) == 1 and data[0].data and data[0].stream_ended is not None
+        assert probe.response(sid)[0] == 200
+        await probe.close()
+
+
+def test_response_fields_do_what_h2s_outbound_normalization_did() -> None:
+    """h2's outbound normalization and validation are off (for speed): _response_fields keeps
+    what they guaranteed, or h2 would send fields a client must treat as malformed."""
+    backend = [
+        (b"Content-Type", b"text/plain"),
+        (b"X-Padded", b" \tvalue\t "),  # RFC 9113 8.2.1: no surrounding whitespace
+        (b"Connection", b"close"),  # connection-specific: never in HTTP/2
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"TE", b"gzip"),
+        (b"Upgrade", b"h2c"),
+        (b":authority", b"x"),  # no pseudo-header but the caller's :status
+        (b"Authorization", b"Bearer secret"),
+        (b"Cookie", b"id=1"),
+        (b"Cookie", b"long=" + b"x" * 40),
+        (b"Empty", b""),
+    ]
+    fields = h2server._response_fields([(b":status", b"200")], backend)
+    assert fields == [
+        (b":status", b"200"),
+        (b"content-type", b"text/plain"),
+        (b"x-padded", b"value"),
+        (b"authorization", b"Bearer secret"),
+        (b"cookie", b"id=1"),
+        (b"cookie", b"long=" + b"x" * 40),
+        (b"empty", b""),
+    ]
+    # Secrets stay out of HPACK's dynamic table (a compressed size cannot reveal them).
+    never = [field for field in fields if isinstance(field, NeverIndexedHeaderTuple)]
+    assert never == [(b"authorization", b"Bearer secret"), (b"cookie", b"id=1")]
 
 
 async def test_malformed_heads_are_refused_per_stream(web: HTTPBackend) -> None:

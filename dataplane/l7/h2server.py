@@ -36,6 +36,7 @@ import h2.exceptions
 import h2.settings
 import h2.stream
 from h2.connection import _decode_headers  # (keeps HPACK in step for a refused stream)
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from .exchange import Exchange
@@ -67,6 +68,32 @@ SHUT_LINGER = 1.0
 # Connection-specific fields (RFC 9113 8.2.2) and framing: never in an HTTP/2 response.
 _NOT_FORWARDED = HOP_BY_HOP | FRAMING
 _STATUS = {status: b"%d" % status for status in range(100, 600)}
+# Kept out of HPACK's dynamic table (what h2's outbound normalization did: CRIME-style
+# guessing of a secret through the compressed size).
+_SECRETS = frozenset({b"authorization", b"proxy-authorization", b"cookie"})  # cookie: short ones
+
+
+def _response_fields(fields: list[tuple[bytes, bytes]], headers: Headers) -> list[tuple[bytes, bytes]]:
+    """fields plus the headers an HTTP/2 response may carry, as h2 would send them.
+
+    h2's outbound normalization and validation are off (their generator chain cost more per
+    response than the HPACK encoding): this does the same in one pass. Names lowercased;
+    connection-specific fields and framing dropped (h2 refused connection, keep-alive,
+    proxy-connection, transfer-encoding, upgrade and a te other than trailers: all in
+    _NOT_FORWARDED); no pseudo-header but the :status put first by the caller; values
+    without surrounding whitespace (RFC 9113 8.2.1); secrets never indexed."""
+    append = fields.append
+    for raw_name, raw_value in headers:
+        name = raw_name.lower()
+        if name in _NOT_FORWARDED or name[:1] == b":":
+            continue
+        value = raw_value.strip(b" \t")  # (the same object when there is nothing to strip)
+        if name in _SECRETS and (name != b"cookie" or len(value) < 20):
+            append(NeverIndexedHeaderTuple(name, value))
+        else:
+            append((name, value))
+    return fields
+
 
 # What an HTTP/1.1 backend will read as one request line and one field line. h2 itself only
 # refuses NUL, CR and LF (RFC 9113 8.2.1), so a :method or :path with a space, a :path in
@@ -211,8 +238,7 @@ class Stream:
     # --- Downstream: the response ---
 
     def send_head(self, exchange: Exchange, status: int, headers: Headers, body: int, length: int) -> None:
-        fields = [(b":status", _STATUS.get(status) or b"%d" % status)]
-        fields += [(n.lower(), v) for n, v in headers if n.lower() not in _NOT_FORWARDED]
+        fields = _response_fields([(b":status", _STATUS.get(status) or b"%d" % status)], headers)
         if body >= 0:
             fields.append((b"content-length", b"%d" % body))
         elif body == NO_BODY and length >= 0:
@@ -229,7 +255,11 @@ class Stream:
             return
         self.out.append(data)
         self.out_bytes += len(data)
-        self.pump()
+        if exchange.batch is None:
+            self.pump()
+        # else at send_end or send_batch, whichever comes first: a response whose body
+        # and end come in one backend read then leaves as one DATA frame with END_STREAM,
+        # not a DATA frame and an empty one (each a pass through h2's state machine).
         self._written(exchange)
 
     def send_end(self, exchange: Exchange, trailers: Headers | None) -> None:
@@ -237,14 +267,12 @@ class Stream:
             return
         self.ended = True
         if trailers:
-            kept = [(n.lower(), v) for n, v in trailers if n.lower() not in _NOT_FORWARDED]
-            self.trailers = [(n, v) for n, v in kept if n[:1] != b":"] or None
+            self.trailers = _response_fields([], trailers) or None
         self.pump()
         self._written(exchange)
 
     def send_interim(self, exchange: Exchange, status: int, headers: Headers) -> None:
-        fields = [(b":status", b"%d" % status)]
-        fields += [(n.lower(), v) for n, v in headers if n.lower() not in _NOT_FORWARDED]
+        fields = _response_fields([(b":status", b"%d" % status)], headers)
         if self._send_headers(fields, False):
             self._written(exchange)
 
@@ -254,7 +282,7 @@ class Stream:
         if body:
             fields.append((b"content-type", b"text/plain; charset=utf-8"))
             fields.append((b"content-length", b"%d" % len(body)))
-        fields += [(n.lower(), v) for n, v in headers or [] if n.lower() not in _NOT_FORWARDED]
+        fields = _response_fields(fields, headers or [])
         if exchange.head.method == "HEAD":
             body = b""
         if not self._send_headers(fields, not body):
@@ -283,7 +311,9 @@ class Stream:
         self.abort()  # (an HTTP/2 request never asks for an upgrade: never called)
 
     def send_batch(self, batch: list[bytes]) -> None:
-        self.owner.write_out()
+        if self.out:
+            self.pump()  # the body send_data held back
+        self.owner.write_soon()
 
     def _written(self, exchange: Exchange) -> None:
         self.moved_at = self.owner.listener.loop.time()
@@ -291,7 +321,7 @@ class Stream:
         if batch is not None:
             batch.append(b"")  # frames are in h2's buffer: written at flush
         else:
-            self.owner.write_out()
+            self.owner.write_soon()
 
     def pump(self) -> None:
         """Send what the client's windows allow; then the end, when all is out."""
@@ -379,7 +409,13 @@ class H2Client(asyncio.Protocol):
         self.client_ip = client_ip
         self.sni = sni
         settings = listener.settings
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        config = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            # _response_fields does both, in one pass, for every field this side sends.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
         self.h2 = _ServerConnection(config=config)
         self.h2.local_settings = h2.settings.Settings(
             client=False,
@@ -403,6 +439,7 @@ class H2Client(asyncio.Protocol):
         self.shut = False  # a connection error was sent: reading only to close cleanly
         self.last_stream = 0  # the last stream a graceful GOAWAY lets finish
         self.write_blocked = False
+        self.write_pending = False  # write_out is called soon (write_soon)
         self.unacked = 0  # connection window bytes not yet given back
         self.data_frames = 0  # DATA frames sent: WINDOW_UPDATEs answering them do work
         self.resets = 0
@@ -574,7 +611,7 @@ class H2Client(asyncio.Protocol):
             self.h2.increment_flow_control_window(stream.unacked, stream.stream_id)
         stream.unacked = 0
         if not self.reading:
-            self.write_out()
+            self.write_soon()
 
     def _window_opened(self, stream_id: int | None) -> None:
         if stream_id:
@@ -586,7 +623,7 @@ class H2Client(asyncio.Protocol):
                 if stream.out or stream.ended:
                     stream.pump()
         if not self.reading:
-            self.write_out()
+            self.write_soon()
 
     def _reset_by_client(self, event: h2.events.StreamReset) -> None:
         now = self.listener.loop.time()
@@ -637,13 +674,22 @@ class H2Client(asyncio.Protocol):
         except h2.exceptions.ProtocolError:
             return
         if not self.reading:
-            self.write_out()
+            self.write_soon()
 
     # --- writing ---
+
+    def write_soon(self) -> None:
+        """Write what h2 holds at the end of this turn of the event loop: responses
+        finished by different backend reads in one turn then leave in one system call,
+        not one each (with many streams in flight, most of the CPU of a write)."""
+        if not self.reading and not self.write_pending:
+            self.write_pending = True
+            self.listener.loop.call_soon(self.write_out)
 
     def write_out(self) -> None:
         if self.reading:
             return
+        self.write_pending = False
         data = self.h2.data_to_send()
         transport = self.transport
         if data and transport is not None and not transport.is_closing():
