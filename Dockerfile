@@ -1,11 +1,12 @@
 # One image for both components: `bilayer operator` and `bilayer dataplane`.
-# Stage 1 builds wheels (compilers live here only); stage 2 installs them on a slim base.
+# Stage 1 builds wheels (compilers live here only: mypyc compiles the request path, see
+# setup.py); stage 2 installs them on a slim base.
 FROM python:3.11-slim-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py compiled-modules.txt README.md ./
 COPY operator ./operator
 COPY dataplane ./dataplane
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .

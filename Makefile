@@ -11,8 +11,12 @@ KUBECTL := $(BIN)/kubectl
 
 install: $(STAMP)
 
+# The modules mypyc compiles (setup.py): editing one rebuilds the extension modules, which
+# are otherwise imported instead of the edited source (tests/conftest.py refuses stale ones).
+COMPILED := $(shell grep -v '^\#' compiled-modules.txt)
+
 # `make run` installs what running needs; tests, linters and their tools come with `make test`.
-$(RUN_STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml setup.py compiled-modules.txt $(COMPILED)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e .
@@ -38,8 +42,8 @@ test: install $(HELM) $(KUBECTL)
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check operator dataplane tests bench e2e
-	$(BIN)/ruff format --check operator dataplane tests bench e2e
+	$(BIN)/ruff check operator dataplane tests bench e2e setup.py
+	$(BIN)/ruff format --check operator dataplane tests bench e2e setup.py
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

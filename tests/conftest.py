@@ -28,7 +28,33 @@ def update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-golden"))
 
 
+def _stale_extensions() -> list[str]:
+    """Compiled modules (setup.py, compiled-modules.txt) older than their source: Python
+    imports the extension module, so the tests would run code that is no longer there."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    lines = (root / "compiled-modules.txt").read_text().splitlines()
+    stale = []
+    for line in lines:
+        if not line.strip() or line.startswith("#"):
+            continue
+        source = root / line.strip()
+        for built in source.parent.glob(source.stem + ".cpython-*.so"):
+            if built.stat().st_mtime < source.stat().st_mtime:
+                stale.append(line.strip())
+    return stale
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    stale = _stale_extensions()
+    if stale:
+        pytest.exit(
+            f"the compiled modules of {', '.join(stale)} are older than their source: "
+            "`make install` rebuilds them (or BILAYER_COMPILE=0 .venv/bin/pip install -e . "
+            "removes them and runs the Python source)",
+            returncode=4,
+        )
     config.addinivalue_line(
         "markers", "both_loops: run this async test on uvloop and on asyncio's default loop"
     )

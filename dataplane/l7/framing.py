@@ -94,12 +94,13 @@ _RESPONSE_KINDS = {
 }
 
 
+_KINDS_KEPT = 4096
+
+
 class _FieldKinds(dict[bytes, int]):
     """Field name as sent -> kind, learned: peers send the same names in the same case
     over and over, so most fields cost one lookup, not a lower() and a search. Cleared when
     full, so a peer sending random names cannot grow it."""
-
-    KEPT = 4096
 
     def __init__(self, kinds: dict[bytes, int]) -> None:
         super().__init__()
@@ -113,7 +114,7 @@ class _FieldKinds(dict[bytes, int]):
         # `b"_" in name` tries the needle as an integer first, raising an exception.)
         if kind == _PLAIN and 95 in lower and lower.replace(b"_", b"-") in PROTECTED:
             kind = _DISGUISED
-        if len(self) >= self.KEPT:
+        if len(self) >= _KINDS_KEPT:
             self.clear()
         self[name] = kind
         return kind
