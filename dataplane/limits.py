@@ -9,13 +9,21 @@ The state is bounded: a client holding nothing is kept only while its bucket is 
 (after that it carries no information), and at most ``capacity`` such clients are kept
 (the least recently seen go first). Clients holding connections are bounded by the
 listener's connection or session cap.
+
+With worker processes (dataplane.workers) the rates are the pod's: both buckets are taken
+from the memory the workers share (dataplane.shared), so a client allowed 10 new
+connections a second gets 10 from the pod, whichever worker the kernel hands each one to.
+What a client holds open is counted by the worker holding it (a shared count that a
+crashed worker left behind would refuse that client for good).
 """
 
 from __future__ import annotations
 
 import socket
+import zlib
 from collections import Counter, OrderedDict
 
+from . import shared
 from .table import Limits
 
 IDLE_CLIENTS = 65536  # clients holding nothing whose rate state is kept, per listener
@@ -49,8 +57,14 @@ class Client:
 class ClientLimiter:
     """Admits or refuses new connections (UDP: sessions) by client and for the listener."""
 
-    def __init__(self, limits: Limits, capacity: int | None = None) -> None:
+    def __init__(self, limits: Limits, capacity: int | None = None, *, scope: str = "") -> None:
+        """scope names the listener (its protocol and port): in workers, its buckets are the
+        ones every worker's limiter for that listener and these limits takes from."""
         self.limits = limits
+        self.shared = shared.buckets()
+        rates = f"{scope}#{limits.clientRate}#{limits.clientBurst}#{limits.acceptRate}#{limits.acceptBurst}"
+        self.client_rule = zlib.crc32(f"client#{rates}".encode())
+        self.accept_rule = zlib.crc32(f"accept#{rates}".encode())
         self.capacity = capacity if capacity is not None else IDLE_CLIENTS
         self.clients: dict[str | bytes, Client] = {}
         self.idle: OrderedDict[str | bytes, Client] = OrderedDict()  # active == 0, least recent first
@@ -69,7 +83,12 @@ class ClientLimiter:
         """The client's state, now holding one more; or why it is refused: accept_rate,
         client_connections or client_rate (counted in refused)."""
         limits = self.limits
-        if limits.acceptRate is not None:
+        pod = self.shared
+        if limits.acceptRate is not None and pod is not None:
+            if pod.take(self.accept_rule, b"", limits.acceptRate, float(limits.acceptBurst), now) > 0.0:
+                self.refused["accept_rate"] += 1
+                return "accept_rate"
+        elif limits.acceptRate is not None:
             tokens = min(
                 float(limits.acceptBurst), self.accept_tokens + (now - self.accept_stamp) * limits.acceptRate
             )
@@ -88,7 +107,15 @@ class ClientLimiter:
         if limits.clientConnections is not None and client.active >= limits.clientConnections:
             self.refused["client_connections"] += 1
             return "client_connections"
-        if limits.clientRate is not None:
+        if limits.clientRate is not None and pod is not None:
+            client.stamp = now  # (its bucket is the pod's; the stamp orders the idle clients)
+            name = key if isinstance(key, bytes) else key.encode()
+            if pod.take(self.client_rule, name, limits.clientRate, float(limits.clientBurst), now) > 0.0:
+                if client.active == 0:
+                    self.idle.move_to_end(key)
+                self.refused["client_rate"] += 1
+                return "client_rate"
+        elif limits.clientRate is not None:
             tokens = min(float(limits.clientBurst), client.tokens + (now - client.stamp) * limits.clientRate)
             client.stamp = now
             if tokens < 1.0:

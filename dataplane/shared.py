@@ -9,7 +9,8 @@ lock: two workers taking from one bucket in the same microsecond may both see th
 tokens, so a race admits at most one request more than the limit, and the next refill
 corrects the count (a bucket holds no total that a lost write could skew for good). Two
 keys on one slot (about one in 260,000 per pair of active keys) share a bucket.
-Outside workers (one process) nothing is shared: the L7 rules keep their own buckets.
+The L4 and UDP listeners' connection rates (per client, per listener) take from the same
+buckets. Outside workers (one process) nothing is shared: every limiter keeps its own.
 
 Counts of open connections are not shared (a lost write would skew them for good): a
 pod-wide cap is split evenly over the workers (share), exact while the kernel spreads

@@ -321,6 +321,60 @@ def test_a_rate_limit_counts_for_the_pod_whichever_worker_serves(tmp_path: Path,
         assert run.stop() == 0, run.output()
 
 
+LIMITED_L4 = """
+apiVersion: bilayer.dev/v1alpha1
+kind: L4Listener
+metadata: {{name: limited, namespace: demo}}
+spec:
+  port: {port}
+  backendRefs: [{{name: web, port: 80}}]
+  limits: {limits}
+"""
+
+
+def _through_l4(port: int, pids: list[int]) -> int | None:
+    """One request on a new connection to port: the pid of the worker that forwarded it,
+    or None when the connection was refused (reset right after accept)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = sock.recv(65536)
+        except ConnectionResetError:
+            return None
+        if not answer:
+            return None
+        assert answer.startswith(b"HTTP/1.0 200") or answer.startswith(b"HTTP/1.1 200"), answer[:80]
+        return serving_pid(sock.getsockname()[1], port, pids)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        "{perClient: {connectionRate: {connections: 1, unit: Hour, burst: 12}}}",
+        "{acceptRate: {connections: 1, unit: Hour, burst: 12}}",
+    ],
+    ids=["per-client-rate", "accept-rate"],
+)
+def test_l4_connection_rates_count_for_the_pod(tmp_path: Path, backend: Backend, limits: str) -> None:
+    l7, l4, limited = free_port(), free_port(), free_port()
+    write(
+        tmp_path / "routes.yaml",
+        routes(backend.port, l7, l4) + "---" + LIMITED_L4.format(port=limited, limits=limits),
+    )
+    run = BilayerRun(str(tmp_path), "--workers", "2")
+    try:
+        wait_for(lambda: all_serving(run.get("/v1/table")[1], 2), what="both workers serving")
+        pids = [w["pid"] for w in workers(run.get("/v1/table")[1]).values()]
+        # 60 connections one after the other: the kernel hands each worker about 30, so
+        # buckets per worker would admit 24; the pod's bucket admits its burst of 12.
+        outcomes = [_through_l4(limited, pids) for _ in range(60)]
+        admitted = [pid for pid in outcomes if pid is not None]
+        assert len(admitted) == 12, outcomes
+        assert set(admitted) == set(pids), f"both workers admitted connections: {outcomes}"
+    finally:
+        assert run.stop() == 0, run.output()
+
+
 CHECKED = """
 apiVersion: bilayer.dev/v1alpha1
 kind: L4Listener

@@ -158,7 +158,7 @@ class ServingL4(Serving[Connection]):
         if limits is None:
             self.limiter = None
         elif self.limiter is None or self.limiter.limits != limits:
-            self.limiter = ClientLimiter(limits)  # new limits: counts start over
+            self.limiter = ClientLimiter(limits, scope=f"tcp/{self.port}")  # new limits: counts start over
         if passthrough is None:
             self.router = None
             return

@@ -136,7 +136,8 @@ class ServingUDP(asyncio.DatagramProtocol):
         if udp.limits is None:
             self.limiter = None
         elif self.limiter is None or self.limiter.limits != udp.limits:
-            self.limiter = ClientLimiter(udp.limits)  # new limits: counts start over
+            # New limits: counts start over.
+            self.limiter = ClientLimiter(udp.limits, scope=f"udp/{self.port}")
 
     def datagram_received(self, data: bytes, client: Address) -> None:
         """A datagram from a client, to its session."""
