@@ -343,4 +343,4 @@ async def test_others_are_served_while_a_backend_floods_header_blocks(
     assert answered == [502] * 40
     assert max(latencies) < 1.0, sorted(latencies)[-5:]
     assert cpu < 2.0, cpu
-    assert peak < 4 * MB, peak
+    assert peak < 6 * MB, peak  # (the reads of eight connections at once: 1.9-3.2 MiB)
