@@ -99,11 +99,16 @@ class BilayerRun:
     """`bilayer run -f DIR` as a real subprocess, with its admin API on a free port."""
 
     def __init__(self, directory: str, *extra: str, fixed_admin_port: int | None = None) -> None:
+        import os
         import subprocess
         import sys
         import tempfile
         from pathlib import Path
 
+        # The checkout's code, as in the tests' own process (pytest's pythonpath): the venv's
+        # editable install may point at another checkout (a worktree's tests ran main's code).
+        root = Path(__file__).resolve().parent.parent
+        path = os.pathsep.join([str(root / "operator"), str(root), os.environ.get("PYTHONPATH", "")])
         self.admin_port = fixed_admin_port or free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="bilayer-run-", suffix=".log", delete=False)  # noqa: SIM115
         bilayer = Path(sys.executable).with_name("bilayer")
@@ -121,6 +126,7 @@ class BilayerRun:
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": path.rstrip(os.pathsep)},
         )
         wait_for(self._ready, timeout=20, what="bilayer run to load its table")
 
@@ -144,7 +150,9 @@ class BilayerRun:
         return self.get("/readyz")[0] == 200
 
     def status(self) -> dict[str, Any]:
-        return self.get("/v1/status")[1]  # type: ignore[no-any-return]
+        code, answer = self.get("/v1/status")
+        assert code == 200 and isinstance(answer, dict), f"/v1/status answered {code}: {answer!r}"
+        return answer
 
     def conditions(self, kind: str, name: str) -> dict[str, dict[str, Any]]:
         for obj in self.status()["objects"]:

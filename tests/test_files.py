@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from controlplane.files import FileSource
+from controlplane.files import EMPTY_SETTLE, FileSource
 
 ROUTE = """
 apiVersion: bilayer.dev/v1alpha1
@@ -60,6 +60,38 @@ def test_broken_file_keeps_its_last_good_content(tmp_path: Path) -> None:
     source.reload()
     assert names(source) == ["fixed"]
     assert source.problems == []
+
+
+def test_a_save_seen_half_done_never_empties_the_last_good_content(tmp_path: Path) -> None:
+    """A save truncates the file, then writes it: a poll in between saw it empty, took
+    "nothing" as its good content, and the broken save that followed fell back on that."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(ROUTE % ("one", 1))
+    source = FileSource(tmp_path, clock=lambda: 0.0)
+    source.reload()
+    with path.open("w") as f:  # truncated; the poll comes before the write
+        assert not source.reload()
+        assert names(source) == ["one"] and source.settling
+        f.write("kind: L4Listener\n  bad: [indent")
+    assert source.reload()
+    assert names(source) == ["one"]
+    assert "last good content" in source.problems[0]
+    assert not source.settling
+
+
+def test_a_file_emptied_on_purpose_is_believed_once_it_stays_empty(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text(ROUTE % ("one", 1))
+    now = [0.0]
+    source = FileSource(tmp_path, clock=lambda: now[0])
+    source.reload()
+    touch_later(path, "")
+    assert not source.reload()
+    now[0] = EMPTY_SETTLE / 2
+    assert not source.reload() and names(source) == ["one"]
+    now[0] = EMPTY_SETTLE
+    assert source.reload() and names(source) == []
+    assert source.problems == [] and not source.settling
 
 
 def test_documents_without_kind_or_name_are_reported(tmp_path: Path) -> None:

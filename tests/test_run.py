@@ -80,6 +80,16 @@ def test_broken_yaml_keeps_serving_the_last_good_content(folder: Path, run: Bila
     assert run.status()["problems"] == []
 
 
+def test_an_emptied_file_takes_its_routes_away_once_it_stays_empty(folder: Path, run: BilayerRun) -> None:
+    """Believed after a second (a save shows the file empty for a moment): the folder is
+    looked at again though nothing changes any more."""
+    write(folder / "extra.yaml", EXTRA)
+    wait_for(lambda: run.conditions("L7Route", "extra"), what="extra route")
+    write(folder / "extra.yaml", "")
+    wait_for(lambda: not run.conditions("L7Route", "extra"), what="the route to go with its content")
+    assert run.status()["problems"] == []
+
+
 def test_a_typo_keeps_the_last_valid_version_served(folder: Path, run: BilayerRun) -> None:
     write(folder / "extra.yaml", EXTRA)
     wait_for(lambda: run.get("/v1/table")[1]["listeners"].get("18090"), what="listener 18090")

@@ -41,6 +41,7 @@ from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFram
 
 from .exchange import Exchange
 from .framing import FRAMING, HOP_BY_HOP, NO_BODY, BadMessage, Headers, RequestHead, request_head
+from .h2frames import HeaderBlock
 
 if TYPE_CHECKING:
     from .listener import ServingL7
@@ -449,8 +450,7 @@ class H2Client(asyncio.Protocol):
         # Header block bytes counted in front of h2 (CONTINUATION floods).
         self.scan_skip = len(PREFACE)
         self.scan_head = b""
-        self.block = 0
-        self.block_began = 0.0
+        self.block = HeaderBlock(settings.max_header_bytes)
         # Deadlines, checked by the listener's sweep (as for HTTP/1.1 connections).
         self.deadline = 0.0
         self.last_active = listener.loop.time()
@@ -721,18 +721,9 @@ class H2Client(asyncio.Protocol):
             else:
                 frame = data[i : i + 9]
                 i += 9
-            kind = frame[3]
-            if kind in {1, 9}:  # HEADERS, CONTINUATION
-                length = int.from_bytes(frame[:3], "big")
-                if not self.block:
-                    self.block_began = self.last_active
-                self.block += length
-                if self.block > self.listener.settings.max_header_bytes:
-                    return False
-                if frame[4] & 0x4:  # END_HEADERS
-                    self.block = 0
-            else:
-                length = int.from_bytes(frame[:3], "big")
+            length = int.from_bytes(frame[:3], "big")
+            if not self.block.frame(frame[3], frame[4], length, self.last_active):
+                return False
             i += length
             if i >= n:
                 self.scan_skip, self.scan_head = i - n, b""
@@ -743,7 +734,7 @@ class H2Client(asyncio.Protocol):
     def check(self, now: float) -> None:
         listener = self.listener
         settings = listener.settings
-        if self.block and now - self.block_began >= settings.header_timeout:
+        if self.block.size and now - self.block.began >= settings.header_timeout:
             listener.timeouts["header"] += 1
             self._calm("a header block took too long", code=h2.errors.ErrorCodes.NO_ERROR)
             return

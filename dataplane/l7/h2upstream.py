@@ -18,6 +18,15 @@ handed back as refused (safe to send again whatever the method), the others fini
 new stream starts on it. A stream the server refuses (REFUSED_STREAM) is handed back the same.
 (h2 closes its whole state machine on a GOAWAY, after which the streams still being answered
 could not be read: so GOAWAY frames are taken out of the bytes before h2 sees them.)
+
+A backend's header blocks (response heads, trailers) are bounded like an HTTP/1.1 backend's
+head (reader.Limits): their bytes are counted from the frame heads before h2 buffers and
+decodes them (h2frames.HeaderBlock), the decoded list is bounded by h2's decoder, and the
+fields are counted. A block over the limit, or one left open for HEADER_BLOCK_SECONDS, closes
+the connection (GOAWAY ENHANCE_YOUR_CALM) and fails every stream on it, as any connection
+error does: a block cannot be refused on its own stream, since skipping its HPACK would leave
+the connection's decoding context behind the backend's (RFC 9113 4.3: a block not decoded is
+a connection error), and until it ends no frame of any other stream may come (6.10).
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from ..health import EndpointState
 from .backend import BackendRequest, User
 from .dial import Dial
 from .framing import CHUNKED, NO_BODY, BadMessage, Headers, ResponseHead
+from .h2frames import FRAME_HEAD, GOAWAY, HeaderBlock
 
 if TYPE_CHECKING:
     from .upstream import Pool
@@ -49,8 +59,9 @@ SEND_BUFFER = 64 * 1024
 # The connection's receive window: large, so one stream held by a slow client (its own
 # window stays closed) never starves the others.
 CONNECTION_WINDOW = 16 * 1024 * 1024
-_FRAME_HEAD = 9
-_GOAWAY = 7
+# A backend writes a header block at once: one still open after this long is a backend
+# holding the connection (no other stream's frame may come meanwhile).
+HEADER_BLOCK_SECONDS = 10.0
 # RFC 9113 8.2.2: fields that are meaningful for one HTTP/1.1 connection only.
 CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"host"}
@@ -231,9 +242,9 @@ class H2Stream:
             conn.flush()
         conn.settle()
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, reset: h2.errors.ErrorCodes | None = None) -> None:
         user = self.user
-        self._close(None)
+        self._close(reset)
         if user is not None:
             user.upstream_failed(BadMessage(502, why))
 
@@ -248,6 +259,11 @@ class H2Stream:
     def response(self, fields: Headers, interim: bool, ended: bool = False) -> None:
         user = self.user
         if user is None:
+            return
+        if len(fields) > self.conn.pool.limits.fields + 1:  # (+1: :status)
+            self._fail(
+                f"more than {self.conn.pool.limits.fields} header fields", h2.errors.ErrorCodes.PROTOCOL_ERROR
+            )
             return
         status = 0
         length = -1
@@ -301,6 +317,12 @@ class H2Stream:
             self.user.response_body(data)
 
     def trailers_received(self, fields: Headers) -> None:
+        if len(fields) > self.conn.pool.limits.fields:
+            self._fail(
+                f"more than {self.conn.pool.limits.fields} trailer fields",
+                h2.errors.ErrorCodes.PROTOCOL_ERROR,
+            )
+            return
         if self.user is not None and self._whole():
             self.user.response_trailers([(n, v) for n, v in fields if n[:1] != b":"])
 
@@ -358,13 +380,18 @@ class H2Connection(asyncio.Protocol):
         self.scheme = b"https" if dial.ssl is not None else b"http"
         config = h2.config.H2Configuration(client_side=True, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config)
+        head_bytes = pool.limits.head_bytes
         self.h2.local_settings = h2.settings.Settings(
             client=True,
             initial_values={
                 h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: pool.limits.head_bytes,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: head_bytes,
             },
         )
+        # Bounded from the first frame, not only once the backend acknowledges our SETTINGS.
+        self.h2.decoder.max_header_list_size = head_bytes
+        self.block = HeaderBlock(head_bytes)
+        self.oversized = False  # a header block went over the limit: the connection closes
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2Stream] = {}
         self.reserved = 0  # streams handed out, not yet attached
@@ -391,7 +418,10 @@ class H2Connection(asyncio.Protocol):
         return H2Stream(self)
 
     def tick(self, now: float, cutoff: float) -> None:
-        """Close after the pool's idle time without a stream."""
+        """Close after the pool's idle time without a stream, or with a header block left open."""
+        if self.block.size and now - self.block.began >= HEADER_BLOCK_SECONDS:
+            self._calm("the backend left a header block unfinished")
+            return
         if not self.streams and not self.reserved and self.idle_since <= cutoff:
             self.close()
 
@@ -478,37 +508,43 @@ class H2Connection(asyncio.Protocol):
         self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.flush()
 
-    def _without_goaway(self, data: bytes) -> bytes:
-        """data minus any GOAWAY frame (noted in self.goaways), and minus the incomplete
-        frame head at its end (held for the next read). Only frame heads are looked at."""
+    def _screen(self, data: bytes) -> bytes:
+        """data as h2 is to read it, from the frame heads only: minus any GOAWAY frame (noted
+        in self.goaways), minus an incomplete frame head (or GOAWAY) at its end, held for the next read, and
+        cut before a frame that takes a header block over the limit (self.oversized)."""
         if self.held:
             data, self.held = self.held + data, b""
         size = len(data)
         pos = start = 0
         kept: list[bytes] | None = None
+        block = self.block
         while pos < size:
             if self.skip:
                 step = min(self.skip, size - pos)
                 pos += step
                 self.skip -= step
                 continue
-            if size - pos < _FRAME_HEAD:
+            if size - pos < FRAME_HEAD:
                 break
             length = int.from_bytes(data[pos : pos + 3], "big")
-            if data[pos + 3] != _GOAWAY:
-                pos += _FRAME_HEAD
+            kind = data[pos + 3]
+            if kind != GOAWAY:
+                if not block.frame(kind, data[pos + 4], length, self.pool.clock):
+                    self.oversized = True
+                    break
+                pos += FRAME_HEAD
                 self.skip = length
                 continue
-            if size - pos < _FRAME_HEAD + length:
+            if size - pos < FRAME_HEAD + length:
                 break  # the GOAWAY is read whole before it is understood
             last = int.from_bytes(data[pos + 9 : pos + 13], "big") & 0x7FFFFFFF
             self.goaways.append(last)
             if kept is None:
                 kept = []
             kept.append(data[start:pos])
-            pos += _FRAME_HEAD + length
+            pos += FRAME_HEAD + length
             start = pos
-        if pos < size:
+        if pos < size and not self.oversized:
             self.held = data[pos:]
         if kept is None:
             return data if start == 0 and pos == size else data[start:pos]
@@ -516,7 +552,9 @@ class H2Connection(asyncio.Protocol):
         return b"".join(kept)
 
     def data_received(self, data: bytes) -> None:
-        data = self._without_goaway(data)
+        if self.closed:
+            return
+        data = self._screen(data)
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as err:
@@ -568,6 +606,8 @@ class H2Connection(asyncio.Protocol):
             if user.batch is not None:
                 user.flush()
         self.flush()
+        if self.oversized:  # (after the frames before the block: answers they ended went out)
+            self._calm(f"the backend sent a header block over {self.block.limit} bytes")
 
     def _goaway(self, last_stream_id: int) -> None:
         self.draining = True
@@ -576,6 +616,13 @@ class H2Connection(asyncio.Protocol):
             if sid > last_stream_id:
                 stream._refused()
         self.settle()
+
+    def _calm(self, why: str) -> None:
+        """GOAWAY ENHANCE_YOUR_CALM, every stream failed, and close."""
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self.h2.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self.flush()
+        self._fail_all(why)
 
     def _fail_all(self, why: str) -> None:
         self.closed = True

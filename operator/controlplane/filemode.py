@@ -141,17 +141,18 @@ class FileMode:
         }
 
     async def watch(self, interval: float = POLL_INTERVAL) -> None:
-        """Poll the folder; any change reloads the files and marks the loop dirty."""
+        """Poll the folder; a change that reads differently reloads the files and marks the
+        loop dirty (a file turned empty is looked at again until it is believed)."""
         seen = self.source.signature()
         self.source.reload()
         self.loop.mark_synced()
         while True:
             await asyncio.sleep(interval)
             current = self.source.signature()
-            if current != seen:
+            if current != seen or self.source.settling:
                 seen = current
-                self.source.reload()
-                self.loop.mark_dirty()
+                if self.source.reload():
+                    self.loop.mark_dirty()
 
 
 async def run_files(

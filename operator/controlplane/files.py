@@ -1,12 +1,18 @@
 """The file provider: Kubernetes objects from YAML and JSON files in a folder.
 
 A file that fails to parse keeps its last good content, so a half-saved edit never takes
-routes away; the problem is reported until the file is fixed.
+routes away; the problem is reported until the file is fixed. A file that turns empty is
+believed only once it stayed empty for EMPTY_SETTLE seconds: a save that truncates the file
+and then writes it (Python's write_text, a shell's `>`, many editors) shows it empty in
+between, and a poll in that moment made "nothing" the file's last good content, which a
+broken save then fell back on, taking the routes away after all.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,8 @@ SUFFIXES = (".yaml", ".yml", ".json")
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 Signature = tuple[tuple[str, int, int], ...]
+# How long a file that had objects must stay empty before it is read as having none.
+EMPTY_SETTLE = 1.0
 
 
 @dataclass
@@ -45,6 +53,14 @@ class FileSource:
     _files: dict[Path, _FileState] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     _snapshot: Snapshot = field(default_factory=Snapshot)
+    # Files that turned empty, not believed yet: path -> (signature, when first seen empty).
+    _emptied: dict[Path, tuple[tuple[int, int], float]] = field(default_factory=dict)
+    clock: Callable[[], float] = time.monotonic
+
+    @property
+    def settling(self) -> bool:
+        """A file turned empty and is to be looked at again (reload) even if nothing changes."""
+        return bool(self._emptied)
 
     def signature(self) -> Signature:
         """Changes whenever a file is added, removed or written."""
@@ -75,22 +91,37 @@ class FileSource:
             if d.is_dir() and not d.name.startswith(".") and any(p.suffix in SUFFIXES for p in d.rglob("*"))
         )
 
-    def reload(self) -> None:
-        """Read the files whose size or mtime changed; keep the rest as they were."""
+    def reload(self) -> bool:
+        """Read the files whose size or mtime changed; keep the rest as they were. True when
+        a file was read or went away (the snapshot may differ)."""
         with gc_paused():
-            self._reload()
+            return self._reload()
 
-    def _reload(self) -> None:
+    def _reload(self) -> bool:
         paths = self._paths()
+        changed = False
         for gone in set(self._files) - set(paths):
             del self._files[gone]
+            changed = True
+        for gone in set(self._emptied) - set(paths):
+            del self._emptied[gone]
         for path in paths:
             try:
                 stat = path.stat()
                 signature = (stat.st_mtime_ns, stat.st_size)
                 state = self._files.get(path)
                 if state is not None and state.signature == signature:
+                    self._emptied.pop(path, None)
                     continue
+                if (
+                    not stat.st_size
+                    and state is not None
+                    and state.objects
+                    and self._settling(path, signature)
+                ):
+                    continue
+                self._emptied.pop(path, None)
+                changed = True
                 text = path.read_text()
             except OSError as err:
                 self._keep_previous(path, (0, 0), f"{path.name}: cannot read: {err.strerror}")
@@ -103,6 +134,19 @@ class FileSource:
         if not self.directory.is_dir() and not self.directory.is_file():
             self.problems.insert(0, f"{self.directory}: not a folder or a file")
         self._snapshot = self._collect()
+        return changed
+
+    def _settling(self, path: Path, signature: tuple[int, int]) -> bool:
+        """The file that had objects is empty: True until it stayed so for EMPTY_SETTLE."""
+        now = self.clock()
+        seen = self._emptied.get(path)
+        if seen is None or seen[0] != signature:
+            self._emptied[path] = (signature, now)
+            return True
+        if now - seen[1] < EMPTY_SETTLE:
+            return True
+        del self._emptied[path]
+        return False
 
     def _keep_previous(self, path: Path, signature: tuple[int, int], problem: str) -> None:
         previous = self._files.get(path)
