@@ -623,6 +623,9 @@ async def test_a_deposed_leader_stops_writing_status_at_once(cluster: Cluster, w
                 "holderIdentity": "another-replica",
                 "leaseTransitions": held["spec"]["leaseTransitions"] + 1,
                 "renewTime": datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                # The other replica's lease, shorter than ours (15 s): the wait for it to
+                # expire is only the window in which no write may come.
+                "leaseDurationSeconds": 4,
             }
         },
     )
@@ -630,7 +633,7 @@ async def test_a_deposed_leader_stops_writing_status_at_once(cluster: Cluster, w
     stepped_down = time.monotonic()
     written = len(arrivals)
     cluster.emulator.write_delay.clear()  # the pass after the next take-over is quick
-    # A standby until the other replica's Lease expires (15 s by our clock), then it
+    # A standby until the other replica's Lease expires (4 s by our clock), then it
     # leads again and finishes.
     await async_wait_for(lambda: cluster.operator.leading, deadline_s=30, what="leading again")
     took_over = time.monotonic()
