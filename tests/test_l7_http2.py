@@ -374,7 +374,9 @@ async def test_drain_sends_goaway_and_in_flight_streams_finish(web: HTTPBackend)
 
 async def test_idle_connection_closes_after_the_keepalive_timeout(web: HTTPBackend) -> None:
     port = free_port()
-    async with serving(plain_table(port, web), keepalive_timeout=0.5):
+    # HTTP/2 connections are checked every min(idle, header timeout) / 4 (2.5 s by default):
+    # a shorter idle timeout makes that 0.5 s.
+    async with serving(plain_table(port, web), keepalive_timeout=0.5, idle_timeout=2.0):
         probe = await H2Probe.open(port)
         assert (await get(probe, "/once"))[0] == 200
         await probe.until(lambda p: bool(p.closed), 5)

@@ -93,8 +93,11 @@ async def test_backend_heads_are_bounded_in_size_and_fields() -> None:
     port = free_port()
     try:
         async with serving(raw_table(port, backend)):
-            many = await exchange_raw(port, b"GET /many HTTP/1.1\r\nHost: x\r\n\r\n", seconds=3)
-            endless = await exchange_raw(port, b"GET /endless HTTP/1.1\r\nHost: x\r\n\r\n", seconds=3)
+            # Connection: close, so that the proxy's close ends each read (everything it
+            # sends is read), not the 3 s timeout on a kept-alive connection.
+            close = b"Host: x\r\nConnection: close\r\n\r\n"
+            many = await exchange_raw(port, b"GET /many HTTP/1.1\r\n" + close, seconds=3)
+            endless = await exchange_raw(port, b"GET /endless HTTP/1.1\r\n" + close, seconds=3)
     finally:
         await backend.stop()
     assert many.startswith(b"HTTP/1.1 502") and b"X-99" not in many
