@@ -209,12 +209,12 @@ def cmd_operator(args: argparse.Namespace) -> int:
     from .leader import check_timing
     from .main import run
 
-    logs.setup(args.log_level)
     try:
         # Checked here too: the Leader is made after the first listing, minutes into a start.
         check_timing(args.lease_duration, args.renew_deadline, args.retry_period)
     except ValueError as err:
         raise SystemExit(f"--lease-duration, --renew-deadline, --retry-period: {err}") from None
+    logs.setup(args.log_level)
     labels = dict(item.split("=", 1) for item in args.dataplane_selector.split(",") if "=" in item)
     settings = OperatorSettings(
         namespace=args.namespace,
