@@ -108,6 +108,9 @@ class Settings:
     max_header_bytes: int = 60 * 1024  # a request's or response's head, and its trailers
     max_headers: int = 100  # header fields per head (and per trailer section)
     connect_timeout: float = 5.0  # L7 connects to endpoints
+    # After an HTTP/2 connection error, how long the client's further bytes are read and
+    # dropped before the close (TLS cannot half-close: the client sees the close only then).
+    h2_shut_linger: float = 1.0
     max_client_connections: int = 100_000  # per L7 listener; beyond it a fast 503
     via: bool = False  # add "Via: 1.1 bilayer" to forwarded requests
     otlp_endpoint: str | None = None  # OTLP/HTTP collector for spans; None: tracing off

@@ -282,17 +282,20 @@ class DataplanePod(DataplaneProcess):
 class OperatorProcess:
     """`bilayer operator` as the chart runs it, with a kubeconfig of the chart's ServiceAccount."""
 
-    def __init__(self, cluster: EnvCluster, identity: str, kubeconfig: Path) -> None:
+    def __init__(
+        self, cluster: EnvCluster, identity: str, kubeconfig: Path, extra: tuple[str, ...] = ()
+    ) -> None:
         self.cluster = cluster
         self.identity = identity
         self.kubeconfig = kubeconfig
+        self.extra = extra
         self.health = free_port()
         self.log = cluster.dir / f"operator-{identity}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> OperatorProcess:
         args = [a for a in self.cluster.operator_args if not a.startswith("--health-port")]
-        args += [f"--health-port={self.health}", "--health-address=127.0.0.1"]
+        args += [f"--health-port={self.health}", "--health-address=127.0.0.1", *self.extra]
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
@@ -508,9 +511,10 @@ class EnvCluster:
         fresh.write_text(token)
         fresh.replace(self.token_file)
 
-    def start_operator(self, identity: str = "operator-0") -> OperatorProcess:
+    def start_operator(self, identity: str = "operator-0", *extra: str) -> OperatorProcess:
+        """The chart's operator, with extra arguments after the chart's."""
         kubeconfig = self.server.kubeconfig(self.dir / f"kubeconfig-{identity}", token_file=self.token_file)
-        operator = OperatorProcess(self, identity, kubeconfig).start()
+        operator = OperatorProcess(self, identity, kubeconfig, extra).start()
         self.operators.append(operator)
         return operator
 

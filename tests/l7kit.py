@@ -42,7 +42,9 @@ class HTTPBackend:
         app.router.add_get("/ws", self.websocket)
         app.router.add_route("*", "/{prefix:.*}cors-aware", self.cors_aware)
         app.router.add_route("*", "/{tail:.*}", self.echo)
-        self.runner = web.AppRunner(app, access_log=None)
+        # Stopped when a test is done: a handler still running then (a /slow/ whose client
+        # went away) is cancelled after a moment, not waited for (aiohttp's default: 60 s).
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
         await self.runner.setup()
         self.port = port or free_port()
         await web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=ssl_context).start()

@@ -81,6 +81,15 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == "bilayer 0.1.0"
 
 
+@pytest.mark.parametrize(
+    "timing", [["--lease-duration=5", "--renew-deadline=6"], ["--renew-deadline=2", "--retry-period=2"]]
+)
+def test_operator_refuses_lease_timing_that_cannot_work(timing: list[str]) -> None:
+    """At once, not after the first listing (when the Lease is first tried)."""
+    with pytest.raises(SystemExit, match="lease duration > renew deadline > retry period"):
+        main(["operator", *timing])
+
+
 def test_compile_prints_the_table_with_keys_redacted(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

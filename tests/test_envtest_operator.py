@@ -300,7 +300,10 @@ async def test_two_replicas_one_lease_failover_and_fencing(apiserver: ApiServer,
             }
         )
         pod = await cluster.add_pod()
-        a, b = cluster.start_operator("operator-a"), cluster.start_operator("operator-b")
+        # The lease's timing shortened (the chart's is client-go's 15/10/2 s): the SIGKILL
+        # failover below waits out a whole lease.
+        timing = ("--lease-duration=6", "--renew-deadline=4", "--retry-period=1")
+        a, b = cluster.start_operator("operator-a", *timing), cluster.start_operator("operator-b", *timing)
         operators = {"operator-a": a, "operator-b": b}
 
         async def holder() -> str | None:
@@ -330,15 +333,16 @@ async def test_two_replicas_one_lease_failover_and_fencing(apiserver: ApiServer,
         assert pod.served()["term"].endswith("/" + second.identity)
         assert handover < 8, handover
 
-        # SIGKILL: no release; the standby waits out the lease (15 s) on its own clock.
-        restarted = cluster.start_operator(first.identity)
+        # SIGKILL: no release; the standby waits out the lease (6 s) on its own clock, where
+        # one that did not wait would act within a retry period (1 s).
+        restarted = cluster.start_operator(first.identity, *timing)
         await async_wait_for(lambda: restarted.get("/readyz")[0] == 200, deadline_s=30, what="the standby")
         killed = time.monotonic()
         await asyncio.to_thread(second.stop, signal.SIGKILL)
         await cluster.create(l7route("three", free_port()))
         await cluster.wait_condition("L7Route", "three", "Programmed", deadline=40)
         failover = time.monotonic() - killed
-        assert 10 < failover < 25, failover
+        assert 3 < failover < 16, failover
         newest = pod.served()["term"]
         assert newest.endswith("/" + restarted.identity)
         print(f"\nhandover after SIGTERM {handover:.1f} s, failover after SIGKILL {failover:.1f} s")

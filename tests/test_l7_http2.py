@@ -374,7 +374,9 @@ async def test_drain_sends_goaway_and_in_flight_streams_finish(web: HTTPBackend)
 
 async def test_idle_connection_closes_after_the_keepalive_timeout(web: HTTPBackend) -> None:
     port = free_port()
-    async with serving(plain_table(port, web), keepalive_timeout=0.5):
+    # HTTP/2 connections are checked every min(idle, header timeout) / 4 (2.5 s by default):
+    # a shorter idle timeout makes that 0.5 s.
+    async with serving(plain_table(port, web), keepalive_timeout=0.5, idle_timeout=2.0):
         probe = await H2Probe.open(port)
         assert (await get(probe, "/once"))[0] == 200
         await probe.until(lambda p: bool(p.closed), 5)
@@ -663,9 +665,16 @@ async def test_h2spec_over_tls_and_h2c(web: HTTPBackend, ca: trustme.CA) -> None
     rules = [{"backendRefs": [backend_ref("a")]}]
     routes = [route("tls", tls_port, rules, tls={"secretName": "s"}), route("plain", plain_port, rules)]
     both = l7_table(routes, {"a": [web.port]}, extra=secret("s", cert))
-    async with serving(both):
-        summary, failures, details = await spec_failures(["-t", "-k", "-h", "127.0.0.1", "-p", str(tls_port)])
+    # Over TLS, each of the 13 cases that end in a connection error waits for the close,
+    # which comes after the linger (1 s by default): a short one here.
+    async with serving(both, h2_shut_linger=0.1):
+        # The two runs are independent (two ports, one connection per case each): at once.
+        over_tls, over_h2c = await asyncio.gather(
+            spec_failures(["-t", "-k", "-h", "127.0.0.1", "-p", str(tls_port)]),
+            spec_failures(["-h", "127.0.0.1", "-p", str(plain_port)]),
+        )
+        summary, failures, details = over_tls
         assert (summary, failures) == ("146 tests, 146 passed, 0 skipped, 0 failed", []), details
-        summary, failures, details = await spec_failures(["-h", "127.0.0.1", "-p", str(plain_port)])
+        summary, failures, details = over_h2c
         assert failures == ["2: Sends invalid connection preface"], details
         assert summary == "146 tests, 145 passed, 0 skipped, 1 failed"

@@ -191,7 +191,8 @@ async def test_a_slow_service_webhook_holds_no_compile_back(cluster: Cluster, we
     for obj in service_objects("web", web.port):
         await cluster.create(obj)
     await cluster.start_operator()
-    cluster.emulator.write_delay["services"] = 4.0
+    # Longer than the 2 s bound below by a margin, and short: the Service's writes are waited for.
+    cluster.emulator.write_delay["services"] = 3.0
     loop = asyncio.get_running_loop()
     ports = []
     for name in ("one", "two"):
@@ -199,9 +200,10 @@ async def test_a_slow_service_webhook_holds_no_compile_back(cluster: Cluster, we
         started = loop.time()
         await cluster.create(l7route(name, ports[-1]))
         await cluster.wait_condition("L7Route", name, "Programmed")
-        # Programmed in 0.1-0.5 s (measured); with the Service write in the compile, 3.9 s.
+        # Programmed in 0.1-0.5 s (measured); with the Service write in the compile, 3.9 s
+        # (at 4 s a write).
         assert loop.time() - started < 2.0, name
-    # The Service catches up on its own time: a write or two of 4 s each.
+    # The Service catches up on its own time: a write or two of 3 s each.
     await async_wait_for(lambda: _sorted_ports_are(cluster, ports), deadline_s=30, what="the Service's ports")
 
 
@@ -623,6 +625,9 @@ async def test_a_deposed_leader_stops_writing_status_at_once(cluster: Cluster, w
                 "holderIdentity": "another-replica",
                 "leaseTransitions": held["spec"]["leaseTransitions"] + 1,
                 "renewTime": datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                # The other replica's lease, shorter than ours (15 s): the wait for it to
+                # expire is only the window in which no write may come.
+                "leaseDurationSeconds": 4,
             }
         },
     )
@@ -630,7 +635,7 @@ async def test_a_deposed_leader_stops_writing_status_at_once(cluster: Cluster, w
     stepped_down = time.monotonic()
     written = len(arrivals)
     cluster.emulator.write_delay.clear()  # the pass after the next take-over is quick
-    # A standby until the other replica's Lease expires (15 s by our clock), then it
+    # A standby until the other replica's Lease expires (4 s by our clock), then it
     # leads again and finishes.
     await async_wait_for(lambda: cluster.operator.leading, deadline_s=30, what="leading again")
     took_over = time.monotonic()

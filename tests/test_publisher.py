@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
@@ -26,6 +27,9 @@ class FakePod:
     pod: Pod
     delay: float = 0.0  # seconds each PUT/PATCH waits before it is applied
     refuse: bool = False  # answer 400 to every push
+    # Set when the test is done: a push still waiting out its delay goes on at once, so
+    # that stopping the server does not wait for it.
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @pytest.fixture
@@ -43,7 +47,11 @@ async def pods() -> AsyncIterator[Callable[[], Awaitable[FakePod]]]:
             request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
         ) -> web.StreamResponse:
             if request.method in ("PUT", "PATCH"):
-                await asyncio.sleep(fake.delay)
+                if fake.delay:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(fake.done.wait(), fake.delay)
+                else:
+                    await asyncio.sleep(0)
                 if fake.refuse:
                     return web.json_response({"error": "no"}, status=400)
             return await handler(request)
@@ -55,6 +63,8 @@ async def pods() -> AsyncIterator[Callable[[], Awaitable[FakePod]]]:
         return fake
 
     yield make
+    for fake in made:
+        fake.done.set()
     for runner in runners:
         await runner.cleanup()
     for fake in made:

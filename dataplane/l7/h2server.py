@@ -61,10 +61,9 @@ RESET_SECONDS = 10.0
 # Frames that make the proxy work (or answer) without a request moving: per CONTROL_SECONDS.
 MAX_CONTROL_FRAMES = 1000
 CONTROL_SECONDS = 1.0
-# After a connection error, what the client still sends is read and dropped this long before
-# the close: closing with unread bytes resets the connection, and the reset can overtake
-# the GOAWAY that says why.
-SHUT_LINGER = 1.0
+# After a connection error, what the client still sends is read and dropped for a while
+# (Settings.h2_shut_linger) before the close: closing with unread bytes resets the
+# connection, and the reset can overtake the GOAWAY that says why.
 
 # Connection-specific fields (RFC 9113 8.2.2) and framing: never in an HTTP/2 response.
 _NOT_FORWARDED = HOP_BY_HOP | FRAMING
@@ -818,7 +817,7 @@ class H2Client(asyncio.Protocol):
             transport.write(data)
             if transport.can_write_eof():
                 transport.write_eof()
-            self.listener.loop.call_later(SHUT_LINGER, transport.close)
+            self.listener.loop.call_later(self.listener.settings.h2_shut_linger, transport.close)
         streams = list(self.streams.values())
         self.streams.clear()
         for stream in streams:

@@ -206,8 +206,14 @@ def cmd_dataplane(args: argparse.Namespace) -> int:
 
 def cmd_operator(args: argparse.Namespace) -> int:
     from .cluster import OperatorSettings
+    from .leader import check_timing
     from .main import run
 
+    try:
+        # Checked here too: the Leader is made after the first listing, minutes into a start.
+        check_timing(args.lease_duration, args.renew_deadline, args.retry_period)
+    except ValueError as err:
+        raise SystemExit(f"--lease-duration, --renew-deadline, --retry-period: {err}") from None
     logs.setup(args.log_level)
     labels = dict(item.split("=", 1) for item in args.dataplane_selector.split(",") if "=" in item)
     settings = OperatorSettings(
@@ -224,6 +230,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
         max_holdoff=args.max_holdoff,
         leader_election=not args.no_leader_election,
         lease_name=args.lease_name,
+        lease_seconds=args.lease_duration,
+        renew_deadline=args.renew_deadline,
+        retry_period=args.retry_period,
         health_address=args.health_address,
         health_port=args.health_port or None,
         api_qps=args.api_qps,
@@ -547,6 +556,29 @@ def parser() -> argparse.ArgumentParser:
         "--no-leader-election", action="store_true", help="act without holding the Lease (a single replica)"
     )
     p.add_argument("--lease-name", default="bilayer-operator", help="the Lease whose holder acts")
+    p.add_argument(
+        "--lease-duration",
+        type=int,
+        default=15,
+        metavar="SECONDS",
+        help="a standby takes the Lease after it has not changed for this long, by its own clock "
+        "(default 15)",
+    )
+    p.add_argument(
+        "--renew-deadline",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="the leader steps down when it could not renew the Lease for this long (default 10)",
+    )
+    p.add_argument(
+        "--retry-period",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between the leader's renewals and the standby's tries (default 2); the "
+        "lease duration must exceed the renew deadline, and that 1.2 retry periods",
+    )
     p.add_argument(
         "--health-address",
         default="0.0.0.0",

@@ -85,6 +85,9 @@ class OperatorSettings:
     status_settle: float = 10.0  # wait up to this long for pushes to settle before a pass
     leader_election: bool = True
     lease_name: str = "bilayer-operator"
+    lease_seconds: int = 15  # client-go's defaults (leader.Leader)
+    renew_deadline: float = 10.0
+    retry_period: float = 2.0
     # /healthz, /readyz, /metrics. Not kopf's 0.0.0.0:8080: where operator and
     # dataplanes share a network, that took port 8080 from listeners.
     health_address: str = "0.0.0.0"
@@ -200,6 +203,9 @@ class Operator:
                 self.settings.namespace,
                 self.settings.identity,
                 name=self.settings.lease_name,
+                lease_seconds=self.settings.lease_seconds,
+                renew_deadline=self.settings.renew_deadline,
+                retry_period=self.settings.retry_period,
                 on_change=self._leadership,
             )
             self.supervisor.spawn(LEADER_TASK, self.leader.run)

@@ -54,6 +54,16 @@ def _wall() -> datetime.datetime:
     return datetime.datetime.now(tz=datetime.UTC)
 
 
+def check_timing(lease_seconds: float, renew_deadline: float, retry_period: float) -> None:
+    """ValueError unless the three durations can work together (client-go's rule)."""
+    if not lease_seconds > renew_deadline > retry_period * JITTER:
+        raise ValueError("lease duration > renew deadline > retry period (x1.2) is required")
+    if lease_seconds != int(lease_seconds):
+        # leaseDurationSeconds is an integer: 1.5 s would be written as 1 s, and others
+        # would count the Lease expired while we still act.
+        raise ValueError(f"the lease duration is whole seconds, not {lease_seconds}")
+
+
 class Leader:
     """Acquires, renews and releases a Lease; reports the term held (None: not leading)."""
 
@@ -70,12 +80,7 @@ class Leader:
         on_change: Callable[[Term | None], None] = lambda term: None,
         wall: Callable[[], datetime.datetime] = _wall,
     ) -> None:
-        if not lease_seconds > renew_deadline > retry_period * JITTER:
-            raise ValueError("lease duration > renew deadline > retry period (x1.2) is required")
-        if lease_seconds != int(lease_seconds):
-            # leaseDurationSeconds is an integer: 1.5 s would be written as 1 s, and others
-            # would count the Lease expired while we still act.
-            raise ValueError(f"the lease duration is whole seconds, not {lease_seconds}")
+        check_timing(lease_seconds, renew_deadline, retry_period)
         self.client = client
         self.path = resource_path("coordination.k8s.io", "v1", "leases", namespace, name)
         self.collection = resource_path("coordination.k8s.io", "v1", "leases", namespace)
