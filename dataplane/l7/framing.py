@@ -14,7 +14,6 @@ Everything here is pure: bytes and numbers in, a head or a BadMessage out.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from .hostnames import normalize_host
 from .paths import BadPath, normalize, split_target
@@ -133,41 +132,84 @@ class BadMessage(Exception):
         self.message = message
 
 
-@dataclass(slots=True)
 class RequestHead:
-    """A validated request head: where it goes, what to forward, how its body is framed."""
+    """A validated request head: where it goes, what to forward, how its body is framed.
 
-    method: str
-    version: str  # "1.0" or "1.1"
-    host: bytes  # as sent (validated), or the authority of an absolute-form target
-    host_name: str  # host as routing compares it: lower case, no port, no trailing dot
-    path: str  # normalized: dot segments removed, unreserved escapes decoded
-    query: str
-    encoded_slash: bool
-    headers: Headers  # end-to-end fields to forward, in order
-    forwarded_for: bytes  # the client's X-Forwarded-For values, joined
-    body: int  # a length >= 0, CHUNKED or NO_BODY
-    keep_alive: bool
-    upgrade: bytes  # b"websocket", or b"" for none
-    reparse: bool  # llhttp switched to upgrade mode but the proxy refused it: parse on
-    has_body: bool  # a length above 0, or chunked
-    request_id: bytes  # the client's X-Request-Id when sane (one field, see REQUEST_ID), else b""
-    te_trailers: bool = False  # the client sent TE: trailers (gRPC needs it, RFC 9113 8.2.2)
+    A class with its own __init__, not a dataclass: mypyc compiles this __init__, while a
+    dataclass's is generated Python, interpreted for each of the heads made per request."""
+
+    __slots__ = (
+        "body",
+        "encoded_slash",
+        "forwarded_for",
+        "has_body",
+        "headers",
+        "host",
+        "host_name",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "reparse",
+        "request_id",
+        "te_trailers",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(  # noqa: PLR0917 (positional: made for every request, as dataclasses were)
+        self,
+        method: str,
+        version: str,
+        host: bytes,
+        host_name: str,
+        path: str,
+        query: str,
+        encoded_slash: bool,
+        headers: Headers,
+        forwarded_for: bytes,
+        body: int,
+        keep_alive: bool,
+        upgrade: bytes,
+        reparse: bool,
+        has_body: bool,
+        request_id: bytes,
+        te_trailers: bool = False,
+    ) -> None:
+        self.method = method
+        self.version = version  # "1.0" or "1.1"
+        self.host = host  # as sent (validated), or the authority of an absolute-form target
+        self.host_name = host_name  # host as routing compares it: lower case, no port, no trailing dot
+        self.path = path  # normalized: dot segments removed, unreserved escapes decoded
+        self.query = query
+        self.encoded_slash = encoded_slash
+        self.headers = headers  # end-to-end fields to forward, in order
+        self.forwarded_for = forwarded_for  # the client's X-Forwarded-For values, joined
+        self.body = body  # a length >= 0, CHUNKED or NO_BODY
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade  # b"websocket", or b"" for none
+        self.reparse = reparse  # llhttp switched to upgrade mode but the proxy refused it: parse on
+        self.has_body = has_body  # a length above 0, or chunked
+        # The client's X-Request-Id when sane (one field, see REQUEST_ID), else b"".
+        self.request_id = request_id
+        self.te_trailers = te_trailers  # the client sent TE: trailers (gRPC needs it, RFC 9113 8.2.2)
 
     @property
     def idempotent(self) -> bool:
         return self.method in IDEMPOTENT
 
 
-@dataclass(slots=True)
 class ResponseHead:
-    """A validated response head from a backend."""
+    """A validated response head from a backend (an __init__ of its own, as RequestHead)."""
 
-    status: int
-    headers: Headers  # end-to-end fields to forward
-    body: int  # a length >= 0, CHUNKED, UNTIL_CLOSE or NO_BODY
-    length: int  # the Content-Length to announce when body is NO_BODY (HEAD, 304), or -1
-    keep_alive: bool  # the backend connection may carry another request after this one
+    __slots__ = ("body", "headers", "keep_alive", "length", "status")
+
+    def __init__(self, status: int, headers: Headers, body: int, length: int, keep_alive: bool) -> None:
+        self.status = status
+        self.headers = headers  # end-to-end fields to forward
+        self.body = body  # a length >= 0, CHUNKED, UNTIL_CLOSE or NO_BODY
+        self.length = length  # the Content-Length to announce when body is NO_BODY (HEAD, 304), or -1
+        self.keep_alive = keep_alive  # the backend connection may carry another request after this one
 
 
 def _connection_tokens(value: bytes) -> list[bytes]:
