@@ -459,28 +459,36 @@ def response_head(
 
 
 # (name, value) -> b"name: value", in C: joining the lines of a head runs no bytecode per field
-_FIELD_LINE = b": ".join
+def _field_lines(parts: list[bytes], headers: Headers) -> None:
+    """Append each field as name, ": ", value, CRLF: one join of the whole head then copies
+    each byte once (a join per field costs a call and an allocation per field)."""
+    for name, value in headers:
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
 
 
 def serialize(headers: Headers) -> bytes:
     """Header fields as lines, each ending in CRLF (b"" for none)."""
     if not headers:
         return b""
-    return b"\r\n".join(map(_FIELD_LINE, headers)) + b"\r\n"
+    parts: list[bytes] = []
+    _field_lines(parts, headers)
+    return b"".join(parts)
 
 
 def request_bytes(method: str, target: bytes, host: bytes, headers: Headers, body: int) -> bytes:
     """The request head for a backend, with framing from the proxy's own parse."""
+    parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
+    _field_lines(parts, headers)
     if body >= 0:
-        end = b"content-length: %d\r\n\r\n" % body
+        parts.append(b"content-length: %d\r\n\r\n" % body)
     elif body == CHUNKED:
-        end = b"transfer-encoding: chunked\r\n\r\n"
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
     else:
-        end = b"\r\n"
-    line = (method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n")
-    if not headers:
-        return b"".join((*line, end))
-    return b"".join((*line, b"\r\n".join(map(_FIELD_LINE, headers)), b"\r\n", end))
+        parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def chunk(data: bytes) -> bytes:
