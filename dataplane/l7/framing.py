@@ -14,6 +14,7 @@ Everything here is pure: bytes and numbers in, a head or a BadMessage out.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from .hostnames import normalize_host
 from .paths import BadPath, normalize, split_target
@@ -21,19 +22,19 @@ from .paths import BadPath, normalize, split_target
 Headers = list[tuple[bytes, bytes]]
 
 # Body framing, as the parse saw it. A length >= 0 is a Content-Length.
-CHUNKED = -1
-UNTIL_CLOSE = -2  # responses only: the body ends when the backend closes
-NO_BODY = -3  # no framing header: no body (requests), or a response that cannot have one
+CHUNKED: Final = -1
+UNTIL_CLOSE: Final = -2  # responses only: the body ends when the backend closes
+NO_BODY: Final = -3  # no framing header: no body (requests), or a response that cannot have one
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
 # Headers the proxy writes itself from its own parse or knowledge; a peer's copies are dropped
 # and a Connection header can never nominate them.
-FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
-FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
-PROTECTED = HOP_BY_HOP | FRAMING | FORWARDING
+FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
+FORWARDING: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+PROTECTED: Final = HOP_BY_HOP | FRAMING | FORWARDING
 # A name that differs from a protected one only by '_' for '-' (in any position) is refused:
 # CGI-style backends and servers such as gunicorn read both as the same variable
 # (Transfer_Encoding as Transfer-Encoding, X-Forwarded_For as X-Forwarded-For).
@@ -44,32 +45,41 @@ PROTECTED = HOP_BY_HOP | FRAMING | FORWARDING
 # The request id the proxy forwards and logs (exchange.py writes the field): a client's value
 # is kept when it is one visible-ASCII token of bounded length, so a log line stays bounded
 # and one id names one request; anything else is replaced by a new id.
-REQUEST_ID = b"x-request-id"
-_SANE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+REQUEST_ID: Final = b"x-request-id"
+_SANE_REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
 
-UPGRADES = frozenset({b"websocket"})  # what a request may upgrade to; h2c is refused (RFC 9113)
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+UPGRADES: Final = frozenset({b"websocket"})  # what a request may upgrade to; h2c is refused (RFC 9113)
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods whose request content many servers never read (RFC 9110 gives it no meaning): a
 # backend connection that carried such a body is not reused, since the server may read
 # the body later as a request of its own (CL.0 desync).
-BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
-_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
+_METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 # reg-name, IPv4 or an IP literal, then an optional port (RFC 3986 3.2.2): no userinfo,
 # no path, no whitespace.
-_HOST = re.compile(rb"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?)?")
+_HOST: Final = re.compile(rb"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?)?")
 
 # Hosts seen valid, and their names for routing: a dict lookup instead of the pattern and
 # the normalization for the hosts a listener serves over and over. Cleared when full, so a
 # client sending random hosts cannot grow it.
-_HOST_NAMES: dict[bytes, str] = {}
-_HOST_NAMES_KEPT = 4096
+_HOST_NAMES: Final[dict[bytes, str]] = {}
+_HOST_NAMES_KEPT: Final = 4096
 
-# Field kinds looked at while validating a head: one dict lookup per field decides.
-_PLAIN, _HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP, _DISGUISED, _REQUEST_ID, _TE_FIELD = (
-    range(11)
-)
-_KINDS = {
+# Field kinds looked at while validating a head: one dict lookup per field decides. (Final
+# names, here and above: compiled code reads them as constants, not from the module's dict.)
+_PLAIN: Final = 0
+_HOST_FIELD: Final = 1
+_LENGTH: Final = 2
+_TE: Final = 3
+_CONNECTION: Final = 4
+_UPGRADE: Final = 5
+_XFF: Final = 6
+_DROP: Final = 7
+_DISGUISED: Final = 8
+_REQUEST_ID: Final = 9
+_TE_FIELD: Final = 10
+_KINDS: Final = {
     b"host": _HOST_FIELD,
     b"content-length": _LENGTH,
     b"transfer-encoding": _TE,
@@ -84,7 +94,7 @@ _KINDS = {
     b"x-forwarded-proto": _DROP,
     b"x-forwarded-host": _DROP,
 }
-_RESPONSE_KINDS = {
+_RESPONSE_KINDS: Final = {
     **dict.fromkeys(HOP_BY_HOP, _DROP),
     b"content-length": _LENGTH,
     b"transfer-encoding": _TE,
@@ -93,7 +103,7 @@ _RESPONSE_KINDS = {
 }
 
 
-_KINDS_KEPT = 4096
+_KINDS_KEPT: Final = 4096
 
 
 class _FieldKinds(dict[bytes, int]):
@@ -119,8 +129,8 @@ class _FieldKinds(dict[bytes, int]):
         return kind
 
 
-_REQUEST_FIELDS = _FieldKinds(_KINDS)
-_RESPONSE_FIELDS = _FieldKinds(_RESPONSE_KINDS)
+_REQUEST_FIELDS: Final = _FieldKinds(_KINDS)
+_RESPONSE_FIELDS: Final = _FieldKinds(_RESPONSE_KINDS)
 
 
 class BadMessage(Exception):
@@ -496,4 +506,4 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
