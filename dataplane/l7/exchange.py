@@ -556,9 +556,11 @@ class Exchange:
         else:
             key = self._hash_key(rule) if rule.policy == "ConsistentHash" else b""
             balancer = cluster.balancer(rule.policy)
-            endpoint = balancer.pick(key, time.monotonic(), frozenset(self.tried))
+            now = time.monotonic()
+            # A first attempt has tried nothing: no set to copy (a frozenset per request).
+            endpoint = balancer.pick(key, now, frozenset(self.tried)) if self.tried else None
             if endpoint is None:
-                endpoint = balancer.pick(key, time.monotonic())  # all tried: any again
+                endpoint = balancer.pick(key, now)  # all tried (or none yet): any
         if endpoint is None:
             self.local(503, "no ready endpoint", "no_endpoint")
             return
