@@ -7,12 +7,17 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from mypy_extensions import mypyc_attr
+
 if TYPE_CHECKING:
     from .runtime import Settings
 
 C = TypeVar("C")
 
 
+# Compiled (compiled-modules.txt) for ServingL7, whose attributes the request path reads;
+# ServingL4 may stay interpreted Python, which a compiled class must allow explicitly.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Serving(Generic[C]):
     """The shared half of ServingL4 and ServingL7."""
 

@@ -9,7 +9,6 @@ frames (h2upstream.H2Stream). Responses come back through the User's ResponseSin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 from ..health import EndpointState
@@ -17,18 +16,29 @@ from .framing import BadMessage, Headers
 from .reader import ResponseSink
 
 
-@dataclass(slots=True)
 class BackendRequest:
     """A request for a backend, in no protocol's framing yet (built positionally: it is
-    made for every request)."""
+    made for every request; an __init__ of its own, which mypyc compiles, as RequestHead)."""
 
-    method: str
-    target: bytes  # path and query, as sent on the request line or in :path
-    authority: bytes  # Host, or :authority
-    headers: Headers  # end-to-end fields (no framing, no hop-by-hop)
-    body: int  # a length >= 0, CHUNKED (length unknown) or NO_BODY
-    upgrade: bytes  # b"websocket" or b""
-    te_trailers: bool  # the client said it accepts trailers (TE: trailers)
+    __slots__ = ("authority", "body", "headers", "method", "target", "te_trailers", "upgrade")
+
+    def __init__(  # noqa: PLR0917 (positional: made for every request)
+        self,
+        method: str,
+        target: bytes,
+        authority: bytes,
+        headers: Headers,
+        body: int,
+        upgrade: bytes,
+        te_trailers: bool,
+    ) -> None:
+        self.method = method
+        self.target = target  # path and query, as sent on the request line or in :path
+        self.authority = authority  # Host, or :authority
+        self.headers = headers  # end-to-end fields (no framing, no hop-by-hop)
+        self.body = body  # a length >= 0, CHUNKED (length unknown) or NO_BODY
+        self.upgrade = upgrade  # b"websocket" or b""
+        self.te_trailers = te_trailers  # the client said it accepts trailers (TE: trailers)
 
 
 class User(ResponseSink, Protocol):

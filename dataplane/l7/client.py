@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from . import responses
 from .exchange import CHUNK, Exchange, log_connection_answer
@@ -35,12 +35,12 @@ if TYPE_CHECKING:
     from .listener import ServingL7
     from .upstream import Upstream
 
-MAX_PIPELINE = 32  # requests queued behind the current one; more close the connection
-LINGER_SECONDS = 2.0  # reading (and dropping) the rest of a request answered early
-LINGER_BYTES = 1024 * 1024
+MAX_PIPELINE: Final = 32  # requests queued behind the current one; more close the connection
+LINGER_SECONDS: Final = 2.0  # reading (and dropping) the rest of a request answered early
+LINGER_BYTES: Final = 1024 * 1024
 BODY_RATE_GRACE = 5.0  # seconds of a request body before its rate is judged
 # Never in a trailer section the proxy writes: framing and hop-by-hop fields.
-_NOT_TRAILERS = HOP_BY_HOP | FRAMING
+_NOT_TRAILERS: Final = HOP_BY_HOP | FRAMING
 
 
 class ClientConnection(asyncio.Protocol):

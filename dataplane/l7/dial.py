@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from typing import Final
 
 from .. import table
 
@@ -65,8 +66,8 @@ def _context(tls: table.UpstreamTLS, alpn: list[str]) -> ssl.SSLContext:
     return context
 
 
-PLAIN = Dial(HTTP1, None)
-_DIALS: dict[tuple[str, str], Dial] = {(HTTP1, ""): PLAIN}
+PLAIN: Final = Dial(HTTP1, None)
+_DIALS: Final[dict[tuple[str, str], Dial]] = {(HTTP1, ""): PLAIN}
 
 
 def dial_for(cluster: table.Cluster) -> Dial:

@@ -23,7 +23,7 @@ import logging
 import os
 import random
 import time
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Final, Literal, Protocol
 from urllib.parse import parse_qsl
 
 from ..health import EndpointState
@@ -52,13 +52,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bilayer.access")
 
-KEEP_BODY = 64 * 1024
+KEEP_BODY: Final = 64 * 1024
 # Interim responses (1xx) passed on per request: each one moves bytes, so a backend sending
 # them forever would otherwise hold the exchange past every idle timeout.
-MAX_INTERIM = 32
+MAX_INTERIM: Final = 32
 
 # How the response body goes to the client (the HTTP/1.1 writer's choice, kept per exchange).
-IDENTITY, CHUNK = 0, 1
+IDENTITY: Final = 0
+CHUNK: Final = 1
 
 # Why the proxy answered a request itself, or ended its exchange, as the access log says.
 Reason = Literal[
@@ -80,7 +81,7 @@ Reason = Literal[
     "client_timeout",  # 408: the client's body or trailers came too slowly
     "client_closed",  # 499 (or a cut response): the client went away first
 ]
-_GIVE_UP: dict[Failure, Reason] = {
+_GIVE_UP: Final[dict[Failure, Reason]] = {
     Failure.CONNECT: "connect_failed",
     Failure.RESET: "upstream_reset",
     Failure.REFUSED: "upstream_reset",
@@ -88,12 +89,12 @@ _GIVE_UP: dict[Failure, Reason] = {
     Failure.TIMEOUT: "timeout",
     Failure.STATUS: "bad_response",  # (a retried status is forwarded, never given up on)
 }
-_PROTOCOLS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2"}
+_PROTOCOLS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2"}
 
 # Request ids (128 random bits as 32 hex digits) are made 256 at a time: per request, a
 # list pop, where os.urandom(16).hex() is a system call and formatting a random 128-bit
 # int costs more than either (callgrind).
-_REQUEST_IDS: list[bytes] = []
+_REQUEST_IDS: Final[list[bytes]] = []
 
 
 def _more_request_ids() -> bytes:
@@ -555,9 +556,11 @@ class Exchange:
         else:
             key = self._hash_key(rule) if rule.policy == "ConsistentHash" else b""
             balancer = cluster.balancer(rule.policy)
-            endpoint = balancer.pick(key, time.monotonic(), frozenset(self.tried))
+            now = time.monotonic()
+            # A first attempt has tried nothing: no set to copy (a frozenset per request).
+            endpoint = balancer.pick(key, now, frozenset(self.tried)) if self.tried else None
             if endpoint is None:
-                endpoint = balancer.pick(key, time.monotonic())  # all tried: any again
+                endpoint = balancer.pick(key, now)  # all tried (or none yet): any
         if endpoint is None:
             self.local(503, "no ready endpoint", "no_endpoint")
             return

@@ -14,7 +14,7 @@ Everything here is pure: bytes and numbers in, a head or a BadMessage out.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import Final
 
 from .hostnames import normalize_host
 from .paths import BadPath, normalize, split_target
@@ -22,19 +22,19 @@ from .paths import BadPath, normalize, split_target
 Headers = list[tuple[bytes, bytes]]
 
 # Body framing, as the parse saw it. A length >= 0 is a Content-Length.
-CHUNKED = -1
-UNTIL_CLOSE = -2  # responses only: the body ends when the backend closes
-NO_BODY = -3  # no framing header: no body (requests), or a response that cannot have one
+CHUNKED: Final = -1
+UNTIL_CLOSE: Final = -2  # responses only: the body ends when the backend closes
+NO_BODY: Final = -3  # no framing header: no body (requests), or a response that cannot have one
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
 # Headers the proxy writes itself from its own parse or knowledge; a peer's copies are dropped
 # and a Connection header can never nominate them.
-FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
-FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
-PROTECTED = HOP_BY_HOP | FRAMING | FORWARDING
+FRAMING: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
+FORWARDING: Final = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+PROTECTED: Final = HOP_BY_HOP | FRAMING | FORWARDING
 # A name that differs from a protected one only by '_' for '-' (in any position) is refused:
 # CGI-style backends and servers such as gunicorn read both as the same variable
 # (Transfer_Encoding as Transfer-Encoding, X-Forwarded_For as X-Forwarded-For).
@@ -45,32 +45,41 @@ PROTECTED = HOP_BY_HOP | FRAMING | FORWARDING
 # The request id the proxy forwards and logs (exchange.py writes the field): a client's value
 # is kept when it is one visible-ASCII token of bounded length, so a log line stays bounded
 # and one id names one request; anything else is replaced by a new id.
-REQUEST_ID = b"x-request-id"
-_SANE_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
+REQUEST_ID: Final = b"x-request-id"
+_SANE_REQUEST_ID: Final = re.compile(rb"[\x21-\x7e]{1,128}")
 
-UPGRADES = frozenset({b"websocket"})  # what a request may upgrade to; h2c is refused (RFC 9113)
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+UPGRADES: Final = frozenset({b"websocket"})  # what a request may upgrade to; h2c is refused (RFC 9113)
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods whose request content many servers never read (RFC 9110 gives it no meaning): a
 # backend connection that carried such a body is not reused, since the server may read
 # the body later as a request of its own (CL.0 desync).
-BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
-_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
+BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "DELETE"})
+_METHODS: Final = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")}
 
 # reg-name, IPv4 or an IP literal, then an optional port (RFC 3986 3.2.2): no userinfo,
 # no path, no whitespace.
-_HOST = re.compile(rb"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?)?")
+_HOST: Final = re.compile(rb"(?:(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]+)(?::[0-9]{1,5})?)?")
 
 # Hosts seen valid, and their names for routing: a dict lookup instead of the pattern and
 # the normalization for the hosts a listener serves over and over. Cleared when full, so a
 # client sending random hosts cannot grow it.
-_HOST_NAMES: dict[bytes, str] = {}
-_HOST_NAMES_KEPT = 4096
+_HOST_NAMES: Final[dict[bytes, str]] = {}
+_HOST_NAMES_KEPT: Final = 4096
 
-# Field kinds looked at while validating a head: one dict lookup per field decides.
-_PLAIN, _HOST_FIELD, _LENGTH, _TE, _CONNECTION, _UPGRADE, _XFF, _DROP, _DISGUISED, _REQUEST_ID, _TE_FIELD = (
-    range(11)
-)
-_KINDS = {
+# Field kinds looked at while validating a head: one dict lookup per field decides. (Final
+# names, here and above: compiled code reads them as constants, not from the module's dict.)
+_PLAIN: Final = 0
+_HOST_FIELD: Final = 1
+_LENGTH: Final = 2
+_TE: Final = 3
+_CONNECTION: Final = 4
+_UPGRADE: Final = 5
+_XFF: Final = 6
+_DROP: Final = 7
+_DISGUISED: Final = 8
+_REQUEST_ID: Final = 9
+_TE_FIELD: Final = 10
+_KINDS: Final = {
     b"host": _HOST_FIELD,
     b"content-length": _LENGTH,
     b"transfer-encoding": _TE,
@@ -85,7 +94,7 @@ _KINDS = {
     b"x-forwarded-proto": _DROP,
     b"x-forwarded-host": _DROP,
 }
-_RESPONSE_KINDS = {
+_RESPONSE_KINDS: Final = {
     **dict.fromkeys(HOP_BY_HOP, _DROP),
     b"content-length": _LENGTH,
     b"transfer-encoding": _TE,
@@ -94,7 +103,7 @@ _RESPONSE_KINDS = {
 }
 
 
-_KINDS_KEPT = 4096
+_KINDS_KEPT: Final = 4096
 
 
 class _FieldKinds(dict[bytes, int]):
@@ -120,8 +129,8 @@ class _FieldKinds(dict[bytes, int]):
         return kind
 
 
-_REQUEST_FIELDS = _FieldKinds(_KINDS)
-_RESPONSE_FIELDS = _FieldKinds(_RESPONSE_KINDS)
+_REQUEST_FIELDS: Final = _FieldKinds(_KINDS)
+_RESPONSE_FIELDS: Final = _FieldKinds(_RESPONSE_KINDS)
 
 
 class BadMessage(Exception):
@@ -133,41 +142,84 @@ class BadMessage(Exception):
         self.message = message
 
 
-@dataclass(slots=True)
 class RequestHead:
-    """A validated request head: where it goes, what to forward, how its body is framed."""
+    """A validated request head: where it goes, what to forward, how its body is framed.
 
-    method: str
-    version: str  # "1.0" or "1.1"
-    host: bytes  # as sent (validated), or the authority of an absolute-form target
-    host_name: str  # host as routing compares it: lower case, no port, no trailing dot
-    path: str  # normalized: dot segments removed, unreserved escapes decoded
-    query: str
-    encoded_slash: bool
-    headers: Headers  # end-to-end fields to forward, in order
-    forwarded_for: bytes  # the client's X-Forwarded-For values, joined
-    body: int  # a length >= 0, CHUNKED or NO_BODY
-    keep_alive: bool
-    upgrade: bytes  # b"websocket", or b"" for none
-    reparse: bool  # llhttp switched to upgrade mode but the proxy refused it: parse on
-    has_body: bool  # a length above 0, or chunked
-    request_id: bytes  # the client's X-Request-Id when sane (one field, see REQUEST_ID), else b""
-    te_trailers: bool = False  # the client sent TE: trailers (gRPC needs it, RFC 9113 8.2.2)
+    A class with its own __init__, not a dataclass: mypyc compiles this __init__, while a
+    dataclass's is generated Python, interpreted for each of the heads made per request."""
+
+    __slots__ = (
+        "body",
+        "encoded_slash",
+        "forwarded_for",
+        "has_body",
+        "headers",
+        "host",
+        "host_name",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "reparse",
+        "request_id",
+        "te_trailers",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(  # noqa: PLR0917 (positional: made for every request, as dataclasses were)
+        self,
+        method: str,
+        version: str,
+        host: bytes,
+        host_name: str,
+        path: str,
+        query: str,
+        encoded_slash: bool,
+        headers: Headers,
+        forwarded_for: bytes,
+        body: int,
+        keep_alive: bool,
+        upgrade: bytes,
+        reparse: bool,
+        has_body: bool,
+        request_id: bytes,
+        te_trailers: bool = False,
+    ) -> None:
+        self.method = method
+        self.version = version  # "1.0" or "1.1"
+        self.host = host  # as sent (validated), or the authority of an absolute-form target
+        self.host_name = host_name  # host as routing compares it: lower case, no port, no trailing dot
+        self.path = path  # normalized: dot segments removed, unreserved escapes decoded
+        self.query = query
+        self.encoded_slash = encoded_slash
+        self.headers = headers  # end-to-end fields to forward, in order
+        self.forwarded_for = forwarded_for  # the client's X-Forwarded-For values, joined
+        self.body = body  # a length >= 0, CHUNKED or NO_BODY
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade  # b"websocket", or b"" for none
+        self.reparse = reparse  # llhttp switched to upgrade mode but the proxy refused it: parse on
+        self.has_body = has_body  # a length above 0, or chunked
+        # The client's X-Request-Id when sane (one field, see REQUEST_ID), else b"".
+        self.request_id = request_id
+        self.te_trailers = te_trailers  # the client sent TE: trailers (gRPC needs it, RFC 9113 8.2.2)
 
     @property
     def idempotent(self) -> bool:
         return self.method in IDEMPOTENT
 
 
-@dataclass(slots=True)
 class ResponseHead:
-    """A validated response head from a backend."""
+    """A validated response head from a backend (an __init__ of its own, as RequestHead)."""
 
-    status: int
-    headers: Headers  # end-to-end fields to forward
-    body: int  # a length >= 0, CHUNKED, UNTIL_CLOSE or NO_BODY
-    length: int  # the Content-Length to announce when body is NO_BODY (HEAD, 304), or -1
-    keep_alive: bool  # the backend connection may carry another request after this one
+    __slots__ = ("body", "headers", "keep_alive", "length", "status")
+
+    def __init__(self, status: int, headers: Headers, body: int, length: int, keep_alive: bool) -> None:
+        self.status = status
+        self.headers = headers  # end-to-end fields to forward
+        self.body = body  # a length >= 0, CHUNKED, UNTIL_CLOSE or NO_BODY
+        self.length = length  # the Content-Length to announce when body is NO_BODY (HEAD, 304), or -1
+        self.keep_alive = keep_alive  # the backend connection may carry another request after this one
 
 
 def _connection_tokens(value: bytes) -> list[bytes]:
@@ -417,28 +469,36 @@ def response_head(
 
 
 # (name, value) -> b"name: value", in C: joining the lines of a head runs no bytecode per field
-_FIELD_LINE = b": ".join
+def _field_lines(parts: list[bytes], headers: Headers) -> None:
+    """Append each field as name, ": ", value, CRLF: one join of the whole head then copies
+    each byte once (a join per field costs a call and an allocation per field)."""
+    for name, value in headers:
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
 
 
 def serialize(headers: Headers) -> bytes:
     """Header fields as lines, each ending in CRLF (b"" for none)."""
     if not headers:
         return b""
-    return b"\r\n".join(map(_FIELD_LINE, headers)) + b"\r\n"
+    parts: list[bytes] = []
+    _field_lines(parts, headers)
+    return b"".join(parts)
 
 
 def request_bytes(method: str, target: bytes, host: bytes, headers: Headers, body: int) -> bytes:
     """The request head for a backend, with framing from the proxy's own parse."""
+    parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
+    _field_lines(parts, headers)
     if body >= 0:
-        end = b"content-length: %d\r\n\r\n" % body
+        parts.append(b"content-length: %d\r\n\r\n" % body)
     elif body == CHUNKED:
-        end = b"transfer-encoding: chunked\r\n\r\n"
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
     else:
-        end = b"\r\n"
-    line = (method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nhost: ", host, b"\r\n")
-    if not headers:
-        return b"".join((*line, end))
-    return b"".join((*line, b"\r\n".join(map(_FIELD_LINE, headers)), b"\r\n", end))
+        parts.append(b"\r\n")
+    return b"".join(parts)
 
 
 def chunk(data: bytes) -> bytes:
@@ -446,4 +506,4 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-LAST_CHUNK = b"0\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import h2.config
 import h2.connection
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bilayer.l7")
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_STREAMS = 100  # SETTINGS_MAX_CONCURRENT_STREAMS: more at once are refused (REFUSED_STREAM)
 STREAM_WINDOW = 65535  # per stream: what a client may send ahead of the backend taking it
 CONNECTION_WINDOW = 1024 * 1024  # the connection's receive window (streams bound themselves)

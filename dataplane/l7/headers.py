@@ -12,12 +12,13 @@ and the id the backend receives is the one in the access log, so their logs join
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from .. import table
 from .framing import FRAMING, HOP_BY_HOP, REQUEST_ID, Headers
 
-_UNTOUCHABLE = HOP_BY_HOP | FRAMING
-_UNTOUCHABLE_REQUEST = _UNTOUCHABLE | {REQUEST_ID}
+_UNTOUCHABLE: Final = HOP_BY_HOP | FRAMING
+_UNTOUCHABLE_REQUEST: Final = _UNTOUCHABLE | {REQUEST_ID}
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,11 @@ servlet containers resolve as a dot segment, is refused outright.
 from __future__ import annotations
 
 import re
+from typing import Final
 
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = frozenset("0123456789abcdefABCDEF")
-_SLASHES = re.compile(r"//+")
+_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX: Final = frozenset("0123456789abcdefABCDEF")
+_SLASHES: Final = re.compile(r"//+")
 
 
 class BadPath(ValueError):

@@ -16,7 +16,7 @@ a response's end is never reused).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
@@ -25,8 +25,8 @@ from .framing import BadMessage, RequestHead, ResponseHead
 
 # A chunked body of more than this many chunks must average at least MIN_CHUNK_AVERAGE
 # bytes a chunk: a client sending 1-byte chunks made each byte cost a Python callback.
-MAX_TINY_CHUNKS = 4096
-MIN_CHUNK_AVERAGE = 32
+MAX_TINY_CHUNKS: Final = 4096
+MIN_CHUNK_AVERAGE: Final = 32
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class _NoSink:
         pass
 
 
-NO_SINK = _NoSink()
+NO_SINK: Final = _NoSink()
 
 
 class Reader:

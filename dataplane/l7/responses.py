@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_REASONS: Final = {status.value: status.phrase for status in HTTPStatus}
 
 
 def reason(status: int) -> bytes:
     return _REASONS.get(status, "Unknown").encode()
 
 
-STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason(status)) for status in _REASONS}
+STATUS_LINES: Final = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason(status)) for status in _REASONS}
 
 
 def status_line(status: int) -> bytes:

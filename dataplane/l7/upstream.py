@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from typing import cast
+from typing import Final, cast
 
 from ..health import EndpointState
 from .backend import Backend, BackendRequest, Connecting, User
@@ -28,7 +28,7 @@ __all__ = ["Backend", "Connecting", "Pool", "Upstream", "User"]
 log = logging.getLogger("bilayer.dataplane")
 
 IDLE_SECONDS = 60.0
-MAX_IDLE_PER_ENDPOINT = 256
+MAX_IDLE_PER_ENDPOINT: Final = 256
 
 
 class Upstream(asyncio.Protocol):
