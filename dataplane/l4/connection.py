@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..logs import fields
 from ..pair import POOL, Pair, Side
@@ -34,18 +34,18 @@ class ClientSide(Side):
 
     __slots__ = ()
 
-    pair: Connection
+    def connection(self) -> Connection:
+        # Side.pair is typed Pair: a compiled class cannot narrow an attribute's type.
+        return cast(Connection, self.pair)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.pair.accepted(self.attach(transport))
+        self.connection().accepted(self.attach(transport))
 
 
 class HelloSide(ClientSide):
     """The accepted socket of a passthrough port: reads the ClientHello first."""
 
     __slots__ = ("reader",)
-
-    pair: Connection
 
     def __init__(self, pair: Connection) -> None:
         super().__init__(pair)
@@ -67,11 +67,11 @@ class HelloSide(ClientSide):
             found = reader.feed(data)
         except HelloError as err:
             self.reader = None
-            self.pair.refuse("bad_hello", str(err))
+            self.connection().refuse("bad_hello", str(err))
             return
         if found is not None:
             self.reader = None
-            self.pair.hello_read(found)
+            self.connection().hello_read(found)
 
 
 class BackendSide(Side):
