@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, cast
 
 from ..logs import fields
-from ..pair import POOL, Pair, Side
+from ..pair import Pair, Side
 from . import proxyproto
 from .sni import HelloError, HelloReader, NoName, route_of
 
@@ -51,17 +51,12 @@ class HelloSide(ClientSide):
         super().__init__(pair)
         self.reader: HelloReader | None = HelloReader()
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def data_received(self, data: bytes) -> None:
         reader = self.reader
         if reader is None:
-            super().buffer_updated(nbytes)
+            super().data_received(data)
             return
-        buffer = self.buffer
-        assert buffer is not None
-        data = bytes(buffer[1][:nbytes])
-        POOL.give(buffer)
-        self.buffer = None
-        self.received += nbytes
+        self.received += len(data)
         self.early += data  # replayed to the backend once connected
         try:
             found = reader.feed(data)
