@@ -2,6 +2,7 @@
 bench/instructions.py, steady whatever else the machine is doing.
 
     .venv/bin/python bench/instructions_l4.py [--tree CHECKOUT] [--requests 5000] [--warmup 20] [--keep]
+        [--haproxy]
 
 `bilayer run` (the code of CHECKOUT, this one by default) runs under callgrind with an L4
 listener in front of redis-server; one client opens one connection through it and sends
@@ -10,6 +11,7 @@ PING, waits for +PONG, W + N times. The same is done with W pings only; per roun
 the figure is the cost of moving one request and one response across: two reads, two
 writes, the wake-ups between them. User-space instructions only (callgrind does not see
 the kernel): bench/README.md has the system calls per round trip, counted with strace.
+--haproxy counts HAProxy `mode tcp` (one thread) in the same place, for comparison.
 Needs valgrind and redis-server (Debian packages).
 """
 
@@ -51,16 +53,39 @@ def round_trips(sock: socket.socket, count: int) -> None:
         assert data == PONG, data
 
 
-def count(tree: Path, redis_port: int, pings: int, directory: Path) -> int:
+HAPROXY = """global
+    nbthread 1
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend redis_in
+    bind 127.0.0.1:{port}
+    default_backend redis
+backend redis
+    server r1 127.0.0.1:{redis}
+"""
+
+
+def proxy_command(tree: Path | None, folder: Path, port: int, redis_port: int) -> list[str]:
+    """Bilayer (tree's code) or, tree None, HAProxy `mode tcp`, listening on port."""
+    if tree is None:
+        (folder / "haproxy.cfg").write_text(HAPROXY.format(port=port, redis=redis_port))
+        return [need("haproxy", "haproxy"), "-f", str(folder / "haproxy.cfg")]
+    (folder / "objects.yaml").write_text(service("redis", 80, redis_port) + l4(port))
+    command = [sys.executable, str(BILAYER), "run", "-f", str(folder), "--address", "127.0.0.1"]
+    return [*command, "--admin-port", str(free_port()), "--no-access-log", "--log-level", "warning"]
+
+
+def count(tree: Path | None, redis_port: int, pings: int, directory: Path) -> int:
     port = free_port()
     folder = directory / f"run-{pings}"
     folder.mkdir()
-    (folder / "objects.yaml").write_text(service("redis", 80, redis_port) + l4(port))
     out = folder / "callgrind.out"
     command = [need("valgrind", "valgrind"), "--tool=callgrind", f"--callgrind-out-file={out}"]
-    command += [sys.executable, str(BILAYER), "run", "-f", str(folder), "--address", "127.0.0.1"]
-    command += ["--admin-port", str(free_port()), "--no-access-log", "--log-level", "warning"]
-    env = {**os.environ, "PYTHONPATH": f"{tree}/operator:{tree}"}
+    command += proxy_command(tree, folder, port, redis_port)
+    env = {**os.environ, "PYTHONPATH": f"{tree}/operator:{tree}"} if tree else None
     proxy = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, 600)
@@ -83,9 +108,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--warmup", type=int, default=20, help="round trips in both runs")
     parser.add_argument("--keep", action="store_true", help="keep the callgrind outputs (path printed)")
+    parser.add_argument("--haproxy", action="store_true", help="count HAProxy `mode tcp` instead")
     args = parser.parse_args()
     directory = workdir()
-    tree = Path(args.tree).resolve()
+    tree = None if args.haproxy else Path(args.tree).resolve()
     redis_port = free_port()
     redis = [need("redis-server", "redis-server"), "--port", str(redis_port), "--save", ""]
     with process([*redis, "--appendonly", "no"], redis_port, cwd=directory):
@@ -95,7 +121,7 @@ def main() -> None:
         print(f"callgrind outputs: {directory}/run-*/callgrind.out")
     else:
         shutil.rmtree(directory, ignore_errors=True)
-    print(f"{tree}: {(busy - idle) / args.requests:,.0f} instructions per round trip")
+    print(f"{tree or 'haproxy'}: {(busy - idle) / args.requests:,.0f} instructions per round trip")
 
 
 if __name__ == "__main__":
