@@ -63,7 +63,7 @@ class Side(asyncio.Protocol):
         self.transport.pause_reading()
 
     def pause_writing(self) -> None:
-        # Our transport holds unsent bytes that the other side read into its buffer.
+        # Our transport holds unsent bytes the other side read: it stops reading until they go.
         other = self.other
         if other is not None and other.transport is not None:
             other.held = True
