@@ -1,16 +1,19 @@
 """Two sockets copying bytes straight across: the mechanism under every L4 connection and
 every L7 tunnel (WebSocket after a 101).
 
-The hot path is ``Side.buffer_updated``: the kernel reads into a pooled buffer, the bytes
-go to the other socket's transport at once, the buffer goes back to the pool. Nothing is
-allocated per read in the common case and nothing runs per message.
+The hot path is ``Side.data_received``: the event loop reads into its own buffer (one for
+the whole loop), hands over the bytes, and they go to the other socket's transport at once.
+That is one call into Python per read and a bytes object the transport writes without
+another copy or view. A BufferedProtocol reading into pooled buffers, tried first, costs
+twice the instructions per read (two calls, a memoryview per read, and uvloop's views over
+it: bench/README.md, "L4 CPU per request, compiled"), and its smaller reads (64 KiB against
+256 KiB) cost more per MB too.
 
 Flow control: every transport's write high-water mark is 0, so a write is attempted at
 once and whatever the kernel does not take immediately calls ``pause_writing``. Then the
-reading side stops reading and keeps its buffer (the pending write still refers to it:
-uvloop and Python 3.12+ keep a reference, they do not copy) until ``resume_writing``
-says the other socket drained. So at most one buffer per direction is in flight, and a
-slow reader costs a bounded amount of memory, whatever the sender does.
+reading side stops reading until ``resume_writing`` says the other socket drained. So at
+most one read per direction is in flight (256 KiB, the read size of uvloop and of asyncio),
+and a slow reader costs a bounded amount of memory, whatever the sender does.
 
 Time is bounded by an idle timeout: a pair that moves no byte for that long is closed.
 """
@@ -21,45 +24,17 @@ import asyncio
 import time
 from typing import cast
 
-READ_SIZE = 64 * 1024
 
-
-class BufferPool:
-    """Read buffers (with a memoryview each, to slice without copying)."""
-
-    __slots__ = ("free", "limit", "size")
-
-    def __init__(self, size: int = READ_SIZE, limit: int = 64) -> None:
-        self.size = size
-        self.limit = limit
-        self.free: list[tuple[bytearray, memoryview]] = []
-
-    def take(self) -> tuple[bytearray, memoryview]:
-        if self.free:
-            return self.free.pop()
-        buffer = bytearray(self.size)
-        return buffer, memoryview(buffer)
-
-    def give(self, pair: tuple[bytearray, memoryview]) -> None:
-        if len(self.free) < self.limit:
-            self.free.append(pair)
-
-
-# The event loop is single-threaded; one pool serves every connection of the process.
-POOL = BufferPool()
-
-
-class Side(asyncio.BufferedProtocol):
+class Side(asyncio.Protocol):
     """One socket of a pair; what it reads is written to `other`."""
 
-    __slots__ = ("buffer", "early", "eof", "held", "other", "pair", "received", "target", "transport")
+    __slots__ = ("early", "eof", "held", "other", "pair", "received", "target", "transport")
 
     def __init__(self, pair: Pair) -> None:
         self.pair = pair
         self.transport: asyncio.Transport | None = None
         self.other: Side | None = None
         self.target: asyncio.Transport | None = None  # the other side's transport, once connected
-        self.buffer: tuple[bytearray, memoryview] | None = None
         self.early = b""  # bytes read before the other side was connected
         self.held = False
         self.received = 0
@@ -72,36 +47,23 @@ class Side(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=0)
         return transport
 
-    def get_buffer(self, sizehint: int) -> bytearray:
-        buffer = self.buffer
-        if buffer is None:
-            buffer = self.buffer = POOL.take()
-        return buffer[0]
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.received += nbytes
-        buffer = self.buffer
-        assert buffer is not None
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
         target = self.target
         if target is None:
-            self._keep_early(buffer[1][:nbytes])
+            self._keep_early(data)
             return
-        target.write(buffer[1][:nbytes])
-        if not self.held:
-            POOL.give(buffer)
-            self.buffer = None
+        target.write(data)
 
-    def _keep_early(self, data: memoryview) -> None:
+    def _keep_early(self, data: bytes) -> None:
         # The client spoke before the backend answered (uvloop starts reading only after
         # connection_made, so pausing there is too early): keep these bytes, stop reading.
         self.early += data
-        assert self.transport is not None and self.buffer is not None
+        assert self.transport is not None
         self.transport.pause_reading()
-        POOL.give(self.buffer)
-        self.buffer = None
 
     def pause_writing(self) -> None:
-        # Our transport holds unsent bytes that the other side read into its buffer.
+        # Our transport holds unsent bytes the other side read: it stops reading until they go.
         other = self.other
         if other is not None and other.transport is not None:
             other.held = True
@@ -112,9 +74,6 @@ class Side(asyncio.BufferedProtocol):
         if other is None:
             return
         other.held = False
-        if other.buffer is not None:
-            POOL.give(other.buffer)
-            other.buffer = None
         if other.transport is not None and not other.eof:
             other.transport.resume_reading()
 

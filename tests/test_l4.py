@@ -11,7 +11,6 @@ from collections import Counter
 import pytest
 
 from dataplane.l4.listener import ServingL4
-from dataplane.pair import POOL
 
 from .helpers import async_wait_for
 from .l4kit import Backend, connect, l4_table, listener_port, read_name, running_dataplane
@@ -111,10 +110,10 @@ async def test_slow_reader_does_not_make_the_proxy_buffer() -> None:
         )
         writer.close()
     server.close()
-    # What is in flight is bounded by kernel socket buffers, not by the proxy.
-    assert state["max_held"] <= 64 * 1024, state
+    # What is in flight is bounded by kernel socket buffers, not by the proxy: the proxy
+    # holds at most the one read it could not pass on (uvloop and asyncio read 256 KiB).
+    assert state["max_held"] <= 256 * 1024, state
     assert max_gap < 40 * 1024 * 1024, max_gap
-    assert len(POOL.free) <= POOL.limit
 
 
 async def test_redis_pipeline_all_answered_in_order(redis_port: int) -> None:

@@ -12,10 +12,10 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..logs import fields
-from ..pair import POOL, Pair, Side
+from ..pair import Pair, Side
 from . import proxyproto
 from .sni import HelloError, HelloReader, NoName, route_of
 
@@ -34,10 +34,12 @@ class ClientSide(Side):
 
     __slots__ = ()
 
-    pair: Connection
+    def connection(self) -> Connection:
+        # Side.pair is typed Pair: a compiled class cannot narrow an attribute's type.
+        return cast(Connection, self.pair)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.pair.accepted(self.attach(transport))
+        self.connection().accepted(self.attach(transport))
 
 
 class HelloSide(ClientSide):
@@ -45,33 +47,26 @@ class HelloSide(ClientSide):
 
     __slots__ = ("reader",)
 
-    pair: Connection
-
     def __init__(self, pair: Connection) -> None:
         super().__init__(pair)
         self.reader: HelloReader | None = HelloReader()
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def data_received(self, data: bytes) -> None:
         reader = self.reader
         if reader is None:
-            super().buffer_updated(nbytes)
+            super().data_received(data)
             return
-        buffer = self.buffer
-        assert buffer is not None
-        data = bytes(buffer[1][:nbytes])
-        POOL.give(buffer)
-        self.buffer = None
-        self.received += nbytes
+        self.received += len(data)
         self.early += data  # replayed to the backend once connected
         try:
             found = reader.feed(data)
         except HelloError as err:
             self.reader = None
-            self.pair.refuse("bad_hello", str(err))
+            self.connection().refuse("bad_hello", str(err))
             return
         if found is not None:
             self.reader = None
-            self.pair.hello_read(found)
+            self.connection().hello_read(found)
 
 
 class BackendSide(Side):
