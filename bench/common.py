@@ -148,6 +148,14 @@ def bilayer_run(
         yield proc
 
 
+def callgrind_total(out: Path) -> int:
+    """The instructions a callgrind output file counted, all threads together."""
+    for line in out.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"callgrind wrote no total in {out}")
+
+
 def _descendants(pid: int) -> list[int]:
     """pid and every process below it (Bilayer's workers, nginx's worker), as far as /proc shows them."""
     found, queue = [], [pid]

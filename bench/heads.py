@@ -21,6 +21,10 @@ import tempfile
 import timeit
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import callgrind_total
+
 ROOT = Path(__file__).resolve().parent.parent
 
 REQUEST = b"GET /api/x HTTP/1.1\r\nHost: h.example.com\r\n\r\n"  # what wrk sends
@@ -135,10 +139,7 @@ def instructions(case: int, number: int, tree: Path) -> int:
         command += ["--child", "--case", str(case), "--number", str(number)]
         env = {**os.environ, "PYTHONPATH": str(tree)}
         subprocess.run(command, env=env, check=True, capture_output=True)
-        for line in out.read_text().splitlines():
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
-    raise RuntimeError("callgrind wrote no total")
+        return callgrind_total(out)
 
 
 def main() -> None:

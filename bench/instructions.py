@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BILAYER, ROOT, free_port, need, nginx, service, wait_port, workdir
+from common import BILAYER, ROOT, callgrind_total, free_port, need, nginx, service, wait_port, workdir
 from compare_l7 import ROUTE
 from otlp_sink import sink
 
@@ -66,10 +66,7 @@ def count(tree: Path, nginx_port: int, requests: int, directory: Path, flags: li
     finally:
         process.terminate()
         process.wait(600)
-    for line in out.read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
-    raise RuntimeError("callgrind wrote no total")
+    return callgrind_total(out)
 
 
 def main() -> None:

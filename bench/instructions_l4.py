@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BILAYER, ROOT, free_port, need, process, service, wait_port, workdir
+from common import BILAYER, ROOT, callgrind_total, free_port, need, process, service, wait_port, workdir
 
 PING = b"PING\r\n"
 PONG = b"+PONG\r\n"
@@ -94,10 +94,7 @@ def count(tree: Path | None, redis_port: int, pings: int, directory: Path) -> in
     finally:
         proxy.terminate()
         proxy.wait(600)
-    for line in out.read_text().splitlines():
-        if line.startswith(("summary:", "totals:")):
-            return int(line.split()[1])
-    raise RuntimeError("callgrind wrote no total")
+    return callgrind_total(out)
 
 
 def main() -> None:
