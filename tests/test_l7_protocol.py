@@ -242,6 +242,31 @@ async def test_slowloris_clients_are_cut_and_do_not_block_others(web: HTTPBacken
             writer.close()
 
 
+async def test_a_half_close_ends_a_cut_request_at_once_and_waits_for_a_whole_ones_answer(
+    web: HTTPBackend, port: int
+) -> None:
+    async with serving(table_for(port, web)):  # type: ignore[arg-type]
+        # After a whole request the client may half-close: its answer still comes.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /whole HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write_eof()
+        assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 200")
+        writer.close()
+        # A request cut short (in its body, in its head) can never end: the proxy closes at
+        # once, not when the body rate's check (5-8 s) or a timeout (10-60 s) notices.
+        for cut in (
+            b"POST /cut HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"y" * 10,
+            b"GET /cut HTTP/1.1\r\nHost: x\r\nAcc",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(cut)
+            await writer.drain()
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.read(), 2)
+            writer.close()
+            assert not answer.startswith(b"HTTP/1.1 2"), answer
+
+
 async def test_idle_keep_alive_connections_are_closed(web: HTTPBackend, port: int) -> None:
     async with serving(table_for(port, web), keepalive_timeout=0.2):  # type: ignore[arg-type]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

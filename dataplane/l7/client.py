@@ -222,6 +222,10 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.reader.in_message:
+            # The request being read was cut short (its head or its body): it can never
+            # end, so its exchange (and any copy of it) ends now, not at a timeout.
+            return False
         busy = (self.current is not None or bool(self.queue)) and not self.lingering
         # A client that half-closes after its request still gets the response (TCP only:
         # TLS has no half-close).
