@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
     import subprocess
-    from pathlib import Path
 
     from .l7kit import HTTPBackend
 
@@ -28,21 +28,24 @@ def update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-golden"))
 
 
-def _stale_extensions() -> list[str]:
-    """Compiled modules (setup.py, compiled-modules.txt) older than their source: Python
-    imports the extension module, so the tests would run code that is no longer there."""
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parent.parent
 
-    root = Path(__file__).resolve().parent.parent
-    lines = (root / "compiled-modules.txt").read_text().splitlines()
+
+def compiled_sources() -> list[str]:
+    """The modules setup.py compiles (compiled-modules.txt), as paths from the checkout."""
+    lines = (ROOT / "compiled-modules.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def _stale_extensions() -> list[str]:
+    """Compiled modules older than their source: Python imports the extension module, so
+    the tests would run code that is no longer there."""
     stale = []
-    for line in lines:
-        if not line.strip() or line.startswith("#"):
-            continue
-        source = root / line.strip()
+    for path in compiled_sources():
+        source = ROOT / path
         for built in source.parent.glob(source.stem + ".cpython-*.so"):
             if built.stat().st_mtime < source.stat().st_mtime:
-                stale.append(line.strip())
+                stale.append(path)
     return stale
 
 

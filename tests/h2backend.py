@@ -92,15 +92,20 @@ class H2Backend:
         return self.counts[path]
 
 
+def server_connection(max_streams: int) -> h2.connection.H2Connection:
+    """The server side of an h2c connection that announces max_streams concurrent streams."""
+    config = h2.config.H2Configuration(client_side=False, header_encoding="latin-1")
+    connection = h2.connection.H2Connection(config)
+    connection.local_settings = h2.settings.Settings(
+        client=False, initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_streams}
+    )
+    return connection
+
+
 class _ServerConnection(asyncio.Protocol):
     def __init__(self, backend: H2Backend) -> None:
         self.backend = backend
-        config = h2.config.H2Configuration(client_side=False, header_encoding="latin-1")
-        self.h2 = h2.connection.H2Connection(config)
-        self.h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: backend.max_streams},
-        )
+        self.h2 = server_connection(backend.max_streams)
         self.transport: asyncio.Transport | None = None
         self.calls: dict[int, Call] = {}
         self.open = 0

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import importlib
 import os
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import compiled_sources
 
 
 def compiled_modules() -> list[str]:
-    lines = (ROOT / "compiled-modules.txt").read_text().splitlines()
-    paths = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    return [path.removesuffix(".py").replace("/", ".") for path in paths]
+    return [path.removesuffix(".py").replace("/", ".") for path in compiled_sources()]
 
 
 @pytest.mark.skipif(os.environ.get("BILAYER_COMPILE") == "0", reason="BILAYER_COMPILE=0: Python source only")

@@ -15,11 +15,9 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any
 
-import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
-import h2.settings
 import hpack
 import pytest
 from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
@@ -28,6 +26,7 @@ from dataplane.l7 import h2upstream
 from dataplane.runtime import Dataplane
 from dataplane.table import Table
 
+from .h2backend import server_connection
 from .h2kit import poll
 from .helpers import free_port
 from .l7kit import HTTPBackend, backend_ref, l7_table, read_response, route, serving
@@ -101,12 +100,7 @@ class HostileBackend:
 class _Hostile(asyncio.Protocol):
     def __init__(self, backend: HostileBackend) -> None:
         self.backend = backend
-        config = h2.config.H2Configuration(client_side=False, header_encoding="latin-1")
-        self.h2 = h2.connection.H2Connection(config)
-        self.h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: backend.max_streams},
-        )
+        self.h2 = server_connection(backend.max_streams)
         self.encoder = hpack.Encoder()  # the answers' own: h2's encoder never writes here
         self.transport: asyncio.Transport | None = None
 
